@@ -1,0 +1,154 @@
+"""The ``geopix`` command line."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from geopix import __version__
+from geopix.config import (
+    STACK_DIR_ENV,
+    ConfigError,
+    GeoPixConfig,
+    default_stack_dir,
+    list_presets,
+    load_config,
+    to_yaml,
+)
+from geopix.stack import Stack, StackError
+
+app = typer.Typer(help="GeoPix: remote-sensing multimodal LLM with pixel masks, on Ray, S3 and MLflow.",
+                  no_args_is_help=True, add_completion=False)
+stack_app = typer.Typer(help="The embedded local stack: Ray head, S3 server, MLflow server.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configs and presets.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[str, typer.Option("--config", "-c", help="Preset name (tiny, full) or path to a YAML file.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+]
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help=f"Stack state directory [default: ${STACK_DIR_ENV} or ~/.geopix/stack]."),
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: str, overrides: list[str] | None) -> GeoPixConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _recorded_stack(state_dir: Path | None) -> Stack:
+    try:
+        return Stack.at(state_dir or default_stack_dir())
+    except StackError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def version() -> None:
+    """Print the GeoPix version."""
+    typer.echo(__version__)
+
+
+@stack_app.command("up")
+def stack_up(config: ConfigOption = "tiny", overrides: SetOption = None, state_dir: StateDirOption = None) -> None:
+    """Start the stack (idempotent: running services are left alone, stopped ones are started)."""
+    cfg = _load(config, overrides)
+    if state_dir is not None:
+        cfg.stack.state_dir = state_dir
+    stack = Stack(cfg.stack, cfg.storage.buckets)
+    try:
+        statuses = stack.up(echo=typer.echo)
+    except StackError as exc:
+        fail(str(exc))
+    typer.echo(f"GeoPix stack is up (state: {stack.state_dir})")
+    for status in statuses:
+        typer.echo(status.line())
+    typer.echo('Load its environment with:  eval "$(geopix stack env)"' if state_dir is None
+               else f'Load its environment with:  eval "$(geopix stack env --state-dir {shlex.quote(str(state_dir))})"')
+
+
+@stack_app.command("down")
+def stack_down(state_dir: StateDirOption = None) -> None:
+    """Stop every process the stack started (S3 objects are saved first when persist_s3 is on)."""
+    stack = _recorded_stack(state_dir)
+    try:
+        stack.down(echo=typer.echo)
+    except StackError as exc:
+        fail(str(exc))
+    typer.echo(f"GeoPix stack is down (state kept in {stack.state_dir})")
+
+
+@stack_app.command("status")
+def stack_status(
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say what runs where; exits 1 when any service is not running and answering."""
+    stack = _recorded_stack(state_dir)
+    statuses = stack.status()
+    if as_json:
+        typer.echo(json.dumps(
+            [{"service": s.name, "state": s.state, "pid": s.pid, "url": s.url, "log": str(s.log),
+              "memory_mb": round(s.memory_mb, 1)} for s in statuses], indent=2))
+    else:
+        typer.echo(f"GeoPix stack at {stack.state_dir}")
+        for status in statuses:
+            typer.echo(status.line())
+        typer.echo(f"  buckets: {', '.join(stack.buckets.all())}")
+    if any(s.state != "running" for s in statuses):
+        raise typer.Exit(1)
+
+
+class EnvFormat(str, Enum):
+    shell = "shell"
+    json = "json"
+    dotenv = "dotenv"
+
+
+@stack_app.command("env")
+def stack_env(
+    state_dir: StateDirOption = None,
+    fmt: Annotated[EnvFormat, typer.Option("--format", help="shell exports, JSON or a .env file.")] = EnvFormat.shell,
+) -> None:
+    """Print the environment a client needs: S3 endpoint and credentials, MLflow, Ray, GDAL /vsis3."""
+    env = _recorded_stack(state_dir).client_env()
+    if fmt is EnvFormat.json:
+        typer.echo(json.dumps(env, indent=2))
+        return
+    prefix = "export " if fmt is EnvFormat.shell else ""
+    for key, value in env.items():
+        typer.echo(f"{prefix}{key}={shlex.quote(value)}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = "tiny", overrides: SetOption = None) -> None:
+    """Print the resolved config (preset + overrides), secrets hidden."""
+    cfg = _load(config, overrides)
+    typer.echo(f"# config hash {cfg.config_hash()}")
+    typer.echo(to_yaml(cfg), nl=False)
+
+
+@config_app.command("presets")
+def config_presets() -> None:
+    """List the presets under configs/."""
+    for name in list_presets():
+        typer.echo(name)
+
+
+if __name__ == "__main__":
+    app()

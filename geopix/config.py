@@ -1,0 +1,231 @@
+"""Typed GeoPix configuration, loaded from YAML presets under ``configs/`` with dotted overrides.
+
+A config is one :class:`GeoPixConfig`. It is built from a preset name (``tiny``, ``full``) or a
+YAML path, then ``section.key=value`` overrides are applied before validation, so a typo in a
+key or a wrong type is reported with the file and the key that caused it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR_ENV = "GEOPIX_CONFIG_DIR"
+STACK_DIR_ENV = "GEOPIX_STACK_DIR"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid :class:`GeoPixConfig`."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a misspelt key silently falling back to a default is worse.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_stack_dir() -> Path:
+    return Path(os.environ.get(STACK_DIR_ENV) or Path.home() / ".geopix" / "stack")
+
+
+class StackConfig(_Section):
+    """The embedded local stack: ports, credentials of the local S3 server, where its state lives."""
+
+    state_dir: Path = Field(default_factory=default_stack_dir)
+    host: str = "127.0.0.1"
+    s3_port: int = Field(9100, ge=1, le=65535)
+    mlflow_port: int = Field(5050, ge=1, le=65535)
+    ray_port: int = Field(6379, ge=1, le=65535)
+    ray_dashboard_port: int = Field(8265, ge=1, le=65535)
+    ray_client_port: int = Field(10001, ge=1, le=65535)
+    ray_dashboard_agent_port: int = Field(52365, ge=1, le=65535)
+    ray_num_cpus: int | None = Field(None, ge=1)
+    ray_object_store_mb: int | None = Field(None, ge=64)
+    mlflow_workers: int = Field(1, ge=1)
+    # Credentials of the local S3 server only; they open nothing outside this machine.
+    s3_access_key_id: str = "geopix-local"
+    s3_secret_access_key: SecretStr = SecretStr("geopix-local-secret")
+    region: str = "us-east-1"
+    # The S3 server keeps objects in memory; with persist_s3 they are saved under state_dir on
+    # `down` and restored on `up`, so MLflow artifacts stay consistent with its sqlite database.
+    persist_s3: bool = True
+    start_timeout_s: float = Field(120.0, gt=0)
+
+
+class BucketsConfig(_Section):
+    """Names of the project's buckets (on the local stack they are created by `stack up`)."""
+
+    data: str = "geopix-data"
+    checkpoints: str = "geopix-checkpoints"
+    scenes: str = "geopix-scenes"
+    predictions: str = "geopix-predictions"
+    mlflow: str = "geopix-mlflow"
+
+    def all(self) -> list[str]:
+        return list(self.model_dump().values())
+
+
+class StorageConfig(_Section):
+    """Where data lives. With no endpoint, the S3 endpoint comes from the environment, else AWS."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    buckets: BucketsConfig = Field(default_factory=BucketsConfig)
+
+
+class TrackingConfig(_Section):
+    """MLflow. With no tracking URI, ``MLFLOW_TRACKING_URI`` from the environment is used."""
+
+    tracking_uri: str | None = None
+    experiment: str = "geopix"
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
+
+
+class ModelConfig(_Section):
+    """Model sizes (see GEOPIX.md §1). The model package reads these; weights come from a path."""
+
+    vision_encoder: Literal["efficientnet_lite0", "clip"] = "efficientnet_lite0"
+    vision_weights: str | None = None
+    llm_weights: str | None = None
+    image_size: int = Field(256, ge=32)
+    llm_hidden_size: int = Field(192, ge=16)
+    llm_num_layers: int = Field(3, ge=1)
+    llm_num_heads: int = Field(4, ge=1)
+    llm_intermediate_size: int = Field(512, ge=16)
+    seg_token_num: int = Field(3, ge=1)
+    num_scales: int = Field(2, ge=1)
+    decoder_dim: int = Field(64, ge=8)
+    memory_len: int = Field(8, ge=0)
+    memory_dim: int = Field(64, ge=1)
+    num_classes: int = Field(8, ge=1)
+
+
+class TrainConfig(_Section):
+    """Distributed training settings (Ray Train workers under DeepSpeed ZeRO)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    batch_size: int = Field(16, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(600, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class GeoPixConfig(_Section):
+    name: str = "custom"
+    stack: StackConfig = Field(default_factory=StackConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def config_hash(self) -> str:
+        """A short content hash of what shapes outputs (not the stack, tracking or name); stable
+        across key order. Tags runs, and lets a flow tell whether a step's outputs are current."""
+        content = self.model_dump(mode="json", exclude={"name", "stack", "tracking"})
+        canonical = json.dumps(content, sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get(CONFIG_DIR_ENV) or REPO_ROOT / "configs")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    """A preset name (``tiny``) or a path to a YAML file."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    preset = config_dir() / f"{source}.yaml"
+    if not preset.exists():
+        raise ConfigError(
+            f"no config file or preset named {str(source)!r}; presets in {config_dir()}: "
+            f"{', '.join(list_presets()) or 'none'}"
+        )
+    return preset
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:  # permissions, a directory, ...
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, booleans, null, lists)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def _describe_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> GeoPixConfig:
+    """Load a preset or YAML file, apply overrides, validate. Raises :class:`ConfigError`."""
+    path = resolve_config_path(source)
+    data = apply_overrides(read_yaml(path), overrides)
+    data.setdefault("name", path.stem)
+    try:
+        return GeoPixConfig.model_validate(data)
+    except ValidationError as exc:
+        origin = f"{path}" + (f" with overrides {list(overrides)}" if overrides else "")
+        raise ConfigError(f"invalid config {origin}:\n{_describe_errors(exc)}") from None
+
+
+def to_yaml(config: GeoPixConfig, *, reveal_secrets: bool = False) -> str:
+    data = config.model_dump(mode="json")
+    if reveal_secrets:
+        data["stack"]["s3_secret_access_key"] = config.stack.s3_secret_access_key.get_secret_value()
+    return yaml.safe_dump(data, sort_keys=False)

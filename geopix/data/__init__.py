@@ -1,0 +1,1 @@
+"""Instruction records: schema, synthetic generator, importers, sharding to Parquet (stage: data)."""

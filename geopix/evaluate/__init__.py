@@ -1,0 +1,1 @@
+"""Pixel, region and text metrics, distributed evaluation and reports (stage: evaluate)."""

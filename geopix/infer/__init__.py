@@ -1,0 +1,1 @@
+"""Chat and batch segmentation of large scenes (stage: infer)."""

@@ -1,0 +1,235 @@
+"""One place that builds every way GeoPix reaches object storage.
+
+URIs are ``s3://bucket/key`` or local paths everywhere. The S3 endpoint and credentials come
+from :class:`S3Settings`: from the environment by default (the exports of ``geopix stack env``
+point them at the local stack), real AWS when no endpoint is set. From those settings this
+module builds the s3fs filesystem, the pyarrow filesystem and the GDAL/rasterio environment, so
+the three never disagree about where an object lives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+    import rasterio
+    import s3fs
+
+ENDPOINT_ENV_VARS = ("GEOPIX_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+# GDAL settings for reading Cloud Optimized GeoTIFFs from S3: no directory listing on open,
+# merged range requests, HTTP/2 multiplexing, a VSI cache for header/tile reuse.
+GDAL_S3_READ_PRESET = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.ovr,.msk",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "GDAL_HTTP_MAX_RETRY": "3",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "VSI_CACHE": "TRUE",
+    "VSI_CACHE_SIZE": str(64 * 1024 * 1024),
+}
+
+
+class StorageError(RuntimeError):
+    """An object store location that cannot be used (missing bucket, unreachable endpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Endpoint and credentials for S3. ``endpoint_url=None`` means AWS itself."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> S3Settings:
+        env = os.environ if environ is None else environ
+        endpoint = next((env[k] for k in ENDPOINT_ENV_VARS if env.get(k)), None)
+        settings = cls(
+            endpoint_url=endpoint,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=env.get("AWS_SESSION_TOKEN"),
+        )
+        return settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+    def replace(self, **changes) -> S3Settings:
+        return S3Settings(**{**self.__dict__, **changes})
+
+    @property
+    def is_local(self) -> bool:
+        return self.endpoint_url is not None
+
+    @property
+    def _endpoint(self):
+        parsed = urlparse(self.endpoint_url or "")
+        return parsed.scheme or "https", parsed.netloc or parsed.path
+
+    def describe(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def is_s3_uri(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
+    if not is_s3_uri(uri):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket")
+    return bucket, key
+
+
+def join_uri(base: str | os.PathLike, *parts: str) -> str:
+    base = str(base)
+    if is_s3_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def s3_filesystem(settings: S3Settings | None = None, **kwargs) -> s3fs.S3FileSystem:
+    import s3fs
+
+    settings = settings or S3Settings.from_env()
+    client_kwargs = {"region_name": settings.region}
+    if settings.endpoint_url:
+        client_kwargs["endpoint_url"] = settings.endpoint_url
+    return s3fs.S3FileSystem(
+        key=settings.access_key_id,
+        secret=settings.secret_access_key,
+        token=settings.session_token,
+        client_kwargs=client_kwargs,
+        **kwargs,
+    )
+
+
+def boto3_client(settings: S3Settings | None = None):
+    import boto3
+
+    settings = settings or S3Settings.from_env()
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        aws_session_token=settings.session_token,
+    )
+
+
+def arrow_filesystem(
+    uri: str | os.PathLike, settings: S3Settings | None = None
+) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path to hand it (bucket/key or local path)."""
+    import pyarrow.fs as pafs
+
+    if not is_s3_uri(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    settings = settings or S3Settings.from_env()
+    kwargs = {"region": settings.region}
+    if settings.access_key_id:
+        kwargs.update(access_key=settings.access_key_id, secret_key=settings.secret_access_key)
+        if settings.session_token:
+            kwargs["session_token"] = settings.session_token
+    if settings.endpoint_url:
+        scheme, netloc = settings._endpoint
+        kwargs.update(endpoint_override=netloc, scheme=scheme)
+    bucket, key = split_s3_uri(str(uri))
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def gdal_options(settings: S3Settings | None = None) -> dict[str, str]:
+    """GDAL configuration options that make ``/vsis3/`` (and rasterio's ``s3://``) use ``settings``."""
+    settings = settings or S3Settings.from_env()
+    options = dict(GDAL_S3_READ_PRESET)
+    options["AWS_REGION"] = settings.region
+    if settings.access_key_id:
+        options["AWS_ACCESS_KEY_ID"] = settings.access_key_id
+        options["AWS_SECRET_ACCESS_KEY"] = settings.secret_access_key or ""
+        if settings.session_token:
+            options["AWS_SESSION_TOKEN"] = settings.session_token
+    if settings.endpoint_url:
+        scheme, netloc = settings._endpoint
+        options.update(
+            AWS_S3_ENDPOINT=netloc,
+            AWS_HTTPS="YES" if scheme == "https" else "NO",
+            AWS_VIRTUAL_HOSTING="FALSE",
+        )
+    return options
+
+
+def rasterio_env(settings: S3Settings | None = None, **gdal_overrides) -> rasterio.Env:
+    """A ``rasterio.Env`` in which ``rasterio.open("s3://…")`` reads through ``settings``."""
+    import rasterio
+    from rasterio.session import AWSSession
+
+    settings = settings or S3Settings.from_env()
+    options = gdal_options(settings) | {k: str(v) for k, v in gdal_overrides.items()}
+    session = AWSSession(
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+        aws_session_token=settings.session_token,
+        region_name=settings.region,
+        endpoint_url=options.get("AWS_S3_ENDPOINT"),
+    )
+    return rasterio.Env(session=session, **options)
+
+
+def require_bucket(uri: str, settings: S3Settings | None = None) -> None:
+    """Raise :class:`StorageError` naming the bucket and endpoint when ``uri``'s bucket is unusable."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    if not is_s3_uri(uri):
+        return
+    settings = settings or S3Settings.from_env()
+    bucket, _ = split_s3_uri(uri)
+    try:
+        boto3_client(settings).head_bucket(Bucket=bucket)
+    except EndpointConnectionError:
+        raise StorageError(
+            f"cannot reach the S3 endpoint {settings.describe()} for {uri}; "
+            "is the stack up (`geopix stack status`) and its environment loaded (`geopix stack env`)?"
+        ) from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise StorageError(
+                f"bucket {bucket!r} (for {uri}) does not exist at {settings.describe()}"
+            ) from None
+        raise StorageError(f"bucket {bucket!r} (for {uri}) is not usable: {exc}") from None
+
+
+def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) -> None:
+    """Write one object or file; for S3 the bucket is checked first for a clear error."""
+    if is_s3_uri(uri):
+        require_bucket(uri, settings)
+        with s3_filesystem(settings).open(uri, "wb") as fh:
+            fh.write(payload)
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_bytes(payload)
+
+
+def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
+    if is_s3_uri(uri):
+        require_bucket(uri, settings)
+        try:
+            with s3_filesystem(settings).open(uri, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise StorageError(f"object {uri} does not exist") from None
+    return Path(uri).read_bytes()

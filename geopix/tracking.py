@@ -1,0 +1,152 @@
+"""One place for MLflow: a parent run per flow, a child run per step.
+
+Every run is tagged with the git commit and the config hash; params are the config flattened to
+dotted keys with anything secret-looking removed; system metrics (CPU, memory, GPU when present)
+are sampled while a run is open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from pydantic import SecretStr
+
+from geopix import __version__
+from geopix.config import GeoPixConfig, TrackingConfig, to_yaml
+
+REDACTED = "<redacted>"
+# Keys whose values must never reach MLflow, whatever section they sit in.
+SECRET_KEY_PATTERN = re.compile(
+    r"(secret|password|passwd|pwd|token|api[_-]?key|access[_-]?key|private[_-]?key|credential|auth)",
+    re.IGNORECASE,
+)
+# user:password@ inside URIs (database URLs, http URLs with basic auth).
+URI_PASSWORD_PATTERN = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@", re.IGNORECASE)
+MLFLOW_PARAM_LIMIT = 6000
+
+TAG_FLOW = "geopix.flow"
+TAG_STEP = "geopix.step"
+TAG_COMMIT = "mlflow.source.git.commit"
+TAG_DIRTY = "geopix.git_dirty"
+TAG_CONFIG_HASH = "geopix.config_hash"
+TAG_VERSION = "geopix.version"
+
+
+def redact(key: str, value: Any) -> Any:
+    if isinstance(value, SecretStr) or (SECRET_KEY_PATTERN.search(key) and value not in (None, "")):
+        return REDACTED
+    if isinstance(value, str):
+        return URI_PASSWORD_PATTERN.sub(rf"\g<head>{REDACTED}@", value)
+    return value
+
+
+def flatten_params(data: Mapping[str, Any] | GeoPixConfig, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": "1"}``, secrets redacted, values cut to MLflow's limit."""
+    if isinstance(data, GeoPixConfig):
+        data = data.model_dump()
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        value = redact(name, value)
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        flat[name] = text[:MLFLOW_PARAM_LIMIT]
+    return flat
+
+
+def redacted_config_yaml(config: GeoPixConfig) -> str:
+    """The config as YAML with secrets replaced, fit to store as an artifact."""
+    import yaml
+
+    def scrub(node: Any, path: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v, f"{path}{k}.") for k, v in node.items()}
+        return redact(path.rstrip("."), node)
+
+    return yaml.safe_dump(scrub(yaml.safe_load(to_yaml(config))), sort_keys=False)
+
+
+def git_state(repo: Path | None = None) -> tuple[str | None, bool]:
+    """(commit, dirty) of the checkout GeoPix runs from; ``GEOPIX_GIT_COMMIT`` wins when set."""
+    if os.environ.get("GEOPIX_GIT_COMMIT"):
+        return os.environ["GEOPIX_GIT_COMMIT"], False
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+def configure(tracking: TrackingConfig) -> str:
+    """Point MLflow at the configured server and experiment; returns the tracking URI."""
+    uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise RuntimeError(
+            "no MLflow tracking URI: set tracking.tracking_uri or MLFLOW_TRACKING_URI "
+            "(`eval \"$(geopix stack env)\"` sets it for the local stack)"
+        )
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(tracking.experiment)
+    if tracking.system_metrics:
+        mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_interval_s)
+    return uri
+
+
+def run_tags(config: GeoPixConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    commit, dirty = git_state()
+    tags = {TAG_CONFIG_HASH: config.config_hash(), TAG_VERSION: __version__, TAG_DIRTY: str(dirty).lower()}
+    if commit:
+        tags[TAG_COMMIT] = commit
+    return tags | dict(extra or {})
+
+
+@contextmanager
+def flow_run(
+    flow: str, config: GeoPixConfig, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """The parent run of one flow: config params, tags, the config itself as an artifact."""
+    configure(config.tracking)
+    with mlflow.start_run(
+        run_name=run_name or flow,
+        tags=run_tags(config, {TAG_FLOW: flow, **(tags or {})}),
+        log_system_metrics=config.tracking.system_metrics,
+    ) as run:
+        mlflow.log_params(flatten_params(config))
+        mlflow.log_text(redacted_config_yaml(config), "config.yaml")
+        yield run
+
+
+@contextmanager
+def step_run(
+    step: str, params: Mapping[str, Any] | None = None, config: GeoPixConfig | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """A child run of the active flow run (or a top-level run when there is none)."""
+    parent = mlflow.active_run()
+    tags = {TAG_STEP: step}
+    if parent is not None:
+        tags.update({k: v for k, v in parent.data.tags.items() if k.startswith(("geopix.", "mlflow.source.git"))})
+        tags.pop(TAG_FLOW, None)
+    if config is not None:
+        tags.update(run_tags(config))
+    system_metrics = config.tracking.system_metrics if config is not None else None
+    with mlflow.start_run(run_name=step, nested=parent is not None, tags=tags, log_system_metrics=system_metrics) as run:
+        if params:
+            mlflow.log_params(flatten_params(params))
+        yield run

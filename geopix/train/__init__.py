@@ -1,0 +1,1 @@
+"""Two-stage training under DeepSpeed ZeRO on Ray Train (stage: train)."""
