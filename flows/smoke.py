@@ -27,9 +27,13 @@ def square(x: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value")
+    parser.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], help="section.key=value"
+    )
     parser.add_argument("--tasks", type=int, default=8)
     args = parser.parse_args(argv)
 
@@ -38,7 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     job_id = runtime.run_id()
     out_uri = storage.join_uri(f"s3://{config.storage.buckets.data}", "smoke", job_id, "report.json")
 
-    with tracking.flow_run("smoke", config, run_name=f"smoke-{job_id}", tags={"geopix.ray_job": job_id}) as run:
+    with tracking.flow_run(
+        "smoke", config, run_name=f"smoke-{job_id}", tags={"geopix.ray_job": job_id}
+    ) as run:
         with tracking.step_run("ray_tasks", params={"tasks": args.tasks}):
             started = time.perf_counter()
             results = ray.get([square.remote(i) for i in range(args.tasks)])
@@ -55,8 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
             storage.write_bytes(out_uri, json.dumps(report, indent=2).encode())
             mlflow.log_dict(report, "report.json")
             mlflow.log_param("report_uri", out_uri)
-    print(f"SMOKE OK job={job_id} mlflow_run={run.info.run_id} report={out_uri} "
-          f"sum_of_squares={report['sum_of_squares']}", flush=True)
+    print(
+        f"SMOKE OK job={job_id} mlflow_run={run.info.run_id} report={out_uri} "
+        f"sum_of_squares={report['sum_of_squares']}",
+        flush=True,
+    )
     return report
 
 

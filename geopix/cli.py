@@ -22,20 +22,30 @@ from geopix.config import (
 )
 from geopix.stack import Stack, StackError
 
-app = typer.Typer(help="GeoPix: remote-sensing multimodal LLM with pixel masks, on Ray, S3 and MLflow.",
-                  no_args_is_help=True, add_completion=False)
-stack_app = typer.Typer(help="The embedded local stack: Ray head, S3 server, MLflow server.", no_args_is_help=True)
+app = typer.Typer(
+    help="GeoPix: remote-sensing multimodal LLM with pixel masks, on Ray, S3 and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+stack_app = typer.Typer(
+    help="The embedded local stack: Ray head, S3 server, MLflow server.", no_args_is_help=True
+)
 config_app = typer.Typer(help="Inspect configs and presets.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
 
-ConfigOption = Annotated[str, typer.Option("--config", "-c", help="Preset name (tiny, full) or path to a YAML file.")]
+ConfigOption = Annotated[
+    str, typer.Option("--config", "-c", help="Preset name (tiny, full) or path to a YAML file.")
+]
 SetOption = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: section.key=value (repeatable)."),
 ]
 StateDirOption = Annotated[
     Path | None,
-    typer.Option("--state-dir", help=f"Stack state directory [default: ${STACK_DIR_ENV} or ~/.geopix/stack]."),
+    typer.Option(
+        "--state-dir", help=f"Stack state directory [default: ${STACK_DIR_ENV} or ~/.geopix/stack]."
+    ),
 ]
 
 
@@ -65,7 +75,9 @@ def version() -> None:
 
 
 @stack_app.command("up")
-def stack_up(config: ConfigOption = "tiny", overrides: SetOption = None, state_dir: StateDirOption = None) -> None:
+def stack_up(
+    config: ConfigOption = "tiny", overrides: SetOption = None, state_dir: StateDirOption = None
+) -> None:
     """Start the stack (idempotent: running services are left alone, stopped ones are started)."""
     cfg = _load(config, overrides)
     if state_dir is not None:
@@ -78,8 +90,11 @@ def stack_up(config: ConfigOption = "tiny", overrides: SetOption = None, state_d
     typer.echo(f"GeoPix stack is up (state: {stack.state_dir})")
     for status in statuses:
         typer.echo(status.line())
-    typer.echo('Load its environment with:  eval "$(geopix stack env)"' if state_dir is None
-               else f'Load its environment with:  eval "$(geopix stack env --state-dir {shlex.quote(str(state_dir))})"')
+    typer.echo(
+        'Load its environment with:  eval "$(geopix stack env)"'
+        if state_dir is None
+        else f'Load its environment with:  eval "$(geopix stack env --state-dir {shlex.quote(str(state_dir))})"'
+    )
 
 
 @stack_app.command("down")
@@ -102,9 +117,22 @@ def stack_status(
     stack = _recorded_stack(state_dir)
     statuses = stack.status()
     if as_json:
-        typer.echo(json.dumps(
-            [{"service": s.name, "state": s.state, "pid": s.pid, "url": s.url, "log": str(s.log),
-              "memory_mb": round(s.memory_mb, 1)} for s in statuses], indent=2))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "service": s.name,
+                        "state": s.state,
+                        "pid": s.pid,
+                        "url": s.url,
+                        "log": str(s.log),
+                        "memory_mb": round(s.memory_mb, 1),
+                    }
+                    for s in statuses
+                ],
+                indent=2,
+            )
+        )
     else:
         typer.echo(f"GeoPix stack at {stack.state_dir}")
         for status in statuses:
@@ -123,7 +151,9 @@ class EnvFormat(str, Enum):
 @stack_app.command("env")
 def stack_env(
     state_dir: StateDirOption = None,
-    fmt: Annotated[EnvFormat, typer.Option("--format", help="shell exports, JSON or a .env file.")] = EnvFormat.shell,
+    fmt: Annotated[
+        EnvFormat, typer.Option("--format", help="shell exports, JSON or a .env file.")
+    ] = EnvFormat.shell,
 ) -> None:
     """Print the environment a client needs: S3 endpoint and credentials, MLflow, Ray, GDAL /vsis3."""
     env = _recorded_stack(state_dir).client_env()

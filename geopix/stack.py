@@ -137,7 +137,9 @@ class Stack:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise StackError(f"stack state file {path} is unreadable ({exc}); remove it and run up again") from None
+            raise StackError(
+                f"stack state file {path} is unreadable ({exc}); remove it and run up again"
+            ) from None
 
     def _state(self) -> dict:
         return self._read_state_file(self.state_dir / STATE_FILE) or {"services": {}}
@@ -271,7 +273,9 @@ class Stack:
         local = self.bin_dir / name
         found = str(local) if local.exists() else shutil.which(name)
         if not found:
-            raise StackError(f"`{name}` is not installed next to {sys.executable} nor on PATH; run cluster/setup.sh")
+            raise StackError(
+                f"`{name}` is not installed next to {sys.executable} nor on PATH; run cluster/setup.sh"
+            )
         return found
 
     def _service_env(self, service: str, stack_id: str) -> dict[str, str]:
@@ -301,7 +305,9 @@ class Stack:
         except psutil.Error:
             return None
 
-    def _owned_processes(self, service: str, stack_id: str | None, record: dict | None) -> list[psutil.Process]:
+    def _owned_processes(
+        self, service: str, stack_id: str | None, record: dict | None
+    ) -> list[psutil.Process]:
         """Every live process this stack started for ``service``: the root, its tree, and marked ones."""
         found: dict[int, psutil.Process] = {}
         root = self._root_process(record)
@@ -354,8 +360,10 @@ class Stack:
                     echo(f"{service}: already running (pid {record['pid']})")
                     continue
                 if record:
-                    echo(f"{service}: was started (pid {record['pid']}) but is no longer running; restarting it. "
-                         f"Last log lines:\n{_log_tail(self.log_path(service), 5)}")
+                    echo(
+                        f"{service}: was started (pid {record['pid']}) but is no longer running; restarting it. "
+                        f"Last log lines:\n{_log_tail(self.log_path(service), 5)}"
+                    )
                     self._stop_processes(service, state.get("stack_id"), record, echo=lambda *_: None)
                     records.pop(service)
                 to_start.append(service)
@@ -398,7 +406,8 @@ class Stack:
                     taken.append(f"port {port} ({label}) is already in use by {holder}")
         if taken:
             raise StackError(
-                "cannot start the stack: " + "; ".join(taken)
+                "cannot start the stack: "
+                + "; ".join(taken)
                 + ". Stop that process or choose other ports (e.g. --set stack.s3_port=9200); nothing was started."
             )
 
@@ -418,7 +427,11 @@ class Stack:
                 cwd=REPO_ROOT if service == "ray" else self.state_dir,
                 start_new_session=True,
             )
-        return {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "started_at": time.time()}
+        return {
+            "pid": proc.pid,
+            "create_time": psutil.Process(proc.pid).create_time(),
+            "started_at": time.time(),
+        }
 
     def _wait_answering(self, service: str, record: dict) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s

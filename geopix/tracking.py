@@ -87,7 +87,10 @@ def git_state(repo: Path | None = None) -> tuple[str | None, bool]:
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo, capture_output=True, text=True, check=True,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None, False
@@ -100,7 +103,7 @@ def configure(tracking: TrackingConfig) -> str:
     if not uri:
         raise RuntimeError(
             "no MLflow tracking URI: set tracking.tracking_uri or MLFLOW_TRACKING_URI "
-            "(`eval \"$(geopix stack env)\"` sets it for the local stack)"
+            '(`eval "$(geopix stack env)"` sets it for the local stack)'
         )
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(tracking.experiment)
@@ -141,12 +144,16 @@ def step_run(
     parent = mlflow.active_run()
     tags = {TAG_STEP: step}
     if parent is not None:
-        tags.update({k: v for k, v in parent.data.tags.items() if k.startswith(("geopix.", "mlflow.source.git"))})
+        tags.update(
+            {k: v for k, v in parent.data.tags.items() if k.startswith(("geopix.", "mlflow.source.git"))}
+        )
         tags.pop(TAG_FLOW, None)
     if config is not None:
         tags.update(run_tags(config))
     system_metrics = config.tracking.system_metrics if config is not None else None
-    with mlflow.start_run(run_name=step, nested=parent is not None, tags=tags, log_system_metrics=system_metrics) as run:
+    with mlflow.start_run(
+        run_name=step, nested=parent is not None, tags=tags, log_system_metrics=system_metrics
+    ) as run:
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
