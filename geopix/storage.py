@@ -179,6 +179,9 @@ def rasterio_env(settings: S3Settings | None = None, **gdal_overrides) -> raster
 
     settings = settings or S3Settings.from_env()
     options = gdal_options(settings) | {k: str(v) for k, v in gdal_overrides.items()}
+    # rasterio takes credentials only through its session object, never as config options.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        options.pop(key, None)
     session = AWSSession(
         aws_access_key_id=settings.access_key_id,
         aws_secret_access_key=settings.secret_access_key,

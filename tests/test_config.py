@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from geopix.config import ConfigError, GeoPixConfig, list_presets, load_config
+
+
+def test_presets_load_with_their_sizes():
+    assert {"tiny", "full"} <= set(list_presets())
+    tiny, full = load_config("tiny"), load_config("full")
+    assert tiny.name == "tiny" and full.name == "full"
+    assert tiny.model.vision_encoder == "efficientnet_lite0" and tiny.train.use_gpu is False
+    assert full.model.vision_encoder == "clip" and full.model.llm_hidden_size == 4096
+    assert full.model.llm_num_layers == 32 and full.train.precision == "bf16"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", ["train.lr=5e-4", "stack.ray_num_cpus=null", "model.memory_len=0"])
+    assert cfg.train.lr == pytest.approx(5e-4)
+    assert cfg.stack.ray_num_cpus is None
+    assert cfg.model.memory_len == 0
+
+
+def test_yaml_path_and_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  batch_size: 3\n")
+    cfg = load_config(path)
+    assert cfg.name == "mine" and cfg.train.batch_size == 3
+    assert cfg.model == GeoPixConfig().model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.lrr=1"], "train.lrr: unknown key"),
+        (["train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["train.zero_stage=3"], "train.zero_stage"),
+        (["stack.s3_port=70000"], "stack.s3_port"),
+        (["noequals"], "must look like section.key=value"),
+        (["train.lr.x=1"], "'lr' is a value, not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert expected in str(err.value)
+
+
+def test_unreadable_and_malformed_files_name_the_file(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=f"{missing} does not exist"):
+        load_config(missing)
+    directory = tmp_path / "dir.yaml"
+    directory.mkdir()
+    with pytest.raises(ConfigError, match=f"{directory} cannot be read"):
+        load_config(directory)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{broken} is not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listed)
+    with pytest.raises(ConfigError, match="no config file or preset named 'nope'.*tiny"):
+        load_config("nope")
+
+
+def test_config_hash_tracks_what_shapes_outputs():
+    base = load_config("tiny")
+    assert base.config_hash() == load_config("tiny").config_hash()
+    assert base.config_hash() != load_config("tiny", ["model.memory_len=0"]).config_hash()
+    # Where the local stack runs does not change what a step produces.
+    assert base.config_hash() == load_config("tiny", ["stack.s3_port=9999"]).config_hash()
+
+
+def test_configs_dir_is_in_the_repo():
+    assert (Path(__file__).parents[1] / "configs" / "tiny.yaml").exists()

@@ -1,0 +1,100 @@
+"""Every way GeoPix reaches S3, against the stack's real S3 server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_translate, cog_validate
+from rio_cogeo.profiles import cog_profiles
+
+from geopix import storage
+from geopix.storage import S3Settings, StorageError
+
+
+def test_s3fs_round_trip(stack):
+    fs = storage.s3_filesystem()
+    uri = "s3://geopix-data/tests/s3fs/hello.bin"
+    payload = bytes(range(256)) * 100
+    with fs.open(uri, "wb") as fh:
+        fh.write(payload)
+    with fs.open(uri, "rb") as fh:
+        assert fh.read() == payload
+    assert storage.read_bytes(uri) == payload
+
+
+def test_pyarrow_parquet_round_trip(stack):
+    table = pa.table({"image_id": [f"img-{i}" for i in range(50)], "area": np.arange(50, dtype="float32")})
+    fs, path = storage.arrow_filesystem("s3://geopix-data/tests/arrow/part-0.parquet")
+    assert path == "geopix-data/tests/arrow/part-0.parquet"
+    pq.write_table(table, path, filesystem=fs)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    # Written by pyarrow, visible to s3fs: the two agree on the endpoint.
+    assert storage.s3_filesystem().exists("s3://geopix-data/tests/arrow/part-0.parquet")
+
+
+def test_rasterio_reads_a_cog_window_from_s3(stack, tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, size=(3, 512, 512), dtype=np.uint8)
+    src_path, cog_path = tmp_path / "src.tif", tmp_path / "cog.tif"
+    profile = {
+        "driver": "GTiff",
+        "width": 512,
+        "height": 512,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32618",
+        "transform": from_origin(500000, 4100000, 10, 10),
+    }
+    with rasterio.open(src_path, "w", **profile) as dst:
+        dst.write(data)
+    cog_translate(
+        src_path, cog_path, cog_profiles.get("deflate") | {"blockxsize": 256, "blockysize": 256}, quiet=True
+    )
+    uri = "s3://geopix-scenes/tests/cog.tif"
+    storage.write_bytes(uri, cog_path.read_bytes())
+
+    with storage.rasterio_env():
+        assert cog_validate(uri, quiet=True)[0]
+        with rasterio.open(uri) as src:
+            assert src.crs.to_epsg() == 32618
+            assert src.transform == profile["transform"]
+            assert src.overviews(1), "a COG from rio-cogeo carries overviews"
+            window = src.read(window=Window(300, 100, 64, 80))
+    np.testing.assert_array_equal(window, data[:, 100:180, 300:364])
+
+
+def test_missing_bucket_is_named(stack):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' .* does not exist at http://127.0.0.1"):
+        storage.write_bytes("s3://no-such-bucket/x.json", b"{}")
+    with pytest.raises(StorageError, match="object s3://geopix-data/tests/absent.json does not exist"):
+        storage.read_bytes("s3://geopix-data/tests/absent.json")
+
+
+def test_unreachable_endpoint_is_named():
+    dead = S3Settings(endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b")
+    with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
+        storage.require_bucket("s3://geopix-data/x", dead)
+
+
+def test_settings_fall_back_to_aws_without_an_endpoint():
+    aws = S3Settings.from_env({"AWS_DEFAULT_REGION": "eu-west-1"})
+    assert aws.endpoint_url is None and aws.region == "eu-west-1"
+    assert "AWS_S3_ENDPOINT" not in storage.gdal_options(aws)
+    local = S3Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9100"}, region="us-west-2")
+    options = storage.gdal_options(local)
+    assert options["AWS_S3_ENDPOINT"] == "127.0.0.1:9100" and options["AWS_HTTPS"] == "NO"
+    assert local.region == "us-west-2"
+
+
+def test_local_paths_work_like_s3(tmp_path):
+    target = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(target, b"local")
+    assert storage.read_bytes(target) == b"local"
+    fs, path = storage.arrow_filesystem(target)
+    assert fs.get_file_info(path).size == 5
+    assert storage.join_uri("s3://b/p/", "x", "/y") == "s3://b/p/x/y"
