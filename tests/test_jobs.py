@@ -20,7 +20,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 def ray_cli(*args: str, cwd: Path) -> str:
     out = subprocess.run(
-        [RAY, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=dict(os.environ)
+        [RAY, *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=300, env=dict(os.environ)
     )
     assert out.returncode == 0, f"ray {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
