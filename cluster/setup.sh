@@ -40,7 +40,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 installed_torch="$("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
 if [[ -z "$installed_torch" || "${torch_spec#torch==}" != "${installed_torch%%+*}" ]]; then
-  echo "Installing $torch_spec ${torch_index:+from $torch_index} (first, so nothing pulls another build)"
+  echo "Installing $torch_spec ${torch_index:+from $torch_index }first, so nothing pulls another torch build"
   "${pip[@]}" install -q "$torch_spec" ${torch_index:+--index-url "$torch_index"}
 fi
 

@@ -1,0 +1,13 @@
+"""The cluster launcher config is valid for the pinned Ray."""
+
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+
+def test_ray_cluster_yaml_passes_rays_schema(repo_root):
+    config = yaml.safe_load((repo_root / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does first; raises on a schema violation
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert workers["min_workers"] < workers["max_workers"]
+    assert all("cluster/setup.sh" in cmd for cmd in config["setup_commands"][:1])
