@@ -11,7 +11,6 @@ split between the processes sharing them), summed over every process a service o
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,32 +18,12 @@ import time
 import uuid
 from pathlib import Path
 
-from geopix.config import BucketsConfig, StackConfig
-from geopix.stack import SERVICES, Stack
-
-PORT_FIELDS = (
-    "s3_port",
-    "mlflow_port",
-    "ray_port",
-    "ray_dashboard_port",
-    "ray_client_port",
-    "ray_dashboard_agent_port",
-)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+from geopix.config import BucketsConfig
+from geopix.stack import SERVICES, Stack, config_on_free_ports
 
 
 def new_stack(root: Path, name: str) -> Stack:
-    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    return Stack(StackConfig(state_dir=root / name, persist_s3=False, **ports), BucketsConfig())
+    return Stack(config_on_free_ports(root / name, persist_s3=False), BucketsConfig())
 
 
 def memory_mb(stack: Stack) -> dict[str, float]:

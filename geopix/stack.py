@@ -101,6 +101,36 @@ def port_holder(host: str, port: int) -> str | None:
     return "another process"
 
 
+PORT_FIELDS = (
+    "s3_port",
+    "mlflow_port",
+    "ray_port",
+    "ray_dashboard_port",
+    "ray_client_port",
+    "ray_dashboard_agent_port",
+)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct ports free right now (each socket is held until all are chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def config_on_free_ports(state_dir: Path, **overrides) -> StackConfig:
+    """A stack config whose every port is free now: for tests and benchmarks beside a user's stack."""
+    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
+    return StackConfig(state_dir=state_dir, **(ports | overrides))
+
+
 def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bytes | None:
     request = urllib.request.Request(url, headers=headers or {})
     try:

@@ -8,42 +8,17 @@ clients built from the environment (s3fs, pyarrow, GDAL, MLflow, Ray) reach it.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from geopix.config import REPO_ROOT, BucketsConfig, StackConfig
-from geopix.stack import Stack
-
-PORT_FIELDS = (
-    "s3_port",
-    "mlflow_port",
-    "ray_port",
-    "ray_dashboard_port",
-    "ray_client_port",
-    "ray_dashboard_agent_port",
-)
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports that are free now (the sockets are held until all are chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from geopix.stack import Stack, config_on_free_ports
 
 
 def make_stack_config(state_dir: Path, **overrides) -> StackConfig:
-    ports = dict(zip(PORT_FIELDS, free_ports(len(PORT_FIELDS)), strict=True))
-    return StackConfig(state_dir=state_dir, start_timeout_s=180, **(ports | overrides))
+    return config_on_free_ports(state_dir, **({"start_timeout_s": 180} | overrides))
 
 
 def geopix_cli() -> list[str]:

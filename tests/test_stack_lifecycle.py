@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from geopix.stack import MARKER_ENV, SERVICES, Stack, port_holder
+from geopix.stack import MARKER_ENV, PORT_FIELDS, SERVICES, Stack, free_ports, port_holder
 from geopix.storage import boto3_client
-from tests.conftest import PORT_FIELDS, free_ports, geopix_cli
+from tests.conftest import geopix_cli
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
