@@ -89,6 +89,28 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
+class DataConfig(_Section):
+    """Instruction data: the synthetic generator, sharding and the training input."""
+
+    chip_size: int = Field(256, ge=32)
+    seed: int = 0
+    # The test split is generated from its own seed range and held-out phrasing templates.
+    test_seed_offset: int = Field(1_000_000, ge=1)
+    train_images: int = Field(2000, ge=0)
+    val_images: int = Field(200, ge=0)
+    test_images: int = Field(200, ge=0)
+    scene_size: int = Field(8192, ge=256)
+    scene_count: int = Field(1, ge=0)
+    # Fractions for records that arrive without a split (importers); the rest is test.
+    train_fraction: float = Field(0.9, gt=0, le=1)
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    split_seed: int = 0
+    shard_target_mb: float = Field(64.0, gt=0)
+    source_uri: str = "s3://geopix-data/sources/synthetic"
+    shards_uri: str = "s3://geopix-data/shards/synthetic"
+    augment: bool = True
+
+
 class ModelConfig(_Section):
     """Model sizes (see GEOPIX.md §1). The model package reads these; weights come from a path."""
 
@@ -129,6 +151,7 @@ class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

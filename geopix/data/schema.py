@@ -1,0 +1,301 @@
+"""The canonical instruction record: one image, one task, one conversation, its targets.
+
+Records are rows of :data:`RECORD_SCHEMA` (a versioned pyarrow schema). Every source (the
+synthetic generator, the COCO importer) writes them; sharding validates them with
+:func:`validate_record`, which returns every problem it finds, each naming the field.
+
+Text conventions (GEOPIX.md §3):
+
+* the first user turn starts with ``<image>\\n`` and a task tag (``[segment]``, ``[refer]``, …);
+* an answer holds one seg run per target, ``[SEG0][SEG1]…[SEG5]`` for 3 tokens × 2 scales;
+* boxes in text are ``{<x1><y1><x2><y2>}``, integers 0–100 of the image width/height;
+* pixel boxes in targets are ``[x1, y1, x2, y2]`` floats in pixels, masks COCO RLE (compressed
+  counts as text, ``size = [height, width]``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"geopix.schema_version"
+
+TASKS = ("segment", "refer", "caption", "vqa", "ground")
+SPLITS = ("train", "val", "test")
+ROLES = ("user", "assistant")
+PHRASE_TYPES = ("class", "colour", "size_rank", "position", "relation", "all_of_class")
+SEG_TASKS = ("segment", "refer")  # answers carry one seg run per target
+
+IMAGE_TOKEN = "<image>"
+TASK_TAGS = {
+    "segment": "[segment]",
+    "refer": "[refer]",
+    "caption": "[caption]",
+    "vqa": "[Visual Question Answering]",
+    "ground": "[grounding]",
+}
+BOX_TEXT = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
+
+RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())])
+TARGET_TYPE = pa.struct(
+    [
+        pa.field("instance_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("box", pa.list_(pa.float32(), 4)),
+        pa.field("mask", RLE_TYPE),
+        pa.field("description", pa.string()),
+    ]
+)
+TURN_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("text", pa.string())])
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image", pa.binary()),  # encoded PNG/JPEG/TIFF bytes, or null when image_uri is set
+        pa.field("image_uri", pa.string()),  # s3://… or a local path, or null when image is set
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("source", pa.string()),
+        pa.field("split", pa.string()),  # train/val/test, or null: sharding assigns it by image id
+        pa.field("task", pa.string()),
+        pa.field("phrase_type", pa.string()),  # how the referring phrase picks its target(s)
+        pa.field("template_id", pa.string()),  # which phrasing template produced the text
+        pa.field("conversation", pa.list_(TURN_TYPE)),
+        pa.field("targets", pa.list_(TARGET_TYPE)),
+    ],
+    metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("record_id", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("origin", pa.string()),  # file (and row) the record came from
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ClassCatalog:
+    """Class ids and names of one source (written beside it as ``classes.json``)."""
+
+    names: Mapping[int, str]
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ClassCatalog:
+        data = json.loads(text)
+        return cls({int(item["id"]): str(item["name"]) for item in data})
+
+    def to_json(self) -> str:
+        return json.dumps([{"id": k, "name": v} for k, v in sorted(self.names.items())], indent=1)
+
+    def __contains__(self, class_id: int) -> bool:
+        return class_id in self.names
+
+
+def seg_run(seg_token_num: int = 3, num_scales: int = 2) -> str:
+    """The run of seg tokens that stands for one target: ``[SEG0]…[SEG5]`` by default."""
+    return "".join(f"[SEG{i}]" for i in range(seg_token_num * num_scales))
+
+
+def count_seg_runs(text: str, run_length: int = 6) -> tuple[int, list[str]]:
+    """(complete runs, problems) in ``text``: a broken or partial run is a problem, not a run."""
+    full = "".join(f"[SEG{i}]" for i in range(run_length))
+    problems = []
+    runs = text.count(full)
+    leftover = text.replace(full, "")
+    if re.search(r"\[SEG\d+\]", leftover):
+        problems.append(f"seg tokens outside a complete {full} run")
+    return runs, problems
+
+
+def box_to_text(box: Sequence[float], width: int, height: int) -> str:
+    """Pixel box → ``{<x1><y1><x2><y2>}`` with integers 0–100 of the image size."""
+    x1, y1, x2, y2 = box
+    scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
+    return "{" + "".join(f"<{min(100, max(0, round(v * 100)))}>" for v in scaled) + "}"
+
+
+def parse_box_text(text: str) -> list[tuple[int, int, int, int]]:
+    return [tuple(int(v) for v in match) for match in BOX_TEXT.findall(text)]
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """Binary H×W mask → COCO RLE ``{"size": [h, w], "counts": str}``."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_run_lengths(counts: str) -> list[int]:
+    """Run lengths of COCO's compressed RLE string (the inverse of maskApi's rleToString).
+
+    pycocotools decodes malformed strings into arbitrary masks without complaint, so the
+    validator reads the runs itself and checks that they are non-negative and cover the image.
+    """
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("RLE counts end in the middle of a number")
+            char = ord(counts[pos]) - 48
+            if not 0 <= char < 64:
+                raise ValueError(f"RLE counts hold an invalid character {counts[pos]!r}")
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            pos += 1
+            shift += 1
+            if not more and char & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def check_rle(rle: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``rle`` is a well-formed compressed RLE covering its size."""
+    height, width = (int(v) for v in rle["size"])
+    runs = rle_run_lengths(rle["counts"])
+    if any(r < 0 for r in runs):
+        raise ValueError("RLE has a negative run length")
+    if sum(runs) != height * width:
+        raise ValueError(f"RLE runs cover {sum(runs)} pixels, the mask has {height * width}")
+
+
+def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    return mask_utils.decode(
+        {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    )
+
+
+def _check_image_bytes(data: bytes, width: int | None, height: int | None) -> list[str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            image.load()  # decodes every byte: a truncated file fails here
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return [f"image: bytes do not decode as an image ({exc})"]
+    if width and height and size != (width, height):
+        return [f"image: decodes to {size[0]}x{size[1]} but width/height say {width}x{height}"]
+    return []
+
+
+def validate_record(
+    record: Mapping[str, Any],
+    catalog: ClassCatalog | None = None,
+    run_length: int = 6,
+    check_image: bool = True,
+) -> list[str]:
+    """Every problem with ``record``, each naming its field; an empty list means valid."""
+    problems: list[str] = []
+    for key in ("record_id", "image_id"):
+        if not record.get(key):
+            problems.append(f"{key}: missing")
+    width, height = record.get("width"), record.get("height")
+    if not isinstance(width, int) or not isinstance(height, int) or width <= 0 or height <= 0:
+        problems.append(f"width/height: must be positive integers, got {width!r}x{height!r}")
+        width = height = None
+    task = record.get("task")
+    if task not in TASKS:
+        problems.append(f"task: {task!r} is not one of {', '.join(TASKS)}")
+    if record.get("split") not in (None, *SPLITS):
+        problems.append(f"split: {record.get('split')!r} is not one of {', '.join(SPLITS)} (or null)")
+    if record.get("phrase_type") not in (None, *PHRASE_TYPES):
+        problems.append(f"phrase_type: {record.get('phrase_type')!r} is not one of {', '.join(PHRASE_TYPES)}")
+
+    image, uri = record.get("image"), record.get("image_uri")
+    if not image and not uri:
+        problems.append("image: neither image bytes nor image_uri is set")
+    elif image and check_image:
+        problems += _check_image_bytes(image, width, height)
+
+    problems += _validate_conversation(record.get("conversation") or [], task, len(record.get("targets") or []), run_length)
+    for index, target in enumerate(record.get("targets") or []):
+        problems += [f"targets[{index}].{p}" for p in _validate_target(target, width, height, catalog)]
+    if task in SEG_TASKS and not record.get("targets"):
+        problems.append(f"targets: a {task} record needs at least one target")
+    return problems
+
+
+def _validate_conversation(turns: Sequence[Mapping[str, Any]], task: str | None, n_targets: int, run_length: int) -> list[str]:
+    if len(turns) < 2:
+        return ["conversation: needs at least one user turn and one assistant turn"]
+    problems = []
+    for index, turn in enumerate(turns):
+        expected = ROLES[index % 2]
+        if turn.get("role") != expected:
+            problems.append(f"conversation[{index}].role: {turn.get('role')!r}, expected {expected!r}")
+        if not (turn.get("text") or "").strip():
+            problems.append(f"conversation[{index}].text: empty")
+    first = turns[0].get("text") or ""
+    if not first.startswith(IMAGE_TOKEN):
+        problems.append(f"conversation[0].text: must start with {IMAGE_TOKEN}")
+    if task in TASK_TAGS and TASK_TAGS[task] not in first:
+        problems.append(f"conversation[0].text: lacks the task tag {TASK_TAGS[task]} of task {task!r}")
+    answers = " ".join(t.get("text") or "" for t in turns if t.get("role") == "assistant")
+    runs, run_problems = count_seg_runs(answers, run_length)
+    problems += [f"conversation: {p}" for p in run_problems]
+    if task in SEG_TASKS and runs != n_targets:
+        problems.append(f"conversation: {runs} seg runs in the answers for {n_targets} targets")
+    if task == "ground":
+        boxes = parse_box_text(answers)
+        if not boxes:
+            problems.append("conversation: a ground answer needs a {<x1><y1><x2><y2>} box")
+        for box in boxes:
+            if any(v > 100 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+                problems.append(f"conversation: box {box} is not x1<x2, y1<y2 within 0–100")
+    return problems
+
+
+def _validate_target(target: Mapping[str, Any], width: int | None, height: int | None, catalog: ClassCatalog | None) -> list[str]:
+    problems = []
+    class_id = target.get("class_id")
+    if catalog is not None:
+        if class_id not in catalog:
+            problems.append(f"class_id: {class_id!r} is not in the source's classes")
+        elif target.get("class_name") != catalog.names[class_id]:
+            problems.append(f"class_name: {target.get('class_name')!r} but class {class_id} is {catalog.names[class_id]!r}")
+    box = target.get("box")
+    if box is None or len(box) != 4:
+        problems.append(f"box: needs [x1, y1, x2, y2], got {box!r}")
+    else:
+        x1, y1, x2, y2 = box
+        if not (x1 < x2 and y1 < y2):
+            problems.append(f"box: {list(box)} is empty or inverted")
+        if width and height and (x1 < 0 or y1 < 0 or x2 > width or y2 > height):
+            problems.append(f"box: {list(box)} lies outside the {width}x{height} image")
+    rle = target.get("mask")
+    if not rle:
+        problems.append("mask: missing")
+    else:
+        try:
+            check_rle(rle)
+            mask = decode_mask(rle)
+        except Exception as exc:  # pycocotools raises bare Exceptions on malformed counts
+            problems.append(f"mask: RLE does not decode ({exc})")
+        else:
+            if width and height and mask.shape != (height, width):
+                problems.append(f"mask: RLE size {list(mask.shape)} but the image is {height}x{width} (h x w)")
+            elif not mask.any():
+                problems.append("mask: empty")
+    return problems
