@@ -315,6 +315,10 @@ class Stack:
         env[MARKER_ENV] = f"{stack_id}:{service}"
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
+        if service == "ray":
+            # On SIGTERM Ray drains the node (for Serve proxies) for up to 30 s while any actor
+            # lives, e.g. Ray Data's stats actor; a single-node stack has nothing to drain.
+            env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         if service == "mlflow":
             # The server's GenAI job runner (a pool of huey consumers, ~1.5 GB) serves nothing GeoPix uses.
             env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"

@@ -216,6 +216,14 @@ def require_bucket(uri: str, settings: S3Settings | None = None) -> None:
         raise StorageError(f"bucket {bucket!r} (for {uri}) is not usable: {exc}") from None
 
 
+def list_files(uri: str, pattern: str = "*", settings: S3Settings | None = None) -> list[str]:
+    """Files directly under ``uri`` matching ``pattern``, as sorted URIs (s3:// or local paths)."""
+    if is_s3_uri(uri):
+        fs = s3_filesystem(settings)
+        return sorted(f"s3://{p}" for p in fs.glob(f"{uri[len('s3://') :].rstrip('/')}/{pattern}"))
+    return sorted(str(p) for p in Path(uri).glob(pattern) if p.is_file())
+
+
 def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) -> None:
     """Write one object or file; for S3 the bucket is checked first for a clear error."""
     if is_s3_uri(uri):

@@ -8,13 +8,21 @@ clients built from the environment (s3fs, pyarrow, GDAL, MLflow, Ray) reach it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from geopix.config import REPO_ROOT, BucketsConfig, StackConfig
 from geopix.stack import Stack, config_on_free_ports
+
+# Ray reads RAY_AUTH_MODE once, when it is first imported, so the session stack's token settings
+# are exported before any test module imports ray; the stack writes the token there on `up`.
+SESSION_STACK_DIR = Path(tempfile.mkdtemp(prefix="geopix-stack-"))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(Stack(StackConfig(state_dir=SESSION_STACK_DIR)).ray_token_path)
 
 
 def make_stack_config(state_dir: Path, **overrides) -> StackConfig:
@@ -27,10 +35,9 @@ def geopix_cli() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
+def stack() -> Stack:
     """The session's stack, up; its client environment is exported into os.environ."""
-    state_dir = tmp_path_factory.mktemp("stack")
-    stack = Stack(make_stack_config(state_dir), BucketsConfig())
+    stack = Stack(make_stack_config(SESSION_STACK_DIR), BucketsConfig())
     saved = dict(os.environ)
     try:
         stack.up()
@@ -40,6 +47,17 @@ def stack(tmp_path_factory) -> Stack:
         os.environ.clear()
         os.environ.update(saved)
         stack.down()
+        shutil.rmtree(SESSION_STACK_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack):
+    """This test process connected to the stack's Ray head as a driver."""
+    import ray
+
+    ray.init(address=stack.client_env()["RAY_ADDRESS"], log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

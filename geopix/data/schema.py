@@ -229,7 +229,9 @@ def validate_record(
     elif image and check_image:
         problems += _check_image_bytes(image, width, height)
 
-    problems += _validate_conversation(record.get("conversation") or [], task, len(record.get("targets") or []), run_length)
+    problems += _validate_conversation(
+        record.get("conversation") or [], task, len(record.get("targets") or []), run_length
+    )
     for index, target in enumerate(record.get("targets") or []):
         problems += [f"targets[{index}].{p}" for p in _validate_target(target, width, height, catalog)]
     if task in SEG_TASKS and not record.get("targets"):
@@ -237,7 +239,9 @@ def validate_record(
     return problems
 
 
-def _validate_conversation(turns: Sequence[Mapping[str, Any]], task: str | None, n_targets: int, run_length: int) -> list[str]:
+def _validate_conversation(
+    turns: Sequence[Mapping[str, Any]], task: str | None, n_targets: int, run_length: int
+) -> list[str]:
     if len(turns) < 2:
         return ["conversation: needs at least one user turn and one assistant turn"]
     problems = []
@@ -267,14 +271,18 @@ def _validate_conversation(turns: Sequence[Mapping[str, Any]], task: str | None,
     return problems
 
 
-def _validate_target(target: Mapping[str, Any], width: int | None, height: int | None, catalog: ClassCatalog | None) -> list[str]:
+def _validate_target(
+    target: Mapping[str, Any], width: int | None, height: int | None, catalog: ClassCatalog | None
+) -> list[str]:
     problems = []
     class_id = target.get("class_id")
     if catalog is not None:
         if class_id not in catalog:
             problems.append(f"class_id: {class_id!r} is not in the source's classes")
         elif target.get("class_name") != catalog.names[class_id]:
-            problems.append(f"class_name: {target.get('class_name')!r} but class {class_id} is {catalog.names[class_id]!r}")
+            problems.append(
+                f"class_name: {target.get('class_name')!r} but class {class_id} is {catalog.names[class_id]!r}"
+            )
     box = target.get("box")
     if box is None or len(box) != 4:
         problems.append(f"box: needs [x1, y1, x2, y2], got {box!r}")
@@ -291,11 +299,13 @@ def _validate_target(target: Mapping[str, Any], width: int | None, height: int |
         try:
             check_rle(rle)
             mask = decode_mask(rle)
-        except Exception as exc:  # pycocotools raises bare Exceptions on malformed counts
+        except Exception as exc:  # noqa: BLE001 - pycocotools raises bare Exceptions on malformed counts
             problems.append(f"mask: RLE does not decode ({exc})")
         else:
             if width and height and mask.shape != (height, width):
-                problems.append(f"mask: RLE size {list(mask.shape)} but the image is {height}x{width} (h x w)")
+                problems.append(
+                    f"mask: RLE size {list(mask.shape)} but the image is {height}x{width} (h x w)"
+                )
             elif not mask.any():
                 problems.append("mask: empty")
     return problems

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,7 +52,7 @@ class SourceWriter:
         self.parts: list[str] = []
         self.rows = 0
 
-    def __enter__(self) -> SourceWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -93,13 +93,7 @@ def read_catalog(uri: str) -> ClassCatalog:
 def record_files(uri: str) -> list[str]:
     """The source's record parts, sorted; a clear error when there are none."""
     records_uri = storage.join_uri(uri, RECORDS_DIR)
-    if storage.is_s3_uri(uri):
-        fs = storage.s3_filesystem()
-        found = sorted(f"s3://{p}" for p in fs.glob(records_uri[len("s3://") :] + "/*.parquet"))
-    else:
-        from pathlib import Path
-
-        found = sorted(str(p) for p in Path(records_uri).glob("*.parquet"))
+    found = storage.list_files(records_uri, "*.parquet")
     if not found:
         raise SourceError(f"source {uri} has no record files under {records_uri}/")
     return found

@@ -1,0 +1,227 @@
+"""COCO-style instances (+ optional referring expressions) → GeoPix records.
+
+Input:
+
+* a COCO instance JSON: ``images`` (id, file_name, width, height), ``annotations`` (id,
+  image_id, category_id, segmentation as polygons or RLE, bbox ``[x, y, w, h]``, iscrowd) and
+  ``categories`` (id, name);
+* optionally referring expressions as JSON in the refCOCO / RRSIS-D style: a list of
+  ``{"ann_id", "image_id", "split", "sentences": [{"sent": …}]}`` (the refs pickle those data
+  sets ship is never unpickled: convert it to JSON once, see docs/data.md);
+* images in a local folder or under an S3 prefix, named by ``file_name``.
+
+Output, per image: one ``segment`` record per class present ("Segment all ships." → every
+instance of the class), and per referring sentence one ``refer`` record and one ``ground``
+record. Images are referenced by URI and fetched (and checked) by sharding. Crowd annotations
+are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from geopix import storage
+from geopix.data.schema import (
+    IMAGE_TOKEN,
+    TASK_TAGS,
+    ClassCatalog,
+    box_to_text,
+    decode_mask,
+    encode_mask,
+    seg_run,
+)
+from geopix.data.source import SourceWriter
+
+REFCOCO_SPLITS = {
+    "train": "train",
+    "val": "val",
+    "test": "test",
+    "testA": "test",
+    "testB": "test",
+    "testC": "test",
+}
+
+
+class CocoImportError(ValueError):
+    """Input that cannot be imported; the message names the file and the entry."""
+
+
+@dataclass
+class ImportStats:
+    images: int = 0
+    records: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason → count, never silently dropped
+
+
+def _load_json(uri: str) -> Any:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (storage.StorageError, FileNotFoundError):
+        raise CocoImportError(f"{uri} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise CocoImportError(f"{uri} is not valid JSON: {exc}") from None
+
+
+def _segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segmentation, list):  # polygons
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        return mask_utils.decode(mask_utils.merge(rles))
+    if isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.decode(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, Mapping):
+        return decode_mask(segmentation)
+    raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+
+
+def _plural(name: str) -> str:
+    name = name.replace("_", " ")
+    return name if name.endswith("s") else name + "s"
+
+
+def coco_records(
+    instances_uri: str,
+    images_uri: str,
+    refs_uri: str | None = None,
+    source: str = "coco",
+    run_length: int = 6,
+) -> tuple[ClassCatalog, Iterator[dict[str, Any]], ImportStats]:
+    """The catalog, a record iterator and the stats it fills while it runs."""
+    coco = _load_json(instances_uri)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise CocoImportError(f"{instances_uri}: key {key!r} is missing or not a list")
+    catalog = ClassCatalog({int(c["id"]): str(c["name"]) for c in coco["categories"]})
+    refs = _load_json(refs_uri) if refs_uri else []
+    if not isinstance(refs, list):
+        raise CocoImportError(f"{refs_uri}: expected a list of referring expressions")
+    stats = ImportStats()
+    return catalog, _records(coco, refs, catalog, images_uri, source, run_length, stats), stats
+
+
+def _records(coco, refs, catalog, images_uri, source, run_length, stats) -> Iterator[dict[str, Any]]:
+    anns_by_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in coco["annotations"]:
+        anns_by_image[ann["image_id"]].append(ann)
+    refs_by_image: dict[int, list[dict]] = defaultdict(list)
+    for ref in refs:
+        refs_by_image[ref["image_id"]].append(ref)
+    run = seg_run(run_length // 2, 2) if run_length % 2 == 0 else seg_run(run_length, 1)
+
+    for image in sorted(coco["images"], key=lambda i: i["id"]):
+        width, height = int(image["width"]), int(image["height"])
+        image_id = f"{source}-{image['id']}"
+        base = {
+            "image_id": image_id,
+            "image": None,
+            "image_uri": storage.join_uri(images_uri, image["file_name"]),
+            "width": width,
+            "height": height,
+            "source": source,
+        }
+        targets: dict[int, dict] = {}
+        for ann in anns_by_image.get(image["id"], []):
+            if ann.get("iscrowd"):
+                stats.skipped["crowd annotation"] += 1
+                continue
+            try:
+                mask = _segmentation_to_mask(ann["segmentation"], height, width)
+            except Exception as exc:  # noqa: BLE001 - pycocotools raises plain Exceptions on bad input
+                stats.skipped[f"annotation with unreadable segmentation ({type(exc).__name__})"] += 1
+                continue
+            x, y, w, h = ann["bbox"]
+            class_id = int(ann["category_id"])
+            targets[ann["id"]] = {
+                "instance_id": int(ann["id"]),
+                "class_id": class_id,
+                "class_name": catalog.names.get(class_id, f"unknown-{class_id}"),
+                "box": [float(x), float(y), float(x + w), float(y + h)],
+                "mask": encode_mask(mask),
+                "description": "",
+            }
+        stats.images += 1
+        by_class: dict[int, list[dict]] = defaultdict(list)
+        for target in targets.values():
+            by_class[target["class_id"]].append(target)
+        for class_id, members in sorted(by_class.items()):
+            name = _plural(catalog.names.get(class_id, str(class_id)))
+            answer = (
+                ("Sure, they are " if len(members) > 1 else "Sure, it is ")
+                + ", ".join([run] * len(members))
+                + "."
+            )
+            stats.records["segment"] += 1
+            yield base | {
+                "record_id": f"{image_id}-segment-{class_id}",
+                "split": None,
+                "task": "segment",
+                "phrase_type": "all_of_class",
+                "template_id": "coco-segment",
+                "conversation": [
+                    {"role": "user", "text": f"{IMAGE_TOKEN}\n{TASK_TAGS['segment']} Segment all {name}."},
+                    {"role": "assistant", "text": answer},
+                ],
+                "targets": [t | {"description": f"all {name}"} for t in members],
+            }
+        for ref in refs_by_image.get(image["id"], []):
+            target = targets.get(ref.get("ann_id"))
+            if target is None:
+                stats.skipped["referring expression whose annotation is missing or skipped"] += 1
+                continue
+            split = REFCOCO_SPLITS.get(ref.get("split"))
+            for k, sentence in enumerate(ref.get("sentences") or []):
+                phrase = (sentence.get("sent") or sentence.get("raw") or "").strip()
+                if not phrase:
+                    stats.skipped["empty referring sentence"] += 1
+                    continue
+                described = target | {"description": phrase}
+                ref_id = f"{image_id}-{ref.get('ref_id', ref['ann_id'])}-{k}"
+                stats.records["refer"] += 1
+                yield base | {
+                    "record_id": f"{ref_id}-refer",
+                    "split": split,
+                    "task": "refer",
+                    "phrase_type": None,
+                    "template_id": "coco-refer",
+                    "conversation": [
+                        {"role": "user", "text": f"{IMAGE_TOKEN}\n{TASK_TAGS['refer']} {phrase}"},
+                        {"role": "assistant", "text": f"Sure, it is {run}."},
+                    ],
+                    "targets": [described],
+                }
+                stats.records["ground"] += 1
+                yield base | {
+                    "record_id": f"{ref_id}-ground",
+                    "split": split,
+                    "task": "ground",
+                    "phrase_type": None,
+                    "template_id": "coco-ground",
+                    "conversation": [
+                        {"role": "user", "text": f"{IMAGE_TOKEN}\n{TASK_TAGS['ground']} Where is {phrase}?"},
+                        {"role": "assistant", "text": box_to_text(target["box"], width, height)},
+                    ],
+                    "targets": [described],
+                }
+
+
+def import_coco(
+    instances_uri: str,
+    images_uri: str,
+    out_uri: str,
+    refs_uri: str | None = None,
+    source: str = "coco",
+    run_length: int = 6,
+) -> ImportStats:
+    """Write a record source at ``out_uri`` from COCO instances (+ referring expressions)."""
+    catalog, records, stats = coco_records(instances_uri, images_uri, refs_uri, source, run_length)
+    with SourceWriter(out_uri, catalog) as writer:
+        for record in records:
+            writer.write(record)
+    return stats

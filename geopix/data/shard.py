@@ -1,0 +1,401 @@
+"""Sharding: record sources → validated, split, sized Parquet shards with a manifest (a Ray Data job).
+
+    sources ─▶ read_parquet ─▶ validate + fetch images + assign split (map_batches, N workers)
+            ─▶ rejects table (every invalid record with its reason)
+            ─▶ per split: sort by record_id ─▶ repartition to the target size ─▶ write_parquet
+            ─▶ checksums ─▶ manifest.json ─▶ _SUCCESS
+
+Output layout under ``out_uri``::
+
+    train/shard-00000.parquet …   val/…   test/…
+    rejects/rejects.parquet       record_id, image_id, origin, reason
+    manifest.json                 counts per split/task/class, shard checksums, schema version
+    _SUCCESS                      written last: readers trust a shard set only once it exists
+
+The same sources and config give byte-identical shards and manifest: rows are sorted by
+record_id before they are cut into shards, file names depend only on the shard index, and the
+manifest holds no timestamps (run times go to MLflow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from geopix import __version__, storage
+from geopix.config import DataConfig
+from geopix.data.schema import (
+    RECORD_SCHEMA,
+    REJECT_SCHEMA,
+    SCHEMA_VERSION,
+    SPLITS,
+    ClassCatalog,
+    validate_record,
+)
+from geopix.data.source import SUCCESS_MARKER, SourceError, read_catalog, record_files
+
+MANIFEST_FILE = "manifest.json"
+REJECTS_FILE = "rejects/rejects.parquet"
+HELPER_COLUMNS = ("_reason", "_origin", "_worker")
+
+
+class ShardError(RuntimeError):
+    """Sharding cannot proceed; the message names the source, file or output."""
+
+
+@dataclass
+class ShardResult:
+    out_uri: str
+    manifest: dict[str, Any]
+    validation_workers: int = 0  # distinct worker processes that validated records
+    seconds: float = 0.0
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.manifest["counts"]
+
+
+def assign_split(image_id: str, data: DataConfig) -> str:
+    """Deterministic split from the image id alone, so an image never lands in two splits."""
+    digest = hashlib.sha256(f"{data.split_seed}:{image_id}".encode()).hexdigest()
+    u = int(digest[:12], 16) / 16**12
+    if u < data.train_fraction:
+        return "train"
+    return "val" if u < data.train_fraction + data.val_fraction else "test"
+
+
+def merge_catalogs(catalogs: dict[str, ClassCatalog]) -> ClassCatalog:
+    merged: dict[int, str] = {}
+    owner: dict[int, str] = {}
+    for uri, catalog in catalogs.items():
+        for class_id, name in catalog.names.items():
+            if class_id in merged and merged[class_id] != name:
+                raise ShardError(
+                    f"class {class_id} is {merged[class_id]!r} in {owner[class_id]} but {name!r} in {uri}; "
+                    "map both sources onto one class list first"
+                )
+            merged[class_id], owner[class_id] = name, uri
+    return ClassCatalog(merged)
+
+
+def _check_files(files: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Split record files into readable ones and unreadable ones (with the reason)."""
+    good, bad = [], []
+    expected = set(RECORD_SCHEMA.names)
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as exc:
+            bad.append({"file": uri, "reason": f"not a readable Parquet file: {exc}"})
+            continue
+        missing = expected - set(schema.names)
+        if missing:
+            bad.append({"file": uri, "reason": f"missing columns: {', '.join(sorted(missing))}"})
+            continue
+        good.append(uri)
+    return good, bad
+
+
+def _validate_batch(batch: pa.Table, catalog_json: str, data: dict, run_length: int) -> pa.Table:
+    """Ray Data UDF: validate each record, fetch images given by URI, assign splits.
+
+    Adds ``_reason`` (null when valid), ``_origin`` (the source file) and ``_worker`` (pid).
+    """
+    catalog = ClassCatalog.from_json(catalog_json)
+    config = DataConfig.model_validate(data)
+    records = batch.drop_columns(["path"]).to_pylist()
+    reasons = []
+    for record in records:
+        reasons.append(_problems(record, catalog, run_length))
+        if not record.get("split"):
+            record["split"] = assign_split(record.get("image_id") or "", config)
+    table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    return (
+        table.append_column("_reason", pa.array(reasons, pa.string()))
+        .append_column("_origin", batch.column("path"))
+        .append_column("_worker", pa.array([os.getpid()] * len(records), pa.int64()))
+    )
+
+
+def _problems(record: dict, catalog: ClassCatalog, run_length: int) -> str | None:
+    if not record.get("image") and record.get("image_uri"):
+        try:
+            record["image"] = storage.read_bytes(record["image_uri"])
+        except (storage.StorageError, FileNotFoundError, OSError) as exc:
+            return f"image_uri: cannot read {record['image_uri']} ({exc})"
+    problems = validate_record(record, catalog, run_length)
+    return "; ".join(problems) if problems else None
+
+
+def _gather(ds, columns: Sequence[str]) -> pa.Table:
+    refs = ds.select_columns(list(columns)).to_arrow_refs()
+    tables = [t for t in ray.get(refs) if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
+
+
+class _ShardNames(FilenameProvider):
+    """``shard-00000…`` by write-task index: one task per block after repartition.
+
+    The name leaves out Ray's write UUID so that reruns give the same names; the split's
+    prefix is emptied first and written with ``SaveMode.OVERWRITE``.
+    """
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"shard-{task_index:05d}.parquet"
+
+
+def _sha256(uri: str) -> tuple[str, int]:
+    payload = storage.read_bytes(uri)
+    return hashlib.sha256(payload).hexdigest(), len(payload)
+
+
+def shard_sources(
+    sources: Sequence[str],
+    out_uri: str,
+    data: DataConfig,
+    *,
+    run_length: int = 6,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> ShardResult:
+    """Validate, split and shard ``sources`` into ``out_uri``; see the module docstring."""
+    started = time.perf_counter()
+    out_uri = out_uri.rstrip("/")
+    _prepare_output(out_uri, overwrite)
+
+    catalogs, files = {}, []
+    for source in sources:
+        try:
+            catalogs[source] = read_catalog(source)
+            files += record_files(source)
+        except SourceError as exc:
+            raise ShardError(str(exc)) from None
+    catalog = merge_catalogs(catalogs)
+    readable, unreadable = _check_files(files)
+    if not readable:
+        raise ShardError(f"no readable record files in {', '.join(sources)}: {unreadable}")
+
+    fs, _ = storage.arrow_filesystem(readable[0])
+    paths = [storage.arrow_filesystem(f)[1] for f in readable]
+    raw = ray.data.read_parquet(
+        paths, filesystem=fs, include_paths=True, override_num_blocks=max(len(paths), workers)
+    )
+    # Tasks, not an actor pool: each task reads a file and validates it, so `workers` tasks
+    # run side by side without actors holding the CPUs the reads need.
+    validated = raw.map_batches(
+        _validate_batch,
+        fn_kwargs={
+            "catalog_json": catalog.to_json(),
+            "data": data.model_dump(),
+            "run_length": run_length,
+        },
+        batch_format="pyarrow",
+        batch_size=64,
+        concurrency=workers,
+    ).materialize()
+
+    info = _gather(validated, ["record_id", "image_id", "split", "_reason", "_origin", "_worker"])
+    rejects = _cross_record_rejects(info)
+    reasons = info.column("_reason").to_pylist()
+    rejected = [
+        {"record_id": r, "image_id": i, "origin": o, "reason": reasons[k] or rejects[r]}
+        for k, (r, i, o) in enumerate(
+            zip(
+                info["record_id"].to_pylist(),
+                info["image_id"].to_pylist(),
+                info["_origin"].to_pylist(),
+                strict=True,
+            )
+        )
+        if reasons[k] or r in rejects
+    ]
+    rejected_ids = {r["record_id"] for r in rejected}
+    rejected.sort(key=lambda r: (r["record_id"] or "", r["origin"] or ""))
+
+    valid = validated.filter(lambda row: row["_reason"] is None and row["record_id"] not in rejected_ids)
+    valid = valid.drop_columns(list(HELPER_COLUMNS)).materialize()
+    shards = _write_splits(valid, out_uri, data, fs)
+
+    stats = _gather(valid, ["split", "task", "phrase_type", "image_id", "targets"]) if valid.count() else None
+    manifest = _manifest(sources, catalog, out_uri, info.num_rows, rejected, unreadable, shards, stats, data)
+    storage.write_bytes(
+        storage.join_uri(out_uri, REJECTS_FILE),
+        _parquet_bytes(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)),
+    )
+    storage.write_bytes(
+        storage.join_uri(out_uri, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True).encode()
+    )
+    storage.write_bytes(
+        storage.join_uri(out_uri, SUCCESS_MARKER),
+        json.dumps({"records": manifest["counts"]["written"]}).encode(),
+    )
+    return ShardResult(
+        out_uri=out_uri,
+        manifest=manifest,
+        validation_workers=len(set(info.column("_worker").to_pylist())),
+        seconds=time.perf_counter() - started,
+        rejects=rejected,
+    )
+
+
+def _prepare_output(out_uri: str, overwrite: bool) -> None:
+    storage.require_bucket(out_uri)
+    manifest = storage.join_uri(out_uri, MANIFEST_FILE)
+    exists = (
+        storage.s3_filesystem().exists(manifest) if storage.is_s3_uri(out_uri) else os.path.exists(manifest)
+    )
+    if exists and not overwrite:
+        raise ShardError(f"{out_uri} already holds shards ({MANIFEST_FILE}); pass overwrite to replace them")
+    if storage.is_s3_uri(out_uri):
+        fs = storage.s3_filesystem()
+        if fs.exists(out_uri):
+            fs.rm(out_uri, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(out_uri, ignore_errors=True)
+
+
+def _cross_record_rejects(info: pa.Table) -> dict[str, str]:
+    """Reasons that need all records at once: duplicate record ids, an image in two splits."""
+    reasons: dict[str, str] = {}
+    seen: Counter = Counter(info.column("record_id").to_pylist())
+    for record_id, count in seen.items():
+        if count > 1:
+            reasons[record_id] = f"record_id: {count} records share the id {record_id!r}"
+    splits_of: dict[str, set] = defaultdict(set)
+    ok = pc.is_null(info.column("_reason"))
+    for image_id, split, good in zip(
+        info["image_id"].to_pylist(), info["split"].to_pylist(), ok.to_pylist(), strict=True
+    ):
+        if good:
+            splits_of[image_id].add(split)
+    torn = {i: sorted(s) for i, s in splits_of.items() if len(s) > 1}
+    for record_id, image_id in zip(info["record_id"].to_pylist(), info["image_id"].to_pylist(), strict=True):
+        if image_id in torn and record_id not in reasons:
+            reasons[record_id] = (
+                f"split: image {image_id!r} is assigned to several splits ({', '.join(torn[image_id])})"
+            )
+    return reasons
+
+
+def _write_splits(valid, out_uri: str, data: DataConfig, fs) -> dict[str, list[dict[str, Any]]]:
+    total_rows = valid.count()
+    total_bytes = valid.size_bytes() or 1
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for split in SPLITS:
+        part = valid.filter(lambda row, split=split: row["split"] == split)
+        rows = part.count()
+        if rows == 0:
+            shards[split] = []
+            continue
+        split_bytes = total_bytes * rows / max(total_rows, 1)
+        n_shards = max(1, math.ceil(split_bytes / (data.shard_target_mb * 2**20)))
+        target = storage.join_uri(out_uri, split)
+        _, path = storage.arrow_filesystem(target)
+        part.sort("record_id").repartition(n_shards).write_parquet(
+            path, filesystem=fs, filename_provider=_ShardNames(), mode=SaveMode.OVERWRITE, compression="zstd"
+        )
+        shards[split] = []
+        for uri in storage.list_files(target, "*.parquet"):
+            digest, size = _sha256(uri)
+            file_fs, file_path = storage.arrow_filesystem(uri)
+            shards[split].append(
+                {
+                    "path": f"{split}/{uri.rsplit('/', 1)[-1]}",
+                    "rows": pq.read_metadata(file_path, filesystem=file_fs).num_rows,
+                    "bytes": size,
+                    "sha256": digest,
+                }
+            )
+    return shards
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, stats, data) -> dict[str, Any]:
+    per_split: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        per_split[split] = {
+            "records": 0,
+            "images": 0,
+            "tasks": {},
+            "classes": {},
+            "phrase_types": {},
+            "shards": shards.get(split, []),
+        }
+    if stats is not None:
+        images: dict[str, set] = defaultdict(set)
+        tasks: dict[str, Counter] = defaultdict(Counter)
+        classes: dict[str, Counter] = defaultdict(Counter)
+        phrases: dict[str, Counter] = defaultdict(Counter)
+        for row in stats.to_pylist():
+            split = row["split"]
+            images[split].add(row["image_id"])
+            tasks[split][row["task"]] += 1
+            if row["phrase_type"]:
+                phrases[split][row["phrase_type"]] += 1
+            for target in row["targets"] or []:
+                classes[split][target["class_name"]] += 1
+        for split in SPLITS:
+            per_split[split].update(
+                records=sum(tasks[split].values()),
+                images=len(images[split]),
+                tasks=dict(sorted(tasks[split].items())),
+                classes=dict(sorted(classes[split].items())),
+                phrase_types=dict(sorted(phrases[split].items())),
+            )
+    written = sum(s["records"] for s in per_split.values())
+    reason_kinds = Counter(r["reason"].split(":", 1)[0] for r in rejected)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "geopix_version": __version__,
+        "sources": list(sources),
+        "classes": [{"id": k, "name": v} for k, v in sorted(catalog.names.items())],
+        "split_rule": {
+            "kept_from_records": True,
+            "by_image_id": {"seed": data.split_seed, "train": data.train_fraction, "val": data.val_fraction},
+        },
+        "shard_target_mb": data.shard_target_mb,
+        "counts": {
+            "read": read,
+            "written": written,
+            "rejected": len(rejected),
+            "unreadable_files": len(unreadable),
+        },
+        "rejects_by_field": dict(sorted(reason_kinds.items())),
+        "unreadable_files": unreadable,
+        "splits": per_split,
+        "rejects": REJECTS_FILE,
+    }
+
+
+def read_manifest(shards_uri: str) -> dict[str, Any]:
+    """The manifest of a finished shard set; a clear error for a missing or unfinished one."""
+    marker = storage.join_uri(shards_uri, SUCCESS_MARKER)
+    try:
+        storage.read_bytes(marker)
+    except (storage.StorageError, FileNotFoundError):
+        raise ShardError(f"{shards_uri} holds no finished shard set (no {SUCCESS_MARKER})") from None
+    return json.loads(storage.read_bytes(storage.join_uri(shards_uri, MANIFEST_FILE)))

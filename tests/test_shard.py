@@ -1,0 +1,135 @@
+"""Sharding on the local stack: Ray Data with 2 workers, reading and writing S3."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow.parquet as pq
+import pytest
+
+from geopix import storage
+from geopix.config import DataConfig
+from geopix.data.schema import validate_record
+from geopix.data.shard import ShardError, assign_split, read_manifest, shard_sources
+from geopix.data.source import SourceWriter
+from tests.records import CATALOG, make_record
+
+DATA = DataConfig(shard_target_mb=0.05, train_fraction=0.6, val_fraction=0.2)
+
+
+def planted_bad_records() -> dict[str, dict]:
+    """One record per kind of damage, keyed by the field its reason must name."""
+    bad_rle = make_record(900)
+    bad_rle["targets"][0]["mask"] = {"size": [64, 64], "counts": "zzzz"}
+    outside = make_record(901)
+    outside["targets"][0]["box"] = [50.0, 50.0, 80.0, 70.0]
+    unknown = make_record(902)
+    unknown["targets"][0]["class_id"] = 42
+    missing = make_record(903)
+    missing["image"], missing["image_uri"] = None, "s3://geopix-data/tests/shard/no-such-image.png"
+    truncated = make_record(904)
+    truncated["image"] = truncated["image"][: len(truncated["image"]) // 2]
+    return {
+        "targets[0].mask": bad_rle,
+        "targets[0].box": outside,
+        "targets[0].class_id": unknown,
+        "image_uri": missing,
+        "image": truncated,
+    }
+
+
+def write_source(uri: str, records) -> None:
+    with SourceWriter(uri, CATALOG, rows_per_part=25) as writer:
+        for record in records:
+            writer.write(record)
+
+
+@pytest.fixture(scope="module")
+def source(stack, ray_cluster):
+    good = [make_record(i, class_id=i % 3, task="refer" if i % 2 else "segment") for i in range(120)]
+    # An image given by URI (fetched and embedded by sharding), and one pre-assigned to test.
+    by_uri = make_record(500)
+    storage.write_bytes("s3://geopix-data/tests/shard/images/500.png", by_uri["image"])
+    by_uri["image"], by_uri["image_uri"] = None, "s3://geopix-data/tests/shard/images/500.png"
+    pinned = make_record(501, split="test")
+    # The same image with two different pre-assigned splits: both records are rejected.
+    torn = [make_record(502, split="train"), make_record(502, split="val", task="segment")]
+    bad = planted_bad_records()
+    uri = "s3://geopix-data/tests/shard/source"
+    write_source(uri, [*good, by_uri, pinned, *torn, *bad.values()])
+    return {"uri": uri, "good": good, "bad": bad, "total": len(good) + 2 + len(torn) + len(bad)}
+
+
+def test_shard_reconciles_and_reports_every_reject(source):
+    result = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, workers=2)
+    counts = result.counts
+    assert counts["read"] == source["total"]
+    assert counts["read"] == counts["written"] + counts["rejected"]
+    assert counts["written"] == len(source["good"]) + 2
+    assert 1 <= result.validation_workers <= 2  # at most `workers` tasks at once; small inputs may reuse one
+
+    reasons = {r["record_id"]: r["reason"] for r in result.rejects}
+    for field, record in source["bad"].items():
+        assert reasons[record["record_id"]].startswith(field), (field, reasons[record["record_id"]])
+    assert "do not decode as an image" in reasons["rec-00904-refer"]
+    assert "cannot read s3://geopix-data/tests/shard/no-such-image.png" in reasons["rec-00903-refer"]
+    assert "several splits (train, val)" in reasons["rec-00502-refer"]
+    assert "several splits (train, val)" in reasons["rec-00502-segment"]
+
+    # The rejects table in S3 says the same.
+    rejects = pq.read_table(
+        io.BytesIO(storage.read_bytes("s3://geopix-data/tests/shard/out/rejects/rejects.parquet"))
+    )
+    assert dict(zip(rejects["record_id"].to_pylist(), rejects["reason"].to_pylist(), strict=True)) == reasons
+
+    manifest = read_manifest("s3://geopix-data/tests/shard/out")
+    assert manifest["schema_version"] == 1 and manifest["counts"] == counts
+    splits = manifest["splits"]
+    assert sum(s["records"] for s in splits.values()) == counts["written"]
+    assert sum(sh["rows"] for s in splits.values() for sh in s["shards"]) == counts["written"]
+    assert len(splits["train"]["shards"]) >= 2, "the small target size must cut train into several shards"
+
+    # Every shard holds valid records of its split, images embedded; no image in two splits.
+    split_of_image: dict[str, str] = {}
+    for split, info in splits.items():
+        for shard in info["shards"]:
+            table = pq.read_table(
+                io.BytesIO(storage.read_bytes(f"s3://geopix-data/tests/shard/out/{shard['path']}"))
+            )
+            assert table.num_rows == shard["rows"]
+            for row in table.to_pylist():
+                assert row["split"] == split and row["image"]
+                assert validate_record(row, CATALOG) == []
+                assert split_of_image.setdefault(row["image_id"], split) == split
+    assert split_of_image["img-00501"] == "test"
+    assert split_of_image["img-00500"] == assign_split("img-00500", DATA)
+
+
+def test_same_input_gives_byte_identical_shards_and_manifest(source):
+    first = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/again-1", DATA, workers=2)
+    second = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/again-2", DATA, workers=2)
+    assert first.manifest == second.manifest
+    for out in ("again-1", "again-2"):
+        assert storage.read_bytes(f"s3://geopix-data/tests/shard/{out}/manifest.json") == storage.read_bytes(
+            "s3://geopix-data/tests/shard/again-1/manifest.json"
+        )
+    shards = [s for info in first.manifest["splits"].values() for s in info["shards"]]
+    for shard in shards:
+        assert storage.read_bytes(
+            f"s3://geopix-data/tests/shard/again-1/{shard['path']}"
+        ) == storage.read_bytes(f"s3://geopix-data/tests/shard/again-2/{shard['path']}")
+
+
+def test_existing_output_and_missing_source_are_clear_errors(source):
+    shard_sources([source["uri"]], "s3://geopix-data/tests/shard/once", DATA)
+    with pytest.raises(ShardError, match="already holds shards"):
+        shard_sources([source["uri"]], "s3://geopix-data/tests/shard/once", DATA)
+    with pytest.raises(ShardError, match="has no classes.json"):
+        shard_sources(["s3://geopix-data/tests/shard/nothing-here"], "s3://geopix-data/tests/shard/x", DATA)
+    with pytest.raises(storage.StorageError, match="bucket 'no-bucket'"):
+        shard_sources([source["uri"]], "s3://no-bucket/out", DATA)
+
+
+def test_split_assignment_is_by_image_id_only():
+    assert {assign_split(f"img-{i}", DATA) for i in range(200)} == {"train", "val", "test"}
+    assert assign_split("img-7", DATA) == assign_split("img-7", DATA)
