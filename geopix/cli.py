@@ -31,8 +31,10 @@ stack_app = typer.Typer(
     help="The embedded local stack: Ray head, S3 server, MLflow server.", no_args_is_help=True
 )
 config_app = typer.Typer(help="Inspect configs and presets.", no_args_is_help=True)
+data_app = typer.Typer(help="Instruction data: generate, import, shard, preview.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
 
 ConfigOption = Annotated[
     str, typer.Option("--config", "-c", help="Preset name (tiny, full) or path to a YAML file.")
@@ -178,6 +180,74 @@ def config_presets() -> None:
     """List the presets under configs/."""
     for name in list_presets():
         typer.echo(name)
+
+
+def _run_id() -> str:
+    from geopix import runtime
+
+    return runtime.run_id()
+
+
+@data_app.command("import-coco")
+def data_import_coco(
+    instances: Annotated[str, typer.Option(help="COCO instance JSON (local path or s3://).")],
+    images: Annotated[str, typer.Option(help="Folder or S3 prefix holding the images by file_name.")],
+    out: Annotated[str, typer.Option(help="Where to write the record source.")],
+    refs: Annotated[str | None, typer.Option(help="Referring expressions JSON (refCOCO / RRSIS-D style).")] = None,
+    source: Annotated[str, typer.Option(help="Source name, prefixed to image ids.")] = "coco",
+) -> None:
+    """Turn COCO instances (+ referring expressions) into a GeoPix record source."""
+    from geopix.data.coco import CocoImportError, import_coco
+
+    try:
+        stats = import_coco(instances, images, out, refs_uri=refs, source=source)
+    except CocoImportError as exc:
+        fail(str(exc))
+    typer.echo(f"imported {stats.images} images → {sum(stats.records.values())} records {dict(stats.records)} at {out}")
+    for reason, count in sorted(stats.skipped.items()):
+        typer.echo(f"  skipped {count}: {reason}")
+
+
+@data_app.command("shard")
+def data_shard(
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+    source: Annotated[list[str] | None, typer.Option(help="Record source(s) (default: data.source_uri).")] = None,
+    out: Annotated[str | None, typer.Option(help="Output prefix (default: data.shards_uri).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Data tasks validating at once.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
+) -> None:
+    """Validate, split and shard record sources into Parquet shards with a manifest (Ray Data)."""
+    import ray
+
+    from geopix import storage, tracking
+    from geopix.data.shard import ShardError, log_shard_run, shard_sources
+    from geopix.data.source import SourceError
+
+    cfg = _load(config, overrides)
+    sources = source or [cfg.data.source_uri]
+    out = out or cfg.data.shards_uri
+    ray.init(log_to_driver=False)
+    try:
+        with tracking.flow_run("shard", cfg, run_name=f"shard-{_run_id()}"):
+            result = shard_sources(
+                sources, out, cfg.data, run_length=cfg.model.seg_token_num * cfg.model.num_scales,
+                workers=workers, overwrite=overwrite,
+            )
+            log_shard_run(result)
+    except (ShardError, SourceError, storage.StorageError) as exc:
+        fail(str(exc))
+    counts = result.counts
+    typer.echo(
+        f"read {counts['read']} = written {counts['written']} + rejected {counts['rejected']} "
+        f"({counts['unreadable_files']} unreadable files) in {result.seconds:.1f} s → {out}"
+    )
+    for split, info in result.manifest["splits"].items():
+        typer.echo(f"  {split}: {info['records']} records, {info['images']} images, {len(info['shards'])} shards")
+    for reject in result.rejects[:20]:
+        typer.echo(f"  rejected {reject['record_id']}: {reject['reason']}")
+    if len(result.rejects) > 20:
+        typer.echo(f"  … {len(result.rejects) - 20} more in {out}/rejects/rejects.parquet")
 
 
 if __name__ == "__main__":

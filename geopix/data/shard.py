@@ -19,6 +19,7 @@ manifest holds no timestamps (run times go to MLflow).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -399,3 +400,58 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
     except (storage.StorageError, FileNotFoundError):
         raise ShardError(f"{shards_uri} holds no finished shard set (no {SUCCESS_MARKER})") from None
     return json.loads(storage.read_bytes(storage.join_uri(shards_uri, MANIFEST_FILE)))
+
+
+def class_counts_figure(manifest: dict[str, Any], path: str) -> None:
+    """A bar chart of instances per class and records per task, by split (for MLflow and docs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if manifest["splits"][s]["records"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, key, title in ((axes[0], "classes", "instances per class"), (axes[1], "tasks", "records per task")):
+        names = sorted({n for s in splits for n in manifest["splits"][s][key]})
+        width = 0.8 / max(len(splits), 1)
+        for k, split in enumerate(splits):
+            values = [manifest["splits"][split][key].get(n, 0) for n in names]
+            ax.bar([i + k * width for i in range(len(names))], values, width, label=split)
+        ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    counts = manifest["counts"]
+    fig.suptitle(f"read {counts['read']} = written {counts['written']} + rejected {counts['rejected']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_shard_run(result: ShardResult) -> None:
+    """Params, counts, the manifest, the rejects and a picture, into the active MLflow run."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    counts = result.counts
+    mlflow.log_params({"out_uri": result.out_uri, "sources": ",".join(result.manifest["sources"])})
+    mlflow.log_metrics(
+        {
+            **{f"records_{k}": v for k, v in counts.items()},
+            "seconds": result.seconds,
+            "records_per_s": counts["read"] / max(result.seconds, 1e-9),
+            **{f"{split}_records": info["records"] for split, info in result.manifest["splits"].items()},
+        }
+    )
+    mlflow.log_dict(result.manifest, "manifest.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        rejects = Path(tmp) / "rejects.csv"
+        with rejects.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=REJECT_SCHEMA.names)
+            writer.writeheader()
+            writer.writerows(result.rejects)
+        mlflow.log_artifact(str(rejects))
+        figure = Path(tmp) / "class_and_task_counts.png"
+        class_counts_figure(result.manifest, str(figure))
+        mlflow.log_artifact(str(figure))
