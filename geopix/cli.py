@@ -188,12 +188,54 @@ def _run_id() -> str:
     return runtime.run_id()
 
 
+@data_app.command("synth")
+def data_synth(
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+    out: Annotated[
+        str | None, typer.Option(help="Where to write the source (default: data.source_uri).")
+    ] = None,
+    scenes: Annotated[
+        str | None, typer.Option(help="Also write data.scene_count large scenes (COG + ground truth) here.")
+    ] = None,
+) -> None:
+    """Generate the synthetic remote-sensing source (chips, all five tasks; optionally large scenes)."""
+    from geopix.data.synth import generate_chips, generate_scene
+
+    cfg = _load(config, overrides)
+    d = cfg.data
+    out = out or d.source_uri
+    stats = generate_chips(
+        out, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images, val_images=d.val_images,
+        test_images=d.test_images, test_seed_offset=d.test_seed_offset,
+    )  # fmt: skip
+    typer.echo(f"wrote {out}: " + json.dumps({k: v for k, v in stats.items() if k.endswith("per_split")}))
+    for index in range(d.scene_count if scenes else 0):
+        scene = generate_scene(scenes, f"scene-{d.seed}-{index:03d}", d.scene_size, d.seed + index)
+        typer.echo(f"wrote scene {scene.get('uri', scenes)}: {scene.get('instances', '?')} instances")
+
+
+@data_app.command("preview")
+def data_preview(
+    source: Annotated[str, typer.Option(help="A record source or shard split (local or s3://).")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("contact_sheet.png"),
+    n: Annotated[int, typer.Option(help="How many records to show.")] = 12,
+    seed: Annotated[int, typer.Option(help="Which records (sampled across tasks).")] = 0,
+) -> None:
+    """A contact sheet: chips with masks, boxes and descriptions overlaid."""
+    from geopix.data.preview import contact_sheet
+
+    typer.echo(f"wrote {contact_sheet(source, out, n=n, seed=seed)}")
+
+
 @data_app.command("import-coco")
 def data_import_coco(
     instances: Annotated[str, typer.Option(help="COCO instance JSON (local path or s3://).")],
     images: Annotated[str, typer.Option(help="Folder or S3 prefix holding the images by file_name.")],
     out: Annotated[str, typer.Option(help="Where to write the record source.")],
-    refs: Annotated[str | None, typer.Option(help="Referring expressions JSON (refCOCO / RRSIS-D style).")] = None,
+    refs: Annotated[
+        str | None, typer.Option(help="Referring expressions JSON (refCOCO / RRSIS-D style).")
+    ] = None,
     source: Annotated[str, typer.Option(help="Source name, prefixed to image ids.")] = "coco",
 ) -> None:
     """Turn COCO instances (+ referring expressions) into a GeoPix record source."""
@@ -203,7 +245,9 @@ def data_import_coco(
         stats = import_coco(instances, images, out, refs_uri=refs, source=source)
     except CocoImportError as exc:
         fail(str(exc))
-    typer.echo(f"imported {stats.images} images → {sum(stats.records.values())} records {dict(stats.records)} at {out}")
+    typer.echo(
+        f"imported {stats.images} images → {sum(stats.records.values())} records {dict(stats.records)} at {out}"
+    )
     for reason, count in sorted(stats.skipped.items()):
         typer.echo(f"  skipped {count}: {reason}")
 
@@ -212,7 +256,9 @@ def data_import_coco(
 def data_shard(
     config: ConfigOption = "tiny",
     overrides: SetOption = None,
-    source: Annotated[list[str] | None, typer.Option(help="Record source(s) (default: data.source_uri).")] = None,
+    source: Annotated[
+        list[str] | None, typer.Option(help="Record source(s) (default: data.source_uri).")
+    ] = None,
     out: Annotated[str | None, typer.Option(help="Output prefix (default: data.shards_uri).")] = None,
     workers: Annotated[int, typer.Option(help="Ray Data tasks validating at once.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
@@ -231,8 +277,12 @@ def data_shard(
     try:
         with tracking.flow_run("shard", cfg, run_name=f"shard-{_run_id()}"):
             result = shard_sources(
-                sources, out, cfg.data, run_length=cfg.model.seg_token_num * cfg.model.num_scales,
-                workers=workers, overwrite=overwrite,
+                sources,
+                out,
+                cfg.data,
+                run_length=cfg.model.seg_token_num * cfg.model.num_scales,
+                workers=workers,
+                overwrite=overwrite,
             )
             log_shard_run(result)
     except (ShardError, SourceError, storage.StorageError) as exc:
@@ -243,7 +293,9 @@ def data_shard(
         f"({counts['unreadable_files']} unreadable files) in {result.seconds:.1f} s → {out}"
     )
     for split, info in result.manifest["splits"].items():
-        typer.echo(f"  {split}: {info['records']} records, {info['images']} images, {len(info['shards'])} shards")
+        typer.echo(
+            f"  {split}: {info['records']} records, {info['images']} images, {len(info['shards'])} shards"
+        )
     for reject in result.rejects[:20]:
         typer.echo(f"  rejected {reject['record_id']}: {reject['reason']}")
     if len(result.rejects) > 20:

@@ -411,13 +411,18 @@ def class_counts_figure(manifest: dict[str, Any], path: str) -> None:
 
     splits = [s for s in SPLITS if manifest["splits"][s]["records"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, key, title in ((axes[0], "classes", "instances per class"), (axes[1], "tasks", "records per task")):
+    for ax, key, title in (
+        (axes[0], "classes", "instances per class"),
+        (axes[1], "tasks", "records per task"),
+    ):
         names = sorted({n for s in splits for n in manifest["splits"][s][key]})
         width = 0.8 / max(len(splits), 1)
         for k, split in enumerate(splits):
             values = [manifest["splits"][split][key].get(n, 0) for n in names]
             ax.bar([i + k * width for i in range(len(names))], values, width, label=split)
-        ax.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right")
+        ax.set_xticks(
+            [i + width * (len(splits) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right"
+        )
         ax.set_title(title)
         ax.legend()
     counts = manifest["counts"]
