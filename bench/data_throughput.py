@@ -60,7 +60,7 @@ def run(args) -> None:
     )  # fmt: skip
     generate_s = time.perf_counter() - started
     images = args.images + 2 * held_out
-    records = sum(stats["records_per_split"].values())
+    records = sum(stats["records"].values())
 
     started = time.perf_counter()
     catalog = read_catalog(source)

@@ -209,7 +209,9 @@ def data_synth(
         out, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images, val_images=d.val_images,
         test_images=d.test_images, test_seed_offset=d.test_seed_offset,
     )  # fmt: skip
-    typer.echo(f"wrote {out}: " + json.dumps({k: v for k, v in stats.items() if k.endswith("per_split")}))
+    typer.echo(f"wrote {out} in {stats['seconds']:.0f} s ({stats['chips_per_s']:.1f} chips/s)")
+    for key in ("images", "records", "records_per_task", "instances_per_class", "instances_per_bucket"):
+        typer.echo(f"  {key}: {json.dumps(stats[key])}")
     for index in range(d.scene_count if scenes else 0):
         scene = generate_scene(scenes, f"scene-{d.seed}-{index:03d}", d.scene_size, d.seed + index)
         typer.echo(f"wrote scene {scene.get('uri', scenes)}: {scene.get('instances', '?')} instances")
