@@ -16,13 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
-
 from geopix.config import BucketsConfig, DataConfig
-from geopix.data.schema import validate_record
-from geopix.data.shard import assign_split, shard_sources
-from geopix.data.source import iter_records, read_catalog
-from geopix.data.synth import generate_chips
 from geopix.stack import Stack, config_on_free_ports
 
 
@@ -35,6 +29,7 @@ def main() -> None:
     )
     parser.add_argument("--chip-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--figure", help="also write the shard run's class/task chart to this PNG")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="geopix-bench-") as tmp:
@@ -44,11 +39,19 @@ def main() -> None:
         try:
             run(args)
         finally:
-            ray.shutdown()
             stack.down(echo=lambda *_: None)
 
 
 def run(args) -> None:
+    # Ray reads RAY_AUTH_MODE when it is first imported: import it only once the stack's
+    # environment (token auth on) is in place.
+    import ray
+
+    from geopix.data.schema import validate_record
+    from geopix.data.shard import assign_split, class_counts_figure, shard_sources
+    from geopix.data.source import iter_records, read_catalog
+    from geopix.data.synth import generate_chips
+
     source, out = "s3://geopix-data/bench/source", "s3://geopix-data/bench/shards"
     data = DataConfig(chip_size=args.chip_size, shard_target_mb=16)
     held_out = max(args.images // 10, 1)
@@ -74,6 +77,8 @@ def run(args) -> None:
     ray.init(log_to_driver=False)
     result = shard_sources([source], out, data, workers=args.workers, overwrite=True)
     counts = result.counts
+    if args.figure:
+        class_counts_figure(result.manifest, args.figure)
 
     print(
         f"generate: {images} chips of {args.chip_size} px → {records} records in {generate_s:.1f} s: "

@@ -145,6 +145,19 @@ def _problems(record: dict, catalog: ClassCatalog, run_length: int) -> str | Non
     return "; ".join(problems) if problems else None
 
 
+def _keep_valid(batch: pa.Table, rejected_ids: list[str]) -> pa.Table:
+    """Vectorised: rows without a reason and not rejected by a cross-record check."""
+    keep = pc.and_(
+        pc.is_null(batch.column("_reason")),
+        pc.invert(pc.is_in(batch.column("record_id"), value_set=pa.array(rejected_ids, pa.string()))),
+    )
+    return batch.filter(keep).drop_columns(list(HELPER_COLUMNS))
+
+
+def _only_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("split"), split))
+
+
 def _gather(ds, columns: Sequence[str]) -> pa.Table:
     refs = ds.select_columns(list(columns)).to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
@@ -230,8 +243,9 @@ def shard_sources(
     rejected_ids = {r["record_id"] for r in rejected}
     rejected.sort(key=lambda r: (r["record_id"] or "", r["origin"] or ""))
 
-    valid = validated.filter(lambda row: row["_reason"] is None and row["record_id"] not in rejected_ids)
-    valid = valid.drop_columns(list(HELPER_COLUMNS)).materialize()
+    valid = validated.map_batches(
+        _keep_valid, fn_kwargs={"rejected_ids": sorted(rejected_ids)}, batch_format="pyarrow"
+    ).materialize()
     shards = _write_splits(valid, out_uri, data, fs)
 
     stats = _gather(valid, ["split", "task", "phrase_type", "image_id", "targets"]) if valid.count() else None
@@ -302,7 +316,7 @@ def _write_splits(valid, out_uri: str, data: DataConfig, fs) -> dict[str, list[d
     total_bytes = valid.size_bytes() or 1
     shards: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
-        part = valid.filter(lambda row, split=split: row["split"] == split)
+        part = valid.map_batches(_only_split, fn_kwargs={"split": split}, batch_format="pyarrow")
         rows = part.count()
         if rows == 0:
             shards[split] = []
