@@ -7,6 +7,7 @@ clients built from the environment (s3fs, pyarrow, GDAL, MLflow, Ray) reach it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from geopix.stack import Stack, config_on_free_ports
 # Ray reads RAY_AUTH_MODE once, when it is first imported, so the session stack's token settings
 # are exported before any test module imports ray; the stack writes the token there on `up`.
 SESSION_STACK_DIR = Path(tempfile.mkdtemp(prefix="geopix-stack-"))
+atexit.register(shutil.rmtree, SESSION_STACK_DIR, ignore_errors=True)
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(Stack(StackConfig(state_dir=SESSION_STACK_DIR)).ray_token_path)
 
@@ -44,10 +46,12 @@ def stack() -> Stack:
         os.environ.update(stack.client_env())
         yield stack
     finally:
+        # A driver still connected when its cluster stops is ended by Ray with exit code 1.
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
         os.environ.clear()
         os.environ.update(saved)
         stack.down()
-        shutil.rmtree(SESSION_STACK_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

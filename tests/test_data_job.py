@@ -17,7 +17,7 @@ SOURCE, SHARDS = "s3://geopix-data/tests/job/source", "s3://geopix-data/tests/jo
 SETTINGS = "--set data.train_images=24 --set data.val_images=6 --set data.test_images=6 --set data.shard_target_mb=0.5"
 
 
-def test_synth_and_shard_as_a_ray_job(stack, repo_root):
+def test_synth_and_shard_as_a_ray_job(stack, ray_cluster, repo_root):
     entrypoint = (
         f"geopix data synth {SETTINGS} --out {SOURCE} && "
         f"geopix data shard {SETTINGS} --source {SOURCE} --out {SHARDS} --workers 2"
@@ -53,6 +53,23 @@ def test_synth_and_shard_as_a_ray_job(stack, repo_root):
                 if row["template_id"]:
                     templates.setdefault(split, set()).add(row["template_id"])
     assert templates["test"] and not templates["test"] & (templates["train"] | templates["val"])
+
+    # The training loader streams what sharding wrote.
+    from geopix.data.loader import iter_batches, shard_dataset
+    from geopix.data.source import iter_records
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus_texts(iter_records(SOURCE)), vocab_size=600)
+    dataset = shard_dataset(SHARDS, "train")
+    batch = next(
+        iter(
+            iter_batches(
+                dataset, tokenizer, image_size=128, batch_size=8, max_length=256, augment=True, seed=0
+            )
+        )
+    )
+    assert batch["pixel_values"].shape == (8, 3, 128, 128)
+    assert batch["target_masks"].shape[0] == int(batch["target_counts"].sum())
 
     run = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("geopix-tiny").experiment_id],

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SHARD_PATTERN = re.compile(r"shard-\d+\.parquet$")
+# `geopix data shard` writes shard-00000-0.parquet (Ray adds a per-task file index).
+SHARD_PATTERN = re.compile(r"shard-\d+(-\d+)?\.parquet$")
 MAX_REPORTED_DROPS = 100  # record ids kept in LoaderStats.dropped_ids; the counts are complete
 
 
