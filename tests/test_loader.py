@@ -385,18 +385,7 @@ def test_missing_or_unreadable_shards_fail_with_their_names(tmp_path):
         shard_dataset(str(tmp_path / "shards"), "train")
 
 
-@pytest.fixture
-def ray_session(stack):
-    import ray
-    import ray.data
-
-    ray.init(log_to_driver=False)  # the stack's head, through RAY_ADDRESS
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
-def test_two_workers_stream_every_s3_record_exactly_once(ray_session, tokenizer, tmp_path):
+def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer, tmp_path):
     uri = "s3://geopix-data/tests/loader"
     records = mixed_records(20, prefix="s3-")
     write_shards(uri, "train", records, per_shard=10)
