@@ -128,6 +128,9 @@ class ModelConfig(_Section):
     memory_len: int = Field(8, ge=0)
     memory_dim: int = Field(64, ge=1)
     num_classes: int = Field(8, ge=1)
+    # Optional EMA write of masked-pooled instance features into their class's memory slots, on top
+    # of the gradient write; 0 turns it off. Needs memory_dim == decoder_dim.
+    memory_ema_momentum: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainConfig(_Section):
