@@ -1,1 +1,24 @@
 """The GeoPix model: vision encoder, projector, LLM, seg tokens, mask predictor, class memory (stage: model)."""
+
+from geopix.model.modeling import (
+    ChatAnswer,
+    GeoPixModel,
+    GeoPixOutput,
+    add_geopix_tokens,
+    build_model,
+    count_parameters,
+    mask_losses,
+)
+from geopix.model.vision import VisionEncoder, build_vision_encoder
+
+__all__ = [
+    "ChatAnswer",
+    "GeoPixModel",
+    "GeoPixOutput",
+    "VisionEncoder",
+    "add_geopix_tokens",
+    "build_model",
+    "build_vision_encoder",
+    "count_parameters",
+    "mask_losses",
+]

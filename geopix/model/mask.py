@@ -1,0 +1,211 @@
+"""Seg projection, class-wise memory and the two-scale mask predictor (GEOPIX.md §1).
+
+Data flow for T targets (packed over the batch, ``target_sample[T]`` says which image):
+
+    seg hidden [T, scales·tokens, H] ─SegProjection→ prompts [T, scales, tokens, D], pooled [T, scales, D]
+    feat (scale s) ─neck_s→ [T, D, g_s, g_s] (+ x/y channels) ─ClassMemory read→ ─SAM two-way decoder→
+    logits_s (+ 8×8 spatial prior) ; scale s+1 features are gated by sigmoid(logits_s)+1
+    masks = Σ_s w_s · resize(logits_s, S)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
+from transformers.models.sam.modeling_sam import SamTwoWayTransformer
+
+PRIOR_SIZE = 8  # the coarse spatial prior's grid (GEOPIX.md §1)
+
+
+class SegProjection(nn.Module):
+    """LLM hidden → hidden → D, reshaped per scale; a learnable softmax-weighted sum per scale."""
+
+    def __init__(self, llm_hidden: int, dim: int, num_scales: int, tokens_per_scale: int):
+        super().__init__()
+        self.num_scales, self.tokens = num_scales, tokens_per_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(llm_hidden, llm_hidden), nn.ReLU(inplace=True), nn.Linear(llm_hidden, dim)
+        )
+        self.token_logits = nn.Parameter(torch.zeros(num_scales, tokens_per_scale))  # uniform at init
+
+    def forward(self, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, scales·tokens, H] → (prompts [T, scales, tokens, D], pooled [T, scales, D])."""
+        prompts = self.mlp(seg_hidden).reshape(seg_hidden.shape[0], self.num_scales, self.tokens, -1)
+        weights = self.token_logits.softmax(-1)[None, :, :, None]
+        return prompts, (prompts * weights).sum(2)
+
+
+class ClassMemory(nn.Module):
+    """``M[class, scale] ∈ R^{K×d}`` read by cross-attention of image features, gated by tanh(α).
+
+    The class comes from a distribution ``class_probs [T, C]`` (the class head's own prediction),
+    so the read is a soft mixture of class memories, never a hard-coded index. α starts at 0, so a
+    fresh memory is the identity and only enters through learning.
+    """
+
+    def __init__(self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int):
+        super().__init__()
+        self.memory = nn.Parameter(torch.randn(num_classes, num_scales, slots, mem_dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.ModuleList(
+            nn.MultiheadAttention(dim, heads, kdim=mem_dim, vdim=mem_dim, batch_first=True)
+            for _ in range(num_scales)
+        )
+        self.gate = nn.Parameter(torch.zeros(num_scales))  # α per scale
+
+    def forward(self, feats: torch.Tensor, class_probs: torch.Tensor, scale: int) -> torch.Tensor:
+        """feats [T, D, g, g] → same shape, ``feats + tanh(α_s) · attn(feats, mixed slots)``."""
+        t, d, h, w = feats.shape
+        slots = torch.einsum("tc,ckm->tkm", class_probs.to(feats.dtype), self.memory[:, scale])
+        queries = self.norm(feats.flatten(2).transpose(1, 2))
+        read, _ = self.attn[scale](queries, slots, slots, need_weights=False)
+        read = read.transpose(1, 2).reshape(t, d, h, w)
+        return feats + torch.tanh(self.gate[scale]) * read
+
+    @torch.no_grad()
+    def ema_write(
+        self, feats: torch.Tensor, masks: torch.Tensor, class_ids: torch.Tensor, scale: int, momentum: float
+    ) -> None:
+        """Move every slot of each target's class towards its masked-pooled feature (EMA).
+
+        feats [T, D, g, g] (D == memory dim), masks [T, S, S] in {0, 1}. Targets whose mask is empty
+        at this grid are skipped. Under data parallelism each rank writes its own batch (not synced).
+        """
+        small = F.adaptive_avg_pool2d(masks[:, None].to(feats.dtype), feats.shape[-2:])
+        area = small.flatten(1).sum(1)
+        pooled = (feats * small).flatten(2).sum(2) / area.clamp_min(1e-6)[:, None]
+        for vec, cls, a in zip(pooled, class_ids.tolist(), area.tolist(), strict=True):
+            if a > 0:
+                self.memory[cls, scale].mul_(momentum).add_((1 - momentum) * vec)
+
+
+def coord_channels(size: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """[batch, 2, size, size] normalised x/y in [−1, 1] (pixel centres)."""
+    axis = (torch.arange(size, device=like.device, dtype=like.dtype) + 0.5) / size * 2 - 1
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x, y])[None].expand(batch, -1, -1, -1)
+
+
+class ImageNeck(nn.Module):
+    """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv3×3 → BN → ReLU."""
+
+    def __init__(self, in_channels: int, dim: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU()
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(dim + 2, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU()
+        )
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.conv1(feat), size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return self.conv2(torch.cat([x, coord_channels(self.grid, x.shape[0], x)], 1))
+
+
+class ScaleDecoder(nn.Module):
+    """SAM-style decoding of one scale: a learned mask token and the pooled seg prompt attend
+    two-way with the image (transformers' ``SamTwoWayTransformer``); a hypernetwork MLP of the mask
+    token's output dotted with the image embedding gives the logits; a zero-initialised 8×8 prior
+    predicted from the prompt is added (it tells the decoder *where*)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, depth: int):
+        super().__init__()
+        config = SamMaskDecoderConfig(
+            hidden_size=dim, mlp_dim=mlp_dim, num_hidden_layers=depth, num_attention_heads=heads
+        )
+        config._attn_implementation = "sdpa"  # standalone use: no PreTrainedModel sets it for us
+        self.transformer = SamTwoWayTransformer(config)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.pos = nn.Conv2d(2, dim, 1)  # positional embedding from the x/y grid
+        self.prior = nn.Linear(dim, PRIOR_SIZE * PRIOR_SIZE)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+
+    def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """image [T, D, g, g], prompt [T, D] → logits [T, g, g]."""
+        t, d, g, _ = image.shape
+        tokens = torch.cat([self.mask_token.expand(t, -1, -1), prompt[:, None]], 1)[:, None]  # [T,1,2,D]
+        pos = self.pos(coord_channels(g, t, image))
+        queries, keys = self.transformer(tokens, image, pos, attention_similarity=None)
+        embed = keys[:, 0].transpose(1, 2).reshape(t, d, g, g) + image  # skip keeps local detail
+        logits = torch.einsum("td,tdhw->thw", self.hyper(queries[:, 0, 0]), embed) / math.sqrt(d)
+        prior = self.prior(prompt).reshape(t, 1, PRIOR_SIZE, PRIOR_SIZE)
+        return logits + F.interpolate(prior, size=(g, g), mode="bilinear", align_corners=False)[:, 0]
+
+
+class MaskPredictor(nn.Module):
+    """Two (``num_scales``) coarse-to-fine scales with class memory and a learnable scale mix.
+
+    Scale 0 reads the deeper feature level on a grid of S/16; each next scale reads the finer level
+    on a grid twice as large, gated by ``sigmoid(previous logits) + 1``.
+    """
+
+    def __init__(
+        self,
+        *,
+        lo_channels: int,
+        hi_channels: int,
+        dim: int,
+        image_size: int,
+        num_scales: int,
+        num_classes: int,
+        memory_len: int,
+        memory_dim: int,
+    ):
+        super().__init__()
+        heads = 8 if dim >= 128 else 4
+        mlp_dim = 2048 if dim >= 256 else 4 * dim
+        base = max(image_size // 16, PRIOR_SIZE)
+        self.grids = [base * 2**s for s in range(num_scales)]
+        self.necks = nn.ModuleList(
+            ImageNeck(hi_channels if s == 0 else lo_channels, dim, g) for s, g in enumerate(self.grids)
+        )
+        self.decoders = nn.ModuleList(ScaleDecoder(dim, heads, mlp_dim, depth=2) for _ in range(num_scales))
+        self.scale_mix = nn.Parameter(torch.full((num_scales,), 1.0 / num_scales))
+        self.memory = (
+            ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, heads)
+            if memory_len > 0
+            else None
+        )
+
+    def forward(
+        self,
+        feat_lo: torch.Tensor,
+        feat_hi: torch.Tensor,
+        pooled: torch.Tensor,
+        target_sample: torch.Tensor,
+        class_probs: torch.Tensor,
+        out_size: int,
+        ema_targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """pooled [T, scales, D] → (mixed logits [T, S, S], per-scale logits [T, g_s, g_s]).
+
+        ``ema_targets`` = (target masks [T, S, S], class ids [T], momentum): EMA-write the memory.
+        """
+        per_scale: list[torch.Tensor] = []
+        mixed = 0
+        for s, (neck, decoder) in enumerate(zip(self.necks, self.decoders, strict=True)):
+            image = neck(feat_hi if s == 0 else feat_lo)[target_sample]  # per target
+            if per_scale:  # coarse-to-fine gating by the previous scale's mask
+                prev = F.interpolate(
+                    per_scale[-1][:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
+                )
+                image = image * (torch.sigmoid(prev) + 1)
+            if self.memory is not None:
+                if ema_targets is not None:
+                    self.memory.ema_write(image.detach(), *ema_targets[:2], s, ema_targets[2])
+                image = self.memory(image, class_probs, s)
+            logits = decoder(image, pooled[:, s])
+            per_scale.append(logits)
+            up = F.interpolate(
+                logits[:, None], size=(out_size, out_size), mode="bilinear", align_corners=False
+            )
+            mixed = mixed + self.scale_mix[s] * up[:, 0]
+        return mixed, per_scale

