@@ -47,7 +47,7 @@ def main() -> None:
             vocab_size=32007,
             image_token_id=32000,
             seg_token_ids=list(range(32001, 32007)),
-            pretrained_vision=False,
+            pretrained=False,
         )
     # The stage-1 policy trains a random LLM whole; count it as for real weights from a local path.
     big.cfg = full.model_copy(update={"llm_weights": "/local/llava-7b"})

@@ -188,6 +188,44 @@ def _run_id() -> str:
     return runtime.run_id()
 
 
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="A saved GeoPix model directory (local or s3://).")],
+    image: Annotated[str, typer.Option(help="The image (PNG/JPEG/TIFF; local or s3://).")],
+    instruction: Annotated[str, typer.Option(help='e.g. "[refer] the largest storage tank".')],
+    out: Annotated[Path, typer.Option(help="Overlay PNG to write.")] = Path("chat_overlay.png"),
+    answer_json: Annotated[Path | None, typer.Option(help="Also write the answer as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+) -> None:
+    """Answer an instruction about one image: prints the answer and writes a PNG with its masks."""
+    import torch
+
+    from geopix.infer.chat import run_chat
+    from geopix.storage import StorageError
+
+    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
+    try:
+        summary = run_chat(
+            model, image, instruction, out, device=device, answer_json=answer_json,
+            max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p,
+            generator=generator,
+        )
+    except (FileNotFoundError, StorageError, ValueError) as error:
+        fail(str(error))
+    typer.echo(summary["answer"])
+    for mask in summary["masks"]:
+        typer.echo(
+            f"  mask {mask['index']}: {mask['class']} (p={mask['class_probability']:.2f}), "
+            f"{100 * mask['area_fraction']:.1f} % of the image"
+        )
+    typer.echo(f"wrote {summary['overlay']}")
+
+
 @data_app.command("synth")
 def data_synth(
     config: ConfigOption = "tiny",

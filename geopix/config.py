@@ -115,8 +115,11 @@ class ModelConfig(_Section):
     """Model sizes (see GEOPIX.md §1). The model package reads these; weights come from a path."""
 
     vision_encoder: Literal["efficientnet_lite0", "clip"] = "efficientnet_lite0"
+    # Weights: a local directory/file or an s3:// prefix (downloaded once into the cache); never a hub.
     vision_weights: str | None = None
     llm_weights: str | None = None
+    # LLaVA projector weights (mm_projector safetensors/bin, or a LLaVA checkpoint directory).
+    projector_weights: str | None = None
     image_size: int = Field(256, ge=32)
     llm_hidden_size: int = Field(192, ge=16)
     llm_num_layers: int = Field(3, ge=1)
@@ -131,6 +134,11 @@ class ModelConfig(_Section):
     # Optional EMA write of masked-pooled instance features into their class's memory slots, on top
     # of the gradient write; 0 turns it off. Needs memory_dim == decoder_dim.
     memory_ema_momentum: float = Field(0.0, ge=0, lt=1)
+    # With a pretrained LLM, train only the rows of the tokens GeoPix adds (peft TrainableTokens)
+    # rather than the whole embedding and output matrices (2 × 131 M parameters at 7B).
+    new_token_rows_only: bool = True
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
 
 
 class TrainConfig(_Section):

@@ -37,6 +37,9 @@ GDAL_S3_READ_PRESET = {
 }
 
 
+SUCCESS_MARKER = "_SUCCESS"  # written last: a prefix is complete once it exists
+
+
 class StorageError(RuntimeError):
     """An object store location that cannot be used (missing bucket, unreachable endpoint, ...)."""
 
@@ -244,3 +247,72 @@ def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
         except FileNotFoundError:
             raise StorageError(f"object {uri} does not exist") from None
     return Path(uri).read_bytes()
+
+
+def upload_directory(local_dir: str | os.PathLike, uri: str, settings: S3Settings | None = None) -> str:
+    """Copy a local directory to ``uri`` (an S3 prefix or a local path); returns ``uri``.
+
+    Files go first and ``_SUCCESS`` last, so a reader that waits for the marker never sees half a
+    directory (:func:`local_copy` refuses a prefix without it).
+    """
+    import shutil
+
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != SUCCESS_MARKER)
+    if not is_s3_uri(uri):
+        shutil.copytree(local_dir, uri, dirs_exist_ok=True)
+        Path(uri, SUCCESS_MARKER).write_text("")
+        return uri
+    fs = s3_filesystem(settings)
+    for path in files:
+        fs.put_file(str(path), join_uri(uri, path.relative_to(local_dir).as_posix()))
+    fs.pipe_file(join_uri(uri, SUCCESS_MARKER), b"")
+    return uri
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+               settings: S3Settings | None = None) -> Path:
+    """A local directory holding what ``uri`` holds: a local path as it is; an S3 prefix downloaded
+    into ``cache_dir`` (default ``$GEOPIX_CACHE_DIR`` or ``~/.cache/geopix``), keyed by the URI.
+
+    A second call downloads only objects whose ETag changed. The prefix must carry the
+    ``_SUCCESS`` marker that :func:`upload_directory` writes last (a half-uploaded model is refused).
+    """
+    import hashlib
+    import json
+
+    if not is_s3_uri(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise StorageError(f"{uri}: no such file or directory")
+        return path
+    uri = str(uri).rstrip("/")
+    fs = s3_filesystem(settings)
+    try:
+        objects = fs.find(uri, detail=True)
+    except FileNotFoundError:
+        objects = {}
+    bucket_prefix = uri.removeprefix("s3://")
+    objects = {k: v for k, v in objects.items() if k.startswith(bucket_prefix + "/")}
+    if not objects:
+        raise StorageError(f"{uri}: no objects under this prefix")
+    if f"{bucket_prefix}/{SUCCESS_MARKER}" not in objects:
+        raise StorageError(f"{uri}: no {SUCCESS_MARKER} marker (an upload that did not finish?)")
+    root = Path(cache_dir or os.environ.get("GEOPIX_CACHE_DIR") or Path.home() / ".cache" / "geopix")
+    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    index_path = target / ".geopix-etags.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    for key, info in sorted(objects.items()):
+        rel = key[len(bucket_prefix) + 1 :]
+        etag = str(info.get("ETag") or info.get("size"))
+        dest = target / rel
+        if index.get(rel) == etag and dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        fs.get_file(f"s3://{key}", str(partial))
+        partial.replace(dest)
+        index[rel] = etag
+        index_path.write_text(json.dumps(index))
+    return target

@@ -12,7 +12,7 @@ import torch
 from geopix.config import load_config
 from geopix.data.loader import IGNORE_INDEX, iter_batches
 from geopix.data.schema import IMAGE_TOKEN, encode_mask, seg_run
-from geopix.data.tokenizer import corpus_texts, prompt_text, seg_tokens, train_tokenizer
+from geopix.data.tokenizer import corpus_texts, seg_tokens, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from tests.records import make_record
@@ -162,53 +162,96 @@ def test_overfits_fixed_batch(cfg, tokenizer, batch):
     assert last["mask_bce"] < 0.5 * first["mask_bce"] and last["mask_dice"] < first["mask_dice"] - 0.2
 
 
-def test_overfits_to_iou_within_step_bound(cfg, tokenizer, batch):
-    """Issue 4's sanity bound: a handful of samples fitted to cIoU >= 0.9 in at most 200 steps."""
+@pytest.fixture(scope="module")
+def fitted(cfg, tokenizer, batch):
+    """The tiny model overfitted on the fixed batch: masks to cIoU >= 0.9 and answers learned,
+    within a step bound (issue 4's sanity check). Returns (model, steps, cIoU)."""
     model = new_model(cfg, tokenizer)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     gt = batch["target_masks"] > 0.5
-    ciou = 0.0
-    for step in range(1, 201):
+    ciou, text_loss = 0.0, float("inf")
+    for step in range(1, 301):
         model.train()
-        model(**batch).loss.backward()
+        out = model(**batch)
+        out.loss.backward()
         opt.step()
         opt.zero_grad()
         if step % 10 == 0:
             with torch.no_grad():
-                pred = model.eval()(**batch).mask_logits > 0
-            ciou = ((pred & gt).sum() / (pred | gt).sum()).item()
-            if ciou >= 0.9:
+                out = model.eval()(**batch)
+            pred = out.mask_logits > 0
+            ciou, text_loss = ((pred & gt).sum() / (pred | gt).sum()).item(), out.losses["text"].item()
+            if ciou >= 0.9 and text_loss < 0.05:
                 break
-    print(f"overfit: cIoU {ciou:.2f} after {step} steps")
-    assert ciou >= 0.9, f"cIoU {ciou:.2f} after {step} steps"
+    print(f"overfit: cIoU {ciou:.2f}, text CE {text_loss:.3f} after {step} steps")
+    return model.eval(), step, ciou, text_loss
 
 
-def test_chat_greedy_sampled_and_masks(cfg, tokenizer, batch):
+def test_overfits_to_iou_within_step_bound(fitted):
+    """Issue 4's sanity bound: a handful of samples fitted to cIoU >= 0.9 in at most 300 steps."""
+    _, step, ciou, text_loss = fitted
+    assert ciou >= 0.9 and text_loss < 0.05, f"cIoU {ciou:.2f}, text CE {text_loss:.3f} after {step} steps"
+
+
+def user_texts(records) -> list[str]:
+    return [r["conversation"][0]["text"] for r in records]
+
+
+def answer_texts(records) -> list[str]:
+    return [r["conversation"][1]["text"] for r in records]
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a & b).sum() / (a | b).sum().clamp_min(1)).item()
+
+
+def test_chat_answers_with_masks_batched_and_cached(fitted, records, tokenizer, batch):
+    """Batched KV-cached chat: the fitted model answers its training prompts, one mask per seg run,
+    masks that match the ground truth and equal a teacher-forced pass over the same tokens;
+    decoding a sample alone gives the same answer as in the batch (left padding is invisible)."""
+    model = fitted[0]
+    pixels = batch["pixel_values"]
+    answers = model.chat(pixels, user_texts(records), tokenizer, max_new_tokens=40)
+    gt = torch.split(batch["target_masks"] > 0.5, batch["target_counts"].tolist())
+    for i, (answer, expected) in enumerate(zip(answers, answer_texts(records), strict=True)):
+        assert answer.text == expected, (i, answer.text, expected)
+        assert answer.masks.shape == gt[i].shape and answer.masks.dtype == torch.bool
+        assert all(iou(m, g) >= 0.8 for m, g in zip(answer.masks, gt[i], strict=True))
+        assert torch.allclose(answer.class_probs.sum(-1), torch.ones(len(answer.masks)))
+        prompt = model.prompt_ids(user_texts(records)[i], tokenizer)
+        ids = prompt + tokenizer.encode(" " + expected, add_special_tokens=False)
+        forced = model.segment_answer(pixels[i : i + 1], ids, len(prompt), tokenizer)
+        assert torch.equal(forced.masks, answer.masks)
+        assert torch.allclose(forced.class_probs, answer.class_probs, atol=1e-4)
+    alone = model.chat(pixels[3:4], user_texts(records)[3:4], tokenizer, max_new_tokens=40)[0]
+    assert alone.text == answers[3].text and iou(alone.masks, answers[3].masks) > 0.99
+
+
+def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer)
     pixels = batch["pixel_values"][:2]
-    greedy = model.chat(pixels, ["[refer] the ship", "[refer] the building"], tokenizer, max_new_tokens=4)
-    again = model.chat(pixels, ["[refer] the ship", "[refer] the building"], tokenizer, max_new_tokens=4)
-    assert [a.text for a in greedy] == [a.text for a in again] and all(
-        isinstance(a.text, str) for a in greedy
-    )
-    sampled = model.chat(
-        pixels,
-        ["[refer] the ship"],
-        tokenizer,
-        max_new_tokens=4,
-        do_sample=True,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert len(sampled) == 1
+    texts = ["[refer] the ship", "[refer] the building"]
+    greedy = model.chat(pixels, texts, tokenizer, max_new_tokens=4)
+    assert [a.text for a in greedy] == [a.text for a in model.chat(pixels, texts, tokenizer, max_new_tokens=4)]
+
+    def sampled(seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        answers = model.chat(pixels, texts, tokenizer, max_new_tokens=6, do_sample=True, generator=generator,
+                             **kwargs)
+        return [a.text for a in answers]
+
+    assert sampled(0) == sampled(0)  # a seeded generator reproduces
+    assert len({tuple(sampled(seed, temperature=2.0)) for seed in range(4)}) > 1
+    # top_p → 0 keeps only the most likely token: sampling becomes greedy.
+    greedy6 = [a.text for a in model.chat(pixels, texts, tokenizer, max_new_tokens=6)]
+    assert sampled(1, top_p=1e-6) == greedy6
+    with pytest.raises(ValueError, match="2 images but 1 instructions"):
+        model.chat(pixels, texts[:1], tokenizer)
     # An answer holding two seg runs gives two masks and two class distributions.
-    prompt = [
-        tokenizer.bos_token_id,
-        *tokenizer.encode(prompt_text(f"{IMAGE_TOKEN}\n[segment] x"), add_special_tokens=False),
-    ]
+    prompt = model.prompt_ids("[segment] x", tokenizer)
     answer = tokenizer.encode(f" Sure, {seg_run()} and {seg_run()}.", add_special_tokens=False)
     result = model.segment_answer(pixels[:1], prompt + answer, len(prompt), tokenizer)
     assert result.masks.shape == (2, SIZE, SIZE) and result.masks.dtype == torch.bool
-    assert torch.allclose(result.class_probs.sum(-1), torch.ones(2))
     assert "[SEG0]" in result.text
 
 
@@ -218,11 +261,11 @@ def test_memory_changes_masks_only_through_open_gate(cfg, tokenizer, batch):
     memory = model.mask_predictor.memory
     with torch.no_grad():
         base = model(**batch).mask_logits
-        memory.memory.normal_(0, 1.0)  # new contents, gate closed (α = 0): identity
+        memory.learned.normal_(0, 1.0)  # new contents, gate closed (α = 0): identity
         assert torch.allclose(model(**batch).mask_logits, base)
         memory.gate.fill_(1.0)  # gate open
         opened = model(**batch).mask_logits
-        memory.memory.normal_(0, 1.0)
+        memory.ema.normal_(0, 1.0)  # the EMA part is read too
         changed = model(**batch).mask_logits
     assert not torch.allclose(opened, base, atol=1e-4)
     assert (changed - opened).abs().max() > 1e-3
@@ -235,7 +278,7 @@ def test_memory_reads_class_head_mixture(cfg, tokenizer, batch):
         memory.gate.fill_(1.0)
         before = model(**batch).mask_logits
         model.class_head.bias[0] += 20.0  # the head now puts all mass on class 0
-        memory.memory[0].normal_(0, 1.0)  # only class 0's slots change
+        memory.learned[0].normal_(0, 1.0)  # only class 0's slots change
         after = model(**batch).mask_logits
     assert (after - before).abs().max() > 1e-3
 
@@ -250,15 +293,60 @@ def test_memory_off(cfg, tokenizer, batch):
 
 def test_memory_ema_write_moves_only_target_classes(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer, memory_ema_momentum=0.5).train()
-    memory = model.mask_predictor.memory.memory
-    before = memory.detach().clone()
+    memory = model.mask_predictor.memory
+    learned, before = memory.learned.detach().clone(), memory.slots.detach().clone()
     model(**batch)
-    moved = (memory.detach() - before).flatten(1).abs().sum(1) > 0
+    moved = (memory.slots.detach() - before).flatten(1).abs().sum(1) > 0
     assert moved.tolist() == [c in set(batch["class_ids"].tolist()) for c in range(cfg.num_classes)]
-    after_train = memory.detach().clone()
+    assert torch.equal(memory.learned, learned)  # the EMA part is a buffer: optimizers never undo it
+    after_train = memory.slots.detach().clone()
     with torch.no_grad():
         model.eval()(**batch)  # no write at inference
-    assert torch.equal(memory, after_train)
+    assert torch.equal(memory.slots, after_train)
+
+
+def test_memory_ema_write_follows_the_ema_rule():
+    """One write of feature f into class c: M ← m·M + (1−m)·f for every slot, learned part unchanged."""
+    from geopix.model.mask import ClassMemory
+
+    memory = ClassMemory(num_classes=3, num_scales=1, slots=4, mem_dim=8, dim=8, heads=2)
+    feats = torch.randn(1, 8, 4, 4)
+    mask = torch.ones(1, 16, 16)
+    before = memory.slots[1, 0].clone()
+    memory.ema_write(feats, mask, torch.tensor([1]), scale=0, momentum=0.75)
+    expected = 0.75 * before + 0.25 * feats.mean((2, 3))
+    assert torch.allclose(memory.slots[1, 0], expected, atol=1e-6)
+
+
+def _sync_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from geopix.model.mask import ClassMemory
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial memory on both ranks
+    memory = ClassMemory(num_classes=2, num_scales=1, slots=2, mem_dim=4, dim=4, heads=1)
+    feats = torch.full((1, 4, 2, 2), float(rank + 1))  # each rank sees a different instance
+    memory.ema_write(feats, torch.ones(1, 8, 8), torch.tensor([0]), scale=0, momentum=0.5)
+    memory.sync_ema()
+    torch.save(memory.ema.clone(), f"{results}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_memory_ema_synced_across_data_parallel_ranks(tmp_path):
+    """Two gloo ranks write different instances; after sync_ema both hold the mean of their writes."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ema = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ema[0], ema[1])
+    assert ema[0][0].abs().sum() > 0 and ema[0][1].abs().sum() == 0  # only class 0 was written
+    torch.manual_seed(0)
+    from geopix.model.mask import ClassMemory
+
+    learned = ClassMemory(num_classes=2, num_scales=1, slots=2, mem_dim=4, dim=4, heads=1).learned.detach()
+    # Each rank wrote 0.5·(f_r − learned); the mean over f = 1 and f = 2 is 0.5·(1.5 − learned).
+    assert torch.allclose(ema[0][0, 0], 0.5 * (1.5 - learned[0, 0]), atol=1e-6)
 
 
 # ------------------------------------------------------------------------- stage policies
@@ -300,7 +388,12 @@ def test_save_load_round_trip(cfg, tokenizer, batch, tmp_path):
                 p.normal_(0, 0.1)  # make the adapters matter
     model.eval()
     path = model.save(tmp_path / "m", tokenizer)
-    assert {p.name for p in path.iterdir()} == {"model.safetensors", "geopix_config.json", "tokenizer"}
+    assert {p.name for p in path.iterdir()} == {
+        "model.safetensors",
+        "geopix_config.json",
+        "tokenizer",
+        "processor",
+    }
     loaded = GeoPixModel.load(path).eval()
     with torch.no_grad():
         a, b = model(**batch), loaded(**batch)
@@ -316,7 +409,7 @@ def test_full_preset_parameter_counts_on_meta():
             vocab_size=32000 + 7,
             image_token_id=32000,
             seg_token_ids=list(range(32001, 32007)),
-            pretrained_vision=False,
+            pretrained=False,
         )
     total = count_parameters(model)[1]
     vision = sum(p.numel() for p in model.vision.parameters())
@@ -328,3 +421,142 @@ def test_full_preset_parameter_counts_on_meta():
     trainable = count_parameters(model)[0]
     print(f"full stage 2 trainable: {trainable / 1e6:.1f} M")
     assert 10e6 < trainable < 400e6
+
+
+# ------------------------------------------------------------------- pretrained parts, weights
+@pytest.fixture(scope="module")
+def pretrained_llm_dir(cfg, tmp_path_factory) -> Path:
+    """A stand-in for a pretrained LLaMA checkpoint (random weights, saved the way HF saves one),
+    with a vocabulary that lacks GeoPix's tokens."""
+    from transformers import LlamaForCausalLM
+
+    from geopix.model.modeling import llama_config
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(llama_config(cfg, vocab_size=250)).save_pretrained(path)
+    return path
+
+
+def test_pretrained_llm_trains_only_new_token_rows(cfg, tokenizer, batch, pretrained_llm_dir, tmp_path):
+    model = new_model(cfg, tokenizer, llm_weights=str(pretrained_llm_dir))
+    assert model.vocab_size == len(tokenizer)  # grown from 250 to the tokenizer
+    grads, trainable = _trained_names(model, batch)
+    llm_trainable = {n for n in trainable if n.startswith("llm.")}
+    assert llm_trainable == {
+        "llm.model.embed_tokens.trainable_tokens_delta.geopix_tokens",
+        "llm.lm_head.trainable_tokens_delta.geopix_tokens",
+    }
+    assert llm_trainable <= grads <= trainable
+    delta = model.llm.model.embed_tokens.trainable_tokens_delta["geopix_tokens"]
+    assert delta.shape[0] == len(model.new_token_ids) == 7
+    assert "projector.0.weight" in trainable  # a random projector trains in stage 1
+
+    model.set_stage(2)
+    grads, trainable = _trained_names(model, batch)
+    llm_base = {n for n in trainable if n.startswith("llm.") and "lora_" not in n}
+    assert llm_base == llm_trainable and any("lora_" in n for n in grads)
+
+    # Save → load needs neither the original LLM directory nor a re-read of its weights.
+    with torch.no_grad():
+        delta.normal_(0, 1.0)
+    model.eval()
+    saved = model.save(tmp_path / "m", tokenizer)
+    loaded = GeoPixModel.load(saved).eval()
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mask_logits, b.mask_logits)
+
+
+def test_llava_projector_weights(cfg, tokenizer, pretrained_llm_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    probe = new_model(cfg, tokenizer)
+    shapes = {k: v.shape for k, v in probe.projector.state_dict().items()}
+    llava = {f"model.mm_projector.{k}": torch.randn(shape) for k, shape in shapes.items()}
+    save_file(llava, str(tmp_path / "mm_projector.safetensors"))
+    model = new_model(cfg, tokenizer, llm_weights=str(pretrained_llm_dir), projector_weights=str(tmp_path))
+    assert torch.equal(model.projector[2].weight, llava["model.mm_projector.2.weight"])
+    assert not any(p.requires_grad for p in model.projector.parameters())  # pretrained: frozen in stage 1
+    # The transformers LLaVA naming, stored as a tensors-only .bin, is read too.
+    hf = {"multi_modal_projector.linear_1.weight": llava["model.mm_projector.0.weight"],
+          "multi_modal_projector.linear_1.bias": llava["model.mm_projector.0.bias"],
+          "multi_modal_projector.linear_2.weight": llava["model.mm_projector.2.weight"],
+          "multi_modal_projector.linear_2.bias": llava["model.mm_projector.2.bias"]}
+    torch.save(hf, tmp_path / "hf.bin")
+    other = new_model(cfg, tokenizer, projector_weights=str(tmp_path / "hf.bin"))
+    assert torch.equal(other.projector[0].bias, llava["model.mm_projector.0.bias"])
+    save_file({k: v[:3] for k, v in llava.items()}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="wrong.safetensors: projector weights do not fit"):
+        new_model(cfg, tokenizer, projector_weights=str(tmp_path / "wrong.safetensors"))
+
+
+def test_processor_reproduces_training_input(cfg, tokenizer, records, batch, tmp_path):
+    from geopix.model.processor import GeoPixProcessor
+
+    saved = new_model(cfg, tokenizer).save(tmp_path / "m", tokenizer)
+    processor = GeoPixProcessor.from_pretrained(saved / "processor")
+    pixels = processor([r["image"] for r in records])
+    assert torch.allclose(pixels, batch["pixel_values"], atol=1e-6)
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        processor([torch.zeros(4, 4).numpy()])
+
+
+def test_model_directory_round_trip_through_s3(stack, cfg, tokenizer, batch, tmp_path):
+    from geopix.storage import StorageError, upload_directory
+
+    model = new_model(cfg, tokenizer).eval()
+    local = model.save(tmp_path / "m", tokenizer)
+    uri = upload_directory(local, "s3://geopix-checkpoints/tests/model-roundtrip")
+    loaded = GeoPixModel.load(uri).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).mask_logits, loaded(**batch).mask_logits)
+    # A prefix whose upload never finished (no _SUCCESS) is refused by name.
+    from geopix.storage import s3_filesystem
+
+    s3_filesystem().put_file(str(local / "geopix_config.json"), "s3://geopix-checkpoints/tests/half/geopix_config.json")
+    with pytest.raises(StorageError, match="half: no _SUCCESS marker"):
+        GeoPixModel.load("s3://geopix-checkpoints/tests/half")
+
+
+def test_chat_command_writes_answer_and_overlay(fitted, records, tokenizer, tmp_path):
+    """`geopix chat` on a saved (fitted) model: the answer, one mask line per seg run, a PNG overlay."""
+    import json
+    import subprocess
+
+    from PIL import Image
+
+    from tests.conftest import geopix_cli
+
+    model = fitted[0]
+    model.class_names = [f"kind-{k}" for k in range(model.cfg.num_classes)]
+    saved = model.save(tmp_path / "fitted", tokenizer)
+    record = records[3]  # two targets
+    (tmp_path / "chip.png").write_bytes(record["image"])
+    instruction = record["conversation"][0]["text"].split("\n", 1)[1]
+    result = subprocess.run(
+        [*geopix_cli(), "chat", "--model", str(saved), "--image", str(tmp_path / "chip.png"),
+         "--instruction", instruction, "--out", str(tmp_path / "overlay.png"),
+         "--answer-json", str(tmp_path / "answer.json")],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "answer.json").read_text())
+    assert summary["answer"] == record["conversation"][1]["text"]
+    assert len(summary["masks"]) == 2 and all(m["class"].startswith("kind-") for m in summary["masks"])
+    assert result.stdout.count("mask ") == 2
+    with Image.open(tmp_path / "overlay.png") as overlay:
+        assert overlay.width > 300 and overlay.height > 300
+    missing = subprocess.run(
+        [*geopix_cli(), "chat", "--model", str(tmp_path / "nothing"), "--image", str(tmp_path / "chip.png"),
+         "--instruction", "x"], check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode == 2 and "nothing: no such file or directory" in missing.stderr
+
+
+def test_seg_run_outside_the_sequence_is_named(cfg, tokenizer, batch):
+    model = new_model(cfg, tokenizer).eval()
+    bad = dict(batch, seg_positions=batch["seg_positions"].clone())
+    bad["seg_positions"][0] = batch["input_ids"].shape[1] - 2  # a 6-token run cannot start there
+    with pytest.raises(ValueError, match="does not fit in"), torch.no_grad():
+        model(**bad)

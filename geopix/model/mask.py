@@ -45,11 +45,18 @@ class ClassMemory(nn.Module):
     The class comes from a distribution ``class_probs [T, C]`` (the class head's own prediction),
     so the read is a soft mixture of class memories, never a hard-coded index. α starts at 0, so a
     fresh memory is the identity and only enters through learning.
+
+    The slots read are ``M = learned + ema``: ``learned`` is a parameter (the gradient write);
+    ``ema`` is a buffer holding the optional EMA write. Keeping the EMA part out of the parameter
+    matters under DeepSpeed/mixed precision: the optimizer owns fp32 master copies of parameters and
+    would overwrite an in-place write at its next step; a buffer is left alone and is averaged over
+    data-parallel ranks by :meth:`sync_ema`.
     """
 
     def __init__(self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int):
         super().__init__()
-        self.memory = nn.Parameter(torch.randn(num_classes, num_scales, slots, mem_dim) * 0.02)
+        self.learned = nn.Parameter(torch.randn(num_classes, num_scales, slots, mem_dim) * 0.02)
+        self.register_buffer("ema", torch.zeros(num_classes, num_scales, slots, mem_dim))
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.ModuleList(
             nn.MultiheadAttention(dim, heads, kdim=mem_dim, vdim=mem_dim, batch_first=True)
@@ -57,14 +64,20 @@ class ClassMemory(nn.Module):
         )
         self.gate = nn.Parameter(torch.zeros(num_scales))  # α per scale
 
+    @property
+    def slots(self) -> torch.Tensor:
+        """The memory as read: ``[C, scales, K, d]``."""
+        return self.learned + self.ema
+
     def forward(self, feats: torch.Tensor, class_probs: torch.Tensor, scale: int) -> torch.Tensor:
         """feats [T, D, g, g] → same shape, ``feats + tanh(α_s) · attn(feats, mixed slots)``."""
         t, d, h, w = feats.shape
-        slots = torch.einsum("tc,ckm->tkm", class_probs.to(feats.dtype), self.memory[:, scale])
+        memory = (self.learned[:, scale] + self.ema[:, scale]).to(feats.dtype)
+        slots = torch.einsum("tc,ckm->tkm", class_probs.to(feats.dtype), memory)
         queries = self.norm(feats.flatten(2).transpose(1, 2))
         read, _ = self.attn[scale](queries, slots, slots, need_weights=False)
         read = read.transpose(1, 2).reshape(t, d, h, w)
-        return feats + torch.tanh(self.gate[scale]) * read
+        return feats + torch.tanh(self.gate[scale]).to(feats.dtype) * read
 
     @torch.no_grad()
     def ema_write(
@@ -73,14 +86,25 @@ class ClassMemory(nn.Module):
         """Move every slot of each target's class towards its masked-pooled feature (EMA).
 
         feats [T, D, g, g] (D == memory dim), masks [T, S, S] in {0, 1}. Targets whose mask is empty
-        at this grid are skipped. Under data parallelism each rank writes its own batch (not synced).
+        at this grid are skipped. Written into ``ema`` so that ``M = learned + ema`` follows
+        ``M ← m·M + (1−m)·f`` exactly while ``learned`` keeps training by gradient.
         """
         small = F.adaptive_avg_pool2d(masks[:, None].to(feats.dtype), feats.shape[-2:])
         area = small.flatten(1).sum(1)
         pooled = (feats * small).flatten(2).sum(2) / area.clamp_min(1e-6)[:, None]
-        for vec, cls, a in zip(pooled, class_ids.tolist(), area.tolist(), strict=True):
+        for vec, cls, a in zip(pooled.float(), class_ids.tolist(), area.tolist(), strict=True):
             if a > 0:
-                self.memory[cls, scale].mul_(momentum).add_((1 - momentum) * vec)
+                target = vec - self.learned[cls, scale].float()
+                self.ema[cls, scale].mul_(momentum).add_((1 - momentum) * target)
+
+    @torch.no_grad()
+    def sync_ema(self) -> None:
+        """Average the EMA buffer over data-parallel ranks (a collective: call it on every rank)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.ema, op=dist.ReduceOp.SUM)
+            self.ema.div_(dist.get_world_size())
 
 
 def coord_channels(size: int, batch: int, like: torch.Tensor) -> torch.Tensor:

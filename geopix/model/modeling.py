@@ -7,6 +7,7 @@ Built from :class:`~geopix.config.ModelConfig` only (no hub calls). Consumes the
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from geopix.config import ModelConfig
 from geopix.data.loader import IGNORE_INDEX
@@ -22,10 +23,12 @@ from geopix.data.schema import IMAGE_TOKEN
 from geopix.data.tokenizer import seg_tokens
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.vision import build_vision_encoder
+from geopix.storage import local_copy
 
 LOSS_WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "class": 1.0}
 LORA_TARGETS = ("q_proj", "v_proj")
-WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_DIR = "model.safetensors", "geopix_config.json", "tokenizer"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "geopix_config.json"
+TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
 
 
 @dataclass
@@ -70,8 +73,12 @@ class GeoPixModel(nn.Module):
         image_token_id: int,
         seg_token_ids: list[int],
         pad_token_id: int = 0,
-        pretrained_vision: bool = True,
+        pretrained: bool = True,
+        llm_config: dict[str, Any] | None = None,
+        vision_config: dict[str, Any] | None = None,
     ):
+        """``pretrained``: read the weights the config names (vision, LLM, projector). ``load`` passes
+        False plus the saved ``llm_config``/``vision_config``, since its file holds every weight."""
         super().__init__()
         if cfg.memory_ema_momentum > 0 and cfg.memory_dim != cfg.decoder_dim:
             raise ValueError(
@@ -83,9 +90,11 @@ class GeoPixModel(nn.Module):
             list(seg_token_ids),
             pad_token_id,
         )
-        self.vision = build_vision_encoder(cfg, pretrained=pretrained_vision)
-        if cfg.llm_weights:  # a real LLM from a local directory, then grown to the tokenizer
-            self.llm = LlamaForCausalLM.from_pretrained(cfg.llm_weights, local_files_only=True)
+        self.vision = build_vision_encoder(cfg, pretrained=pretrained, config=vision_config)
+        if llm_config is not None:  # load(): the saved architecture, weights from our own file
+            self.llm = LlamaForCausalLM(LlamaConfig(**llm_config))
+        elif cfg.llm_weights and pretrained:  # a real LLM, then grown to the tokenizer
+            self.llm = LlamaForCausalLM.from_pretrained(local_copy(cfg.llm_weights), local_files_only=True)
             self.llm.resize_token_embeddings(vocab_size)
         else:
             self.llm = LlamaForCausalLM(llama_config(cfg, vocab_size))
@@ -105,10 +114,23 @@ class GeoPixModel(nn.Module):
             memory_dim=cfg.memory_dim,
         )
         self.class_head = nn.Linear(cfg.decoder_dim * cfg.num_scales, cfg.num_classes)
-        # No loader for LLaVA projector weights yet: a random projector must train in stage 1.
-        self.projector_pretrained = False
+        self.projector_pretrained = bool(cfg.projector_weights)
+        if cfg.projector_weights and pretrained:
+            load_projector_weights(self.projector, cfg.projector_weights)
         self.stage: int = 0  # 0 = everything trainable (set_stage picks a policy)
         self.lora = False
+        self.trainable_token_ids: list[int] = []  # rows trained through peft TrainableTokens
+        # Names of the class head's classes (the training data's catalog); saved with the model.
+        self.class_names: list[str] = [f"class_{k}" for k in range(cfg.num_classes)]
+
+    @property
+    def new_token_ids(self) -> list[int]:
+        """The rows GeoPix adds to a tokenizer: ``<image>`` and the seg tokens."""
+        return sorted({self.image_token_id, *self.seg_token_ids})
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.config.vocab_size
 
     # ------------------------------------------------------------------ image token expansion
     def embed_multimodal(
@@ -204,19 +226,48 @@ class GeoPixModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits [T, S, S] and class logits [T, C] from the hidden states of each seg run."""
         run = len(self.seg_token_ids)
+        if len(positions) and int(positions.max()) + run > hidden.shape[1]:
+            raise ValueError(
+                f"a seg run starting at {int(positions.max())} does not fit in {hidden.shape[1]} positions"
+            )
         index = positions[:, None] + torch.arange(run, device=positions.device)  # [T, run]
         seg_hidden = hidden[target_sample[:, None], index]  # [T, run, H]
+        return self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi, ema_targets)
+
+    def masks_from_seg_hidden(
+        self,
+        seg_hidden: torch.Tensor,
+        target_sample: torch.Tensor,
+        feat_lo: torch.Tensor,
+        feat_hi: torch.Tensor,
+        ema_targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, run, H] final-norm hidden states of seg runs → (mask logits [T, S, S], class logits)."""
         _, pooled = self.seg_projection(seg_hidden)
         # The class loss's gradient is kept out of the prompt (GEOPIX.md §1: it collapsed size ranks),
         # and the memory reads with the head's own soft prediction, in training as at inference.
         class_logits = self.class_head(pooled.flatten(1).detach())
-        class_probs = class_logits.softmax(-1).detach()
+        class_probs = class_logits.float().softmax(-1).detach()
         masks, _ = self.mask_predictor(
             feat_lo, feat_hi, pooled, target_sample, class_probs, self.cfg.image_size, ema_targets
         )
         return masks, class_logits
 
+    def sync_memory(self) -> None:
+        """Average the memory's EMA part over data-parallel ranks. A collective: the training loop
+        calls it on every rank after each step when ``memory_ema_momentum > 0``."""
+        if self.mask_predictor.memory is not None:
+            self.mask_predictor.memory.sync_ema()
+
     # ------------------------------------------------------------------------------ inference
+    def prompt_ids(self, instruction: str, tokenizer: Any) -> list[int]:
+        """Token ids of one user turn up to where the answer starts (``<image>`` added when missing)."""
+        from geopix.data.tokenizer import prompt_text
+
+        text = instruction if IMAGE_TOKEN in instruction else f"{IMAGE_TOKEN}\n{instruction}"
+        ids = tokenizer.encode(prompt_text(text), add_special_tokens=False)
+        return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
     @torch.no_grad()
     def chat(
         self,
@@ -227,50 +278,102 @@ class GeoPixModel(nn.Module):
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
+        top_p: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> list[ChatAnswer]:
-        """Answer one instruction per image (``<image>`` is prepended when missing): text, one mask
-        per complete seg run, and the class head's distribution per run.
+        """Answer one instruction per image: text, one mask per complete seg run, and the class
+        head's distribution per run.
 
-        First version: samples are decoded one after another and every step recomputes the whole
-        sequence (no KV cache); fine for the tiny preset, not for 7B.
+        The batch is decoded together: prompts are left-padded, the LLM keeps a KV cache, and the
+        final-norm hidden state of every generated token is kept, so the seg runs' masks need no
+        second pass through the LLM. Greedy by default; ``do_sample`` draws with ``temperature``
+        and nucleus ``top_p``.
         """
-        from geopix.data.tokenizer import prompt_text
-
+        if len(instructions) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images but {len(instructions)} instructions")
         was_training = self.training
         self.eval()
-        answers = []
-        for i, instruction in enumerate(instructions):
-            text = instruction if IMAGE_TOKEN in instruction else f"{IMAGE_TOKEN}\n{instruction}"
-            ids = tokenizer.encode(prompt_text(text), add_special_tokens=False)
-            if tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id, *ids]
-            prompt_len = len(ids)
-            image = pixel_values[i : i + 1]
-            for _ in range(max_new_tokens):
-                input_ids = torch.tensor([ids], device=image.device)
-                logits = self(image, input_ids, torch.ones_like(input_ids)).logits[0, -1].float()
-                if do_sample:
-                    probs = (logits / max(temperature, 1e-5)).softmax(-1)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
-                else:
-                    token = int(logits.argmax())
-                ids.append(token)
-                if token == tokenizer.eos_token_id:
-                    break
-            answers.append(self.segment_answer(image, ids, prompt_len, tokenizer))
+        device = pixel_values.device
+        prompts = [self.prompt_ids(text, tokenizer) for text in instructions]
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(prompts):  # left padding: every row's last prompt token is at −1
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, device=device)
+            attention[i, width - len(ids) :] = 1
+        embeds, attention, _, _, (feat_lo, feat_hi) = self.embed_multimodal(
+            pixel_values.to(self.projector[0].weight.dtype), input_ids, attention, None
+        )
+        positions = (attention.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.llm.config)
+        out = self.llm.model(
+            inputs_embeds=embeds, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+        )
+        next_position = positions[:, -1:] + 1
+        logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()
+        eos = tokenizer.eos_token_id
+        tokens: list[list[int]] = [[] for _ in prompts]
+        hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            token = sample_next(logits, do_sample, temperature, top_p, generator)
+            token = token.masked_fill(finished, self.pad_token_id)
+            for i in (~finished).nonzero()[:, 0].tolist():
+                tokens[i].append(int(token[i]))
+            finished |= token == eos
+            if bool(finished.all()):
+                break
+            # Feed the new token: its hidden state (for seg runs) and the next logits.
+            attention = torch.cat([attention, (~finished).long()[:, None]], 1)
+            out = self.llm.model(
+                inputs_embeds=self.llm.get_input_embeddings()(token[:, None]),
+                attention_mask=attention,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+            for i in (~finished).nonzero()[:, 0].tolist():
+                hidden[i].append(out.last_hidden_state[i, -1])
+            logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()
+        answers = [
+            self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer) for i in range(len(prompts))
+        ]
         self.train(was_training)
         return answers
+
+    def _answer(
+        self,
+        sample: int,
+        tokens: list[int],
+        hidden: list[torch.Tensor],
+        feat_lo: torch.Tensor,
+        feat_hi: torch.Tensor,
+        tokenizer: Any,
+    ) -> ChatAnswer:
+        """Text and one mask per complete seg run of one generated answer."""
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        text = text.replace(tokenizer.eos_token or "\0", "").strip()
+        starts = seg_run_starts(tokens, self.seg_token_ids)
+        size, run = self.cfg.image_size, len(self.seg_token_ids)
+        if not starts:
+            empty = torch.zeros(0, size, size, dtype=torch.bool)
+            return ChatAnswer(text, empty, torch.zeros(0, self.cfg.num_classes))
+        seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
+        target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
+        masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
+        return ChatAnswer(text, masks.float().sigmoid().cpu() > 0.5, class_logits.float().softmax(-1).cpu())
 
     @torch.no_grad()
     def segment_answer(
         self, image: torch.Tensor, ids: list[int], prompt_len: int, tokenizer: Any
     ) -> ChatAnswer:
-        """Masks and class distributions for the complete seg runs of ``ids[prompt_len:]``."""
+        """Masks and class distributions for the complete seg runs of a given answer ``ids[prompt_len:]``
+        (teacher-forced: one pass over the whole sequence)."""
         run = self.seg_token_ids
-        starts = [p for p in range(prompt_len, len(ids) - len(run) + 1) if ids[p : p + len(run)] == run]
+        starts = [prompt_len + p for p in seg_run_starts(ids[prompt_len:], run)]
         text = tokenizer.decode(ids[prompt_len:], skip_special_tokens=False)
-        text = text.replace(tokenizer.eos_token or "", "").strip()
+        text = text.replace(tokenizer.eos_token or "\0", "").strip()
         size = self.cfg.image_size
         if not starts:
             empty = torch.zeros(0, size, size, dtype=torch.bool)
@@ -283,68 +386,93 @@ class GeoPixModel(nn.Module):
             seg_positions=torch.tensor(starts, device=image.device),
             target_sample=torch.zeros(len(starts), dtype=torch.long, device=image.device),
         )
-        return ChatAnswer(text, out.mask_logits.sigmoid().cpu() > 0.5, out.class_logits.softmax(-1).cpu())
+        probs = out.class_logits.float().softmax(-1).cpu()
+        return ChatAnswer(text, out.mask_logits.float().sigmoid().cpu() > 0.5, probs)
 
     # ------------------------------------------------------------------------- stage policies
     def set_stage(self, stage: Literal[1, 2]) -> None:
         """Trainable parameters of a training stage (GEOPIX.md §2, our design).
 
-        Stage 1: vision and LLM frozen except the token embeddings and output rows; the projector is
-        frozen only when it was loaded pretrained. An LLM with random weights (tiny) trains whole.
-        Stage 2: LoRA (r 8, α 16, q/v) on a frozen LLM + embeddings/output rows, projector, seg
-        projection, mask predictor, memory and class head.
+        Stage 1: vision and LLM frozen except the rows of the tokens GeoPix adds (embedding and
+        output); the projector is frozen only when it was loaded pretrained. An LLM with random
+        weights (tiny) trains whole. Stage 2: LoRA (q/v) on a frozen LLM + the new token rows,
+        projector, seg projection, mask predictor, memory and class head.
+        With a pretrained LLM, "the new rows" are peft ``TrainableTokens`` deltas of just those rows
+        (``new_token_rows_only``, default); otherwise the whole embedding and output matrices train.
         """
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
         random_llm = not self.cfg.llm_weights
         if stage == 2 and not self.lora:
-            add_lora(self)
+            add_lora(self, self.cfg.lora_rank, self.cfg.lora_alpha)
+        rows_only = not random_llm and self.cfg.new_token_rows_only
+        if rows_only and not self.trainable_token_ids:
+            add_trainable_tokens(self, self.new_token_ids)
         self.requires_grad_(False)
         for module in (self.seg_projection, self.mask_predictor, self.class_head):
             module.requires_grad_(True)
-        self.llm.get_input_embeddings().requires_grad_(True)
-        self.llm.get_output_embeddings().requires_grad_(True)
+        for name, param in self.llm.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.requires_grad_(True)
+        if not rows_only:
+            self.llm.get_input_embeddings().requires_grad_(True)
+            self.llm.get_output_embeddings().requires_grad_(True)
         if stage == 1:
             self.projector.requires_grad_(random_llm or not self.projector_pretrained)
             if random_llm:
                 self.llm.requires_grad_(True)
-        elif stage == 2:
+        else:
             self.projector.requires_grad_(True)
             for name, param in self.llm.named_parameters():
                 if "lora_" in name:
                     param.requires_grad_(True)
-        else:
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.vision.requires_grad_(False)
         self.stage = stage
 
     # ---------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """A directory with ``model.safetensors``, ``geopix_config.json`` and ``tokenizer/``; no pickle."""
+        """A self-contained directory: ``model.safetensors`` (every weight, adapters included),
+        ``geopix_config.json`` (our config + the LLM's and vision encoder's architecture),
+        ``tokenizer/`` and ``processor/``. No pickle; loading needs none of the original weight paths."""
         from safetensors.torch import save_model
+
+        from geopix.model.processor import GeoPixProcessor
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / WEIGHTS_FILE))
+        clip = getattr(self.vision, "clip", None)
         meta = {
+            "format_version": 1,
             "model": self.cfg.model_dump(mode="json"),
-            "vocab_size": self.llm.get_input_embeddings().num_embeddings,
+            "vocab_size": self.vocab_size,
             "image_token_id": self.image_token_id,
             "seg_token_ids": self.seg_token_ids,
             "pad_token_id": self.pad_token_id,
             "lora": self.lora,
+            "trainable_token_ids": self.trainable_token_ids,
             "stage": self.stage,
+            "class_names": self.class_names,
+            "llm_config": self.llm.config.to_diff_dict(),
+            "vision_config": clip.config.to_diff_dict() if clip is not None else None,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        GeoPixProcessor.for_model(self).save_pretrained(directory / PROCESSOR_DIR)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> GeoPixModel:
-        """Inverse of :meth:`save` (JSON + safetensors only)."""
+    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> GeoPixModel:
+        """Inverse of :meth:`save` (JSON + safetensors only). ``directory`` may be an s3:// prefix
+        (downloaded once into the cache; it must carry the ``_SUCCESS`` marker of a finished upload)."""
         from safetensors.torch import load_model
 
-        directory = Path(directory)
-        meta = json.loads((directory / CONFIG_FILE).read_text())
+        directory = local_copy(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.exists():
+            raise FileNotFoundError(f"{directory}: not a GeoPix model directory (no {CONFIG_FILE})")
+        meta = json.loads(config_path.read_text())
         cfg = ModelConfig.model_validate(meta["model"])
         model = cls(
             cfg,
@@ -352,13 +480,32 @@ class GeoPixModel(nn.Module):
             image_token_id=meta["image_token_id"],
             seg_token_ids=meta["seg_token_ids"],
             pad_token_id=meta["pad_token_id"],
-            pretrained_vision=False,  # every weight comes from the file
+            pretrained=False,  # every weight comes from the file
+            llm_config=meta.get("llm_config"),
+            vision_config=meta.get("vision_config"),
         )
         if meta["lora"]:
-            add_lora(model)
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        if meta.get("trainable_token_ids"):
+            add_trainable_tokens(model, meta["trainable_token_ids"])
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device or "cpu"))
         model.stage = meta["stage"]
+        model.class_names = meta.get("class_names", model.class_names)
         return model
+
+    @classmethod
+    def load_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> tuple[GeoPixModel, Any, Any]:
+        """(model in eval mode on ``device``, tokenizer, processor) from a saved directory or S3 prefix."""
+        from transformers import AutoTokenizer
+
+        from geopix.model.processor import GeoPixProcessor
+
+        local = local_copy(directory)
+        model = cls.load(local, device=device).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(local / TOKENIZER_DIR), local_files_only=True)
+        return model, tokenizer, GeoPixProcessor.from_pretrained(local / PROCESSOR_DIR)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -376,8 +523,87 @@ def add_lora(model: GeoPixModel, r: int = 8, alpha: int = 16) -> None:
     """LoRA adapters (peft) injected in place into the LLM's q/v projections."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS)), model.llm)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LORA_TARGETS))
+    with warnings.catch_warnings():  # peft warns when a second adapter kind joins the model; intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model.llm)
     model.lora = True
+
+
+def add_trainable_tokens(model: GeoPixModel, token_ids: list[int]) -> None:
+    """peft ``TrainableTokens`` on the embedding and output layers: only ``token_ids``' rows train
+    (a small delta per layer), the pretrained matrices stay frozen and out of the optimizer."""
+    from peft import TrainableTokensConfig, inject_adapter_in_model
+
+    config = TrainableTokensConfig(token_indices=list(token_ids), target_modules=["embed_tokens", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model.llm, adapter_name="geopix_tokens")
+    model.trainable_token_ids = list(token_ids)
+
+
+def seg_run_starts(tokens: list[int], run: list[int]) -> list[int]:
+    """Start indices of the complete, non-overlapping seg runs in ``tokens``."""
+    starts, p = [], 0
+    while p <= len(tokens) - len(run):
+        if tokens[p : p + len(run)] == run:
+            starts.append(p)
+            p += len(run)
+        else:
+            p += 1
+    return starts
+
+
+def sample_next(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row of ``logits [B, V]``: argmax, or a draw with temperature and nucleus top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = (logits / max(temperature, 1e-5)).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def load_projector_weights(projector: nn.Sequential, path: str) -> None:
+    """LLaVA's 2-layer projector weights into ``projector`` (Linear → GELU → Linear).
+
+    Accepts a ``.safetensors`` file, a ``mm_projector.bin`` (read with ``weights_only=True``: tensors
+    only, never arbitrary objects) or a directory holding one. Key forms understood: LLaVA's
+    ``model.mm_projector.{0,2}.*`` and transformers' ``multi_modal_projector.linear_{1,2}.*``.
+    """
+    file = local_copy(path)
+    if file.is_dir():
+        candidates = [file / n for n in ("mm_projector.safetensors", "model.safetensors", "mm_projector.bin")]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no mm_projector.safetensors / model.safetensors / mm_projector.bin")
+        file = found[0]
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    names = {"0": ("mm_projector.0.", "multi_modal_projector.linear_1."),
+             "2": ("mm_projector.2.", "multi_modal_projector.linear_2.")}
+    picked = {}
+    for index, prefixes in names.items():
+        for key, value in state.items():
+            for prefix in prefixes:
+                if prefix in key:
+                    picked[f"{index}.{key.split(prefix, 1)[1]}"] = value
+    missing = set(projector.state_dict()) - set(picked)
+    if missing:
+        raise ValueError(f"{path}: projector weights lack {sorted(missing)} (keys seen: {sorted(state)[:6]}…)")
+    try:
+        projector.load_state_dict(picked, strict=True)
+    except RuntimeError as error:  # shape mismatch: say which sizes were expected
+        raise ValueError(f"{path}: projector weights do not fit this model: {error}") from None
 
 
 def add_geopix_tokens(tokenizer: Any, cfg: ModelConfig) -> None:
@@ -391,7 +617,7 @@ def add_geopix_tokens(tokenizer: Any, cfg: ModelConfig) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, pretrained_vision: bool = True) -> GeoPixModel:
+def build_model(cfg: ModelConfig, tokenizer: Any, pretrained: bool = True) -> GeoPixModel:
     """A GeoPix model for ``tokenizer`` (tokens added and embeddings sized to it)."""
     add_geopix_tokens(tokenizer, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -403,7 +629,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, pretrained_vision: bool = True
             tokenizer.convert_tokens_to_ids(t) for t in seg_tokens(cfg.seg_token_num, cfg.num_scales)
         ],
         pad_token_id=pad,
-        pretrained_vision=pretrained_vision,
+        pretrained=pretrained,
     )
 
 

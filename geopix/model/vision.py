@@ -19,6 +19,10 @@ import torch
 from torch import nn
 
 from geopix.config import ModelConfig
+from geopix.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from geopix.storage import local_copy
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @runtime_checkable
@@ -28,6 +32,8 @@ class VisionEncoder(Protocol):
     lo_channels: int
     hi_channels: int
     token_dim: int
+    image_mean: tuple[float, float, float]  # the normalisation its weights expect (RGB in [0, 1])
+    image_std: tuple[float, float, float]
 
     def num_tokens(self, image_size: int) -> int: ...
 
@@ -52,6 +58,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
 
     LO_BLOCK, HI_BLOCK = 10, 15  # last MBConv block at stride 16 and at stride 32
     lo_channels, hi_channels, token_dim = 112, 320, 320
+    image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
 
     def __init__(self, pretrained: bool = True, weights_path: str | None = None):
         super().__init__()
@@ -59,9 +66,8 @@ class EfficientNetLite0Encoder(FrozenEncoder):
 
         net = EfficientNet.from_name("efficientnet-lite0")
         if pretrained and not _is_meta():
-            net.load_state_dict(
-                torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
-            )
+            path = local_copy(weights_path) if weights_path else lite0_weights_path()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # Only the stem and the blocks are used; the 1280-ch head and the classifier are dropped.
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: self.HI_BLOCK + 1])
@@ -93,18 +99,26 @@ class ClipEncoder(FrozenEncoder):
     """``transformers.CLIPVisionModel`` (full preset): hidden layers −2 and −11 on the patch grid.
 
     Built from a ``CLIPVisionConfig`` of ViT-L/14 sizes; real weights are read from
-    ``ModelConfig.vision_weights`` (a local directory, ``local_files_only``), otherwise the weights
-    are random (useful for tests and for counting parameters on the meta device).
+    ``ModelConfig.vision_weights`` (a local directory or S3 prefix, ``local_files_only``), otherwise
+    the weights are random (useful for tests and for counting parameters on the meta device).
+    ``config`` (a saved ``CLIPVisionConfig`` dict) rebuilds the architecture without reading weights.
     """
 
     LO_LAYER, HI_LAYER = -11, -2
+    image_mean, image_std = CLIP_MEAN, CLIP_STD
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, pretrained: bool = True, config: dict | None = None):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        if cfg.vision_weights:
-            self.clip = CLIPVisionModel.from_pretrained(cfg.vision_weights, local_files_only=True)
+        if config is not None:
+            self.clip = CLIPVisionModel(CLIPVisionConfig(**config))
+        elif cfg.vision_weights and pretrained:
+            path = local_copy(cfg.vision_weights)
+            self.clip = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        elif cfg.vision_weights:
+            path = local_copy(cfg.vision_weights)
+            self.clip = CLIPVisionModel(CLIPVisionConfig.from_pretrained(path, local_files_only=True))
         else:
             config = CLIPVisionConfig(
                 hidden_size=1024,
@@ -138,10 +152,11 @@ def _is_meta() -> bool:
     return torch.empty(0).device.type == "meta"
 
 
-def build_vision_encoder(cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-    """The encoder named by ``cfg.vision_encoder``; never a hub call."""
+def build_vision_encoder(cfg: ModelConfig, pretrained: bool = True, config: dict | None = None) -> nn.Module:
+    """The encoder named by ``cfg.vision_encoder``; never a hub call. ``pretrained=False`` skips
+    reading weights (a saved GeoPix model brings them all); ``config`` is a saved encoder config."""
     if cfg.vision_encoder == "efficientnet_lite0":
         return EfficientNetLite0Encoder(pretrained=pretrained, weights_path=cfg.vision_weights)
     if cfg.vision_encoder == "clip":
-        return ClipEncoder(cfg)
+        return ClipEncoder(cfg, pretrained=pretrained, config=config)
     raise ValueError(f"unknown vision encoder {cfg.vision_encoder!r}")
