@@ -293,7 +293,11 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     except FileNotFoundError:
         objects = {}
     bucket_prefix = uri.removeprefix("s3://")
-    objects = {k: v for k, v in objects.items() if k.startswith(bucket_prefix + "/")}
+    objects = {
+        k: v
+        for k, v in objects.items()
+        if k.startswith(bucket_prefix + "/") and v.get("type") != "directory" and not k.endswith("/")
+    }
     if not objects:
         raise StorageError(f"{uri}: no objects under this prefix")
     if f"{bucket_prefix}/{SUCCESS_MARKER}" not in objects:

@@ -18,6 +18,8 @@ from torch import nn
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
+from geopix.model.layers import Float32BatchNorm2d
+
 PRIOR_SIZE = 8  # the coarse spatial prior's grid (GEOPIX.md §1)
 
 
@@ -121,10 +123,10 @@ class ImageNeck(nn.Module):
         super().__init__()
         self.grid = grid
         self.conv1 = nn.Sequential(
-            nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU()
+            nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), Float32BatchNorm2d(dim), nn.ReLU()
         )
         self.conv2 = nn.Sequential(
-            nn.Conv2d(dim + 2, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim), nn.ReLU()
+            nn.Conv2d(dim + 2, dim, 3, padding=1, bias=False), Float32BatchNorm2d(dim), nn.ReLU()
         )
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:

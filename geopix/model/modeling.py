@@ -434,13 +434,16 @@ class GeoPixModel(nn.Module):
         """A self-contained directory: ``model.safetensors`` (every weight, adapters included),
         ``geopix_config.json`` (our config + the LLM's and vision encoder's architecture),
         ``tokenizer/`` and ``processor/``. No pickle; loading needs none of the original weight paths."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         from geopix.model.processor import GeoPixProcessor
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / WEIGHTS_FILE))
+        # Cloned: under DeepSpeed every parameter is a view into one flat buffer, which safetensors
+        # refuses to write as is.
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         clip = getattr(self.vision, "clip", None)
         meta = {
             "format_version": 1,
@@ -466,7 +469,7 @@ class GeoPixModel(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> GeoPixModel:
         """Inverse of :meth:`save` (JSON + safetensors only). ``directory`` may be an s3:// prefix
         (downloaded once into the cache; it must carry the ``_SUCCESS`` marker of a finished upload)."""
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         directory = local_copy(directory)
         config_path = directory / CONFIG_FILE
@@ -488,7 +491,7 @@ class GeoPixModel(nn.Module):
             add_lora(model, cfg.lora_rank, cfg.lora_alpha)
         if meta.get("trainable_token_ids"):
             add_trainable_tokens(model, meta["trainable_token_ids"])
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device or "cpu"))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device or "cpu")), strict=True)
         model.stage = meta["stage"]
         model.class_names = meta.get("class_names", model.class_names)
         return model

@@ -20,6 +20,7 @@ from torch import nn
 
 from geopix.config import ModelConfig
 from geopix.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from geopix.model.layers import use_float32_batchnorm
 from geopix.storage import local_copy
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -71,6 +72,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
         # Only the stem and the blocks are used; the 1280-ch head and the classifier are dropped.
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[: self.HI_BLOCK + 1])
+        use_float32_batchnorm(self)  # bf16 weights beside fp32 statistics under mixed precision
         self.requires_grad_(False)
         self.eval()
 
