@@ -189,6 +189,45 @@ def _run_id() -> str:
 
 
 @app.command()
+def train(
+    stage: Annotated[int, typer.Option(min=1, max=2, help="1 (pixel alignment) or 2 (instruction tuning).")],
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+    shards: Annotated[str | None, typer.Option(help="Shard set (default: data.shards_uri).")] = None,
+    init_model: Annotated[
+        str | None, typer.Option(help="Model directory to start from (stage 2: stage 1's model).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Run name: an existing one resumes from its last checkpoint.")
+    ] = None,
+    register: Annotated[bool, typer.Option(help="Register the model in MLflow (alias candidate).")] = True,
+) -> None:
+    """Train one stage with DeepSpeed ZeRO on Ray Train workers; prints where the model went."""
+    import ray
+
+    from geopix import storage, tracking
+    from geopix.data.loader import ShardError
+    from geopix.train.run import TrainError, train_stage
+
+    cfg = _load(config, overrides)
+    ray.init()
+    try:
+        tracking.configure(cfg.tracking)
+        result = train_stage(
+            cfg, stage, shards_uri=shards, init_model_uri=init_model, run_name=name, register=register
+        )
+    except (TrainError, ShardError, storage.StorageError) as error:
+        fail(str(error))
+    typer.echo(
+        f"stage {stage}: {result.steps} steps in {result.seconds:.0f} s, run {result.run_name}"
+        + (f" (resumed at step {result.resumed_from_step})" if result.resumed_from_step else "")
+    )
+    typer.echo(f"model: {result.model_uri}")
+    if result.model_version:
+        typer.echo(f"registered: {cfg.train.registered_model} version {result.model_version} (alias candidate)")
+
+
+@app.command()
 def chat(
     model: Annotated[str, typer.Option(help="A saved GeoPix model directory (local or s3://).")],
     image: Annotated[str, typer.Option(help="The image (PNG/JPEG/TIFF; local or s3://).")],

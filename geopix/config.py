@@ -141,6 +141,17 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(16, ge=1)
 
 
+class StageConfig(_Section):
+    """One training stage's schedule and data (GEOPIX.md §2)."""
+
+    max_steps: int = Field(300, ge=1)  # optimizer steps
+    lr: float = Field(1e-3, gt=0)  # peak; linear warm-up, then cosine decay to min_lr_ratio · lr
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    # Record tasks this stage trains on (None = all): stage 1 aligns pixels on segmentation tasks.
+    tasks: list[str] | None = None
+
+
 class TrainConfig(_Section):
     """Distributed training settings (Ray Train workers under DeepSpeed ZeRO)."""
 
@@ -148,14 +159,34 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)  # per worker and micro-step; global = batch × workers × accum
     grad_accum_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(600, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    max_length: int | None = Field(256, ge=16)  # longer samples are dropped (counted), never cut
+    augment: bool = True
+    checkpoint_every: int = Field(100, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)  # worker-group restarts (each resumes from the last checkpoint)
     threads_per_worker: int = Field(1, ge=1)
+    tokenizer_vocab_size: int = Field(2000, ge=300)  # the tiny BPE trained on the train split
+    # Ray Train's storage (DeepSpeed checkpoints per run) and the consolidated models.
+    runs_uri: str = "s3://geopix-checkpoints/runs"
+    models_uri: str = "s3://geopix-checkpoints/models"
+    registered_model: str = "geopix"
+    # Fail at once when the cluster lacks the workers' CPUs/GPUs (off for autoscaling clusters).
+    require_resources_now: bool = True
+    overlay_samples: int = Field(4, ge=0)
+    stage1: StageConfig = Field(
+        default_factory=lambda: StageConfig(max_steps=300, lr=1e-3, tasks=["segment", "refer"])
+    )
+    stage2: StageConfig = Field(default_factory=lambda: StageConfig(max_steps=200, lr=5e-4))
+
+    def stage(self, number: int) -> StageConfig:
+        if number not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {number}")
+        return self.stage1 if number == 1 else self.stage2
 
 
 class GeoPixConfig(_Section):

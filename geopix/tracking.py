@@ -157,3 +157,29 @@ def step_run(
         if params:
             mlflow.log_params(flatten_params(params))
         yield run
+
+
+class MetricsWriter:
+    """Logs into an existing run by id from any process (a Ray Train worker has no active run)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def close(self) -> None:
+        """Nothing buffered: every call above is sent at once."""

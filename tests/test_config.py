@@ -15,8 +15,8 @@ def test_presets_load_with_their_sizes():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("tiny", ["train.lr=5e-4", "stack.ray_num_cpus=null", "model.memory_len=0"])
-    assert cfg.train.lr == pytest.approx(5e-4)
+    cfg = load_config("tiny", ["train.stage1.lr=5e-4", "stack.ray_num_cpus=null", "model.memory_len=0"])
+    assert cfg.train.stage1.lr == pytest.approx(5e-4)
     assert cfg.stack.ray_num_cpus is None
     assert cfg.model.memory_len == 0
 
@@ -33,11 +33,11 @@ def test_yaml_path_and_defaults(tmp_path):
     ("overrides", "expected"),
     [
         (["train.lrr=1"], "train.lrr: unknown key"),
-        (["train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["train.stage2.lr=fast"], "train.stage2.lr: Input should be a valid number"),
         (["train.zero_stage=3"], "train.zero_stage"),
         (["stack.s3_port=70000"], "stack.s3_port"),
         (["noequals"], "must look like section.key=value"),
-        (["train.lr.x=1"], "'lr' is a value, not a section"),
+        (["train.batch_size.x=1"], "'batch_size' is a value, not a section"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

@@ -602,9 +602,17 @@ def shard_dataset(shards_uri: str, split: str) -> ray.data.Dataset:
     Every shard's Parquet footer is read here, so a missing or unreadable shard fails now with
     its name instead of deep inside a streaming read on a worker.
     """
+    import ray.data
+
+    fs, files = check_shards(shards_uri, split)
+    return ray.data.read_parquet(files, filesystem=fs)
+
+
+def check_shards(shards_uri: str, split: str) -> tuple[Any, list[str]]:
+    """:func:`shard_files`, with every shard's Parquet footer read and its columns checked, so a
+    missing or unreadable shard fails at once with its name instead of deep inside a worker."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray.data
 
     fs, files = shard_files(shards_uri, split)
     for path in files:
@@ -615,7 +623,7 @@ def shard_dataset(shards_uri: str, split: str) -> ray.data.Dataset:
         missing = {"record_id", "image", "conversation", "targets"} - columns
         if missing:
             raise ShardError(f"shard {_uri_of(shards_uri, path)} lacks the columns {sorted(missing)}")
-    return ray.data.read_parquet(files, filesystem=fs)
+    return fs, files
 
 
 def _uri_of(shards_uri: str, path: str) -> str:

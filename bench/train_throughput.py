@@ -1,0 +1,206 @@
+"""Training benchmarks for issue 5, one run each, figures as ratios.
+
+1. Step throughput of Ray Train + DeepSpeed (ZeRO-2, 2 workers × 1 thread, 8 samples each) against a
+   plain single-process torch loop (1 process × 2 threads, 16 samples) on the same tiny model,
+   the same global batch and the same total thread count.
+2. Per-rank optimizer-state + gradient memory, ZeRO-2 against ZeRO-0, at 2 ranks (tensor
+   accounting inside each worker after a few steps).
+
+    eval "$(geopix stack env)"   # a running local stack (Ray with ≥ 2 CPUs)
+    .venv/bin/python bench/train_throughput.py [--steps 20] [--image-size 256]
+
+Records are synthetic chips made in memory (no S3), so the figures are the training step alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+WARMUP = 3
+
+
+def make_records(image_size: int, count: int) -> list[dict]:
+    from geopix.data.synth import chip_records, make_chip
+
+    records = []
+    index = 0
+    while len(records) < count:
+        records += [r for r in chip_records(make_chip("train", 0, index, image_size)) if r["targets"]]
+        index += 1
+    return records[:count]
+
+
+def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
+    from geopix.data.loader import iter_batches
+
+    mine = records[rank::world]
+    return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,
+                             max_length=None, augment=False, seed=0, drop_last=True))
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _flatten(values) -> list:
+    out = []
+    for value in values:
+        out += _flatten(value) if isinstance(value, (list, tuple)) else [value]
+    return out
+
+
+def gradient_bytes(engine) -> tuple[int, int]:
+    """(gradients this rank holds after backward, ZeRO's reduce bucket as allocated)."""
+    optimizer = engine.optimizer
+    grads = [p.grad for p in engine.module.parameters()]
+    grads += _flatten(getattr(optimizer, "averaged_gradients", {}).values())  # ZeRO: this rank's partition
+    bucket = _flatten(getattr(optimizer, "ipg_buffer", None) or [])
+    return tensor_bytes(grads), tensor_bytes(bucket)
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Adam moments plus, under ZeRO, the fp32 master partition this rank owns."""
+    import torch
+
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps torch's AdamW
+    state = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    masters = list(getattr(optimizer, "single_partition_of_fp32_groups", []))
+    return tensor_bytes(state) + tensor_bytes(masters)
+
+
+def worker(loop: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+
+    from geopix.config import GeoPixConfig, StageConfig
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+    from geopix.model import build_model
+    from geopix.train.loop import deepspeed_config, to_device
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = GeoPixConfig.model_validate(loop["config"])
+    records = make_records(cfg.model.image_size, loop["records"])
+    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer)
+    model.set_stage(1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    stage = StageConfig(max_steps=loop["steps"] + WARMUP, lr=1e-3, warmup_steps=2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg.train, stage, bf16=False))
+    batches = batches_for(records, tokenizer, cfg, cfg.train.batch_size, rank, world)
+    times = []
+    for i in range(loop["steps"] + WARMUP):
+        batch = to_device(batches[i % len(batches)], torch.device("cpu"), torch.float32)
+        started = time.perf_counter()
+        out = engine(**batch)
+        engine.backward(out.loss + 0.0 * sum(p.sum() for p in trainable))
+        if i == loop["steps"] + WARMUP - 1:  # the gradient peak: after backward, before the step
+            grads, bucket = gradient_bytes(engine)
+        engine.step()
+        times.append(time.perf_counter() - started)
+    state = optimizer_state_bytes(engine)
+    timed = sum(times[WARMUP:])
+    figures = {"rank": rank, "step_s": timed / loop["steps"],
+                      "samples_per_s": cfg.train.batch_size * world * loop["steps"] / timed,
+                      "optimizer_state_mb": state / 2**20, "grad_mb": grads / 2**20,
+                      "reduce_bucket_mb": bucket / 2**20,
+                      "trainable_params": sum(p.numel() for p in trainable)}
+    # Ray Train attaches rank 0's metrics to the run's result only together with a checkpoint.
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report(figures, checkpoint=checkpoint)
+
+
+def ray_train(cfg, steps: int, records: int) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from geopix.train.run import worker_env
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "steps": steps, "records": records},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=f"bench-zero{cfg.train.zero_stage}-{time.time_ns()}",
+                             storage_path="/tmp/geopix-bench-runs",
+                             worker_runtime_env={"env_vars": worker_env(cfg)}),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    metrics = dict(result.metrics)
+    metrics["wall_s"] = time.perf_counter() - started
+    return metrics
+
+
+def plain_loop(cfg, steps: int, records: int) -> dict:
+    import torch
+
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+    from geopix.model import build_model
+
+    torch.set_num_threads(2)
+    data = make_records(cfg.model.image_size, records)
+    tokenizer = train_tokenizer(corpus_texts(data), vocab_size=2000)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer)
+    model.set_stage(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    batch_size = cfg.train.batch_size * 2
+    batches = batches_for(data, tokenizer, cfg, batch_size)
+    times = []
+    for i in range(steps + WARMUP):
+        started = time.perf_counter()
+        out = model(**batches[i % len(batches)])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    timed = sum(times[WARMUP:])
+    return {"step_s": timed / steps, "samples_per_s": batch_size * steps / timed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=256)
+    args = parser.parse_args()
+
+    import ray
+
+    from geopix.config import load_config
+
+    size = [f"model.image_size={args.image_size}", "train.batch_size=8"]
+    records = 16 * 6
+    ray.init(log_to_driver=False)
+    zero2 = ray_train(load_config("tiny", [*size, "train.zero_stage=2"]), args.steps, records)
+    zero0 = ray_train(load_config("tiny", [*size, "train.zero_stage=0"]), args.steps, records)
+    plain = plain_loop(load_config("tiny", size), args.steps, records)
+    figures = {"zero2": zero2, "zero0": zero0, "plain": plain}
+    print(json.dumps(figures, indent=2, default=str))
+    print(f"\nthroughput, global batch 16, 2 threads in all, tiny at {args.image_size} px:")
+    print(f"  plain torch loop (1 process)      {plain['samples_per_s']:.1f} samples/s")
+    print(f"  Ray Train + DeepSpeed ZeRO-2 (2)  {zero2['samples_per_s']:.1f} samples/s "
+          f"= {zero2['samples_per_s'] / plain['samples_per_s']:.2f}x the plain loop")
+    print("per-rank optimizer state + gradients (rank 0, 2 ranks):")
+    for name, m in (("ZeRO-0", zero0), ("ZeRO-2", zero2)):
+        print(f"  {name}: optimizer state {m['optimizer_state_mb']:.1f} MB, gradients {m['grad_mb']:.1f} MB, "
+              f"total {m['optimizer_state_mb'] + m['grad_mb']:.1f} MB")
+    ratio = (zero2["optimizer_state_mb"] + zero2["grad_mb"]) / (zero0["optimizer_state_mb"] + zero0["grad_mb"])
+    print(f"  ZeRO-2 / ZeRO-0 = {ratio:.2f}x ({zero2['trainable_params'] / 1e6:.2f} M trainable parameters); "
+          f"ZeRO-2's reduce bucket, allocated beside: {zero2['reduce_bucket_mb']:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

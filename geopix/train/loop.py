@@ -1,0 +1,347 @@
+"""What every Ray Train worker runs: model → DeepSpeed engine → steps over its data share.
+
+One optimizer step = ``grad_accum_steps`` micro-batches of ``batch_size`` samples on every worker.
+Every ``checkpoint_every`` steps all ranks write DeepSpeed's sharded checkpoint (module and
+scheduler from rank 0, each rank's optimizer partition) with the step, every rank's data position
+and the config hash as client state, and hand it to Ray Train, which stores it under the run's
+name. A restarted worker group (``FailureConfig``) or a rerun with the same name loads the latest
+one and goes on from there. At the end rank 0 writes the consolidated model directory
+(safetensors, tokenizer, processor) to ``train.models_uri/<run name>``, published with ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geopix.config import GeoPixConfig, StageConfig, TrainConfig
+from geopix.data.loader import LoaderStats, iter_batches
+from geopix.train.data import Position, RankReader
+
+log = logging.getLogger("geopix.train")
+LOSS_KEYS = ("text", "mask_bce", "mask_dice", "class")
+MODEL_INPUTS = (
+    "pixel_values",
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "seg_positions",
+    "target_sample",
+    "target_masks",
+    "class_ids",
+)
+
+
+def deepspeed_config(train: TrainConfig, stage: StageConfig, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's config: ZeRO stage, precision, accumulation, clipping, warm-up + cosine schedule."""
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        # bf16 casts parameters only: buffers (BatchNorm statistics, RoPE frequencies, the memory's
+        # EMA part) stay fp32, and our BatchNorm layers compute in fp32 (model/layers.py).
+        "bf16": {"enabled": bf16},
+        # Our optimizer is torch's AdamW (DeepSpeed's fused/CPU Adam would JIT-compile first).
+        "zero_allow_untested_optimizer": True,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": stage.max_steps,
+                "warmup_num_steps": max(stage.warmup_steps, 1),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": stage.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,  # progress lines are ours
+    }
+
+
+def batch_stream(
+    reader: RankReader, start: Position, tokenizer: Any, cfg: GeoPixConfig, mean, std
+) -> Iterator[tuple[dict[str, Any], Position, LoaderStats]]:
+    """(batch, position after it, that epoch's loader stats), epoch after epoch from ``start``."""
+    epoch, skip = start.epoch, start.rows
+    while True:
+        consumed = [skip]
+
+        def records(epoch=epoch, skip=skip, consumed=consumed):
+            for rows, record in reader.epoch_records(epoch, skip):
+                consumed[0] = rows
+                yield record
+
+        batches = iter_batches(
+            records(),
+            tokenizer,
+            image_size=cfg.model.image_size,
+            batch_size=cfg.train.batch_size,
+            max_length=cfg.train.max_length,
+            augment=cfg.train.augment,
+            seed=cfg.data.seed,
+            epoch=epoch,
+            seg_token_num=cfg.model.seg_token_num,
+            num_scales=cfg.model.num_scales,
+            mean=mean,
+            std=std,
+        )
+        produced = 0
+        for batch in batches:
+            produced += 1
+            yield batch, Position(epoch, consumed[0]), batches.stats
+        if produced == 0 and skip == 0:  # every row of a whole epoch dropped: never loop forever
+            raise ValueError(
+                f"no usable training samples in a whole epoch: {batches.stats.rows} rows read, "
+                f"dropped {dict(batches.stats.dropped)}"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    moved = {}
+    for key in MODEL_INPUTS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=dtype if value.is_floating_point() else None)
+        moved[key] = value
+    return moved
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Average the trainable part's floating buffers (neck BatchNorm statistics, the memory's EMA)
+    over ranks, so every rank holds the same model. DeepSpeed syncs parameters, not buffers."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    buffers = [
+        b for name, b in module.named_buffers() if b.is_floating_point() and not name.startswith("vision.")
+    ]
+    if buffers:
+        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sums over ranks; every rank must pass the same keys (a collective of one fixed-size tensor)."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def gather_positions(position: Position) -> list[dict[str, int]]:
+    import torch.distributed as dist
+
+    mine = {"epoch": position.epoch, "rows": position.rows}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def publish_model(model: Any, tokenizer: Any, uri: str) -> str:
+    """The consolidated model directory, written locally, then uploaded with ``_SUCCESS`` last."""
+    from geopix.storage import upload_directory
+
+    with tempfile.TemporaryDirectory() as directory:
+        return upload_directory(model.save(Path(directory) / "model", tokenizer), uri)
+
+
+def wait_for_registration(run_uri: str, checkpoint_name: str, rank: int, timeout_s: float = 60.0) -> None:
+    """Hold every rank until Ray Train has registered ``checkpoint_name`` (its controller notices
+    reports on a ~2 s health-check cycle). Without this, a failure in that window would restart
+    from the checkpoint before, redoing up to two intervals; with it, at most one."""
+    import json
+
+    import torch.distributed as dist
+
+    from geopix.storage import StorageError, join_uri, read_bytes
+
+    if rank == 0:
+        snapshot = join_uri(run_uri, "checkpoint_manager_snapshot.json")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if checkpoint_name in json.dumps(json.loads(read_bytes(snapshot))):
+                    break
+            except (StorageError, FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.25)
+        else:
+            log.warning("checkpoint %s not registered by Ray Train after %.0f s; going on", checkpoint_name,
+                        timeout_s)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; ``loop`` is built by :func:`geopix.train.run.train_stage`."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoTokenizer
+
+    from geopix.model import GeoPixModel, build_model
+    from geopix.storage import local_copy
+    from geopix.tracking import MetricsWriter
+    from geopix.train.figures import training_overlays
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg = GeoPixConfig.model_validate(loop["config"])
+    train, stage_no = cfg.train, loop["stage"]
+    stage = train.stage(stage_no)
+    torch.set_num_threads(train.threads_per_worker)
+    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    bf16 = train.precision == "bf16"
+
+    tokenizer_dir = local_copy(loop["tokenizer_uri"])
+    if (tokenizer_dir / "tokenizer").is_dir():  # a GeoPix model directory
+        tokenizer_dir = tokenizer_dir / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank
+    if loop.get("init_model_uri"):
+        model = GeoPixModel.load(loop["init_model_uri"])
+    else:
+        model = build_model(cfg.model, tokenizer)
+    model.class_names = list(loop["class_names"])
+    model.set_stage(stage_no)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=train.weight_decay)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(train, stage, bf16)
+    )
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    step, position = 0, Position()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client = engine.load_checkpoint(directory, load_module_strict=False)
+        if client["config_hash"] != loop["config_hash"]:
+            raise RuntimeError(
+                f"run {loop['run_name']}: its checkpoints were written with config {client['config_hash']}, "
+                f"this run has {loop['config_hash']}; use another run name"
+            )
+        step, position = client["step"], Position(**client["positions"][rank])
+        if rank == 0:
+            log.info("stage %d: resumed at step %d from the latest checkpoint", stage_no, step)
+
+    reader = RankReader(
+        loop["shards_uri"], "train", rank=rank, world=world, seed=cfg.data.seed, tasks=stage.tasks
+    )
+    stream = batch_stream(reader, position, tokenizer, cfg, model.vision.image_mean, model.vision.image_std)
+    writer = MetricsWriter(loop["mlflow_run_id"]) if rank == 0 and loop.get("mlflow_run_id") else None
+    if writer is not None and checkpoint is not None:
+        writer.log({"resumed_at_step": step}, step)  # the checkpoint's step; training goes on after it
+    sums = dict.fromkeys((*LOSS_KEYS, "total"), 0.0)
+    counts = dict.fromkeys(sums, 0)
+    window_samples = window_tokens = 0
+    window_start = attempt_start = time.perf_counter()
+    first_step = step
+    overlay_batch = None
+    engine.train()
+    while step < stage.max_steps:
+        batch, position, stats = next(stream)
+        if overlay_batch is None and rank == 0:
+            overlay_batch = batch
+        out = engine(**to_device(batch, device, dtype))
+        # Every trainable parameter must get a gradient on every rank, or ZeRO's gradient buckets
+        # differ between ranks and the collective fails: a batch without targets leaves the mask
+        # path unused. A zero-weighted term touches them all (ZeRO treats a missing gradient as zero
+        # anyway, so the update is the same).
+        engine.backward(out.loss + 0.0 * sum(p.sum() for p in trainable))
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        for key, value in (*out.losses.items(), ("total", out.loss)):
+            sums[key] += float(value.detach())
+            counts[key] += 1
+        window_samples += len(batch["input_ids"])
+        window_tokens += int(batch["attention_mask"].sum())
+        if not boundary:
+            continue
+        step += 1
+        sync_buffers(engine.module)
+
+        if step % train.log_every == 0 or step == stage.max_steps:
+            elapsed = time.perf_counter() - window_start
+            totals = sum_over_ranks(
+                {**{f"sum/{k}": v for k, v in sums.items()}, **{f"n/{k}": v for k, v in counts.items()}}, device
+            )
+            losses = {f"loss/{k}": totals[f"sum/{k}"] / totals[f"n/{k}"] for k in sums if totals[f"n/{k}"]}
+            rates = sum_over_ranks({"samples": window_samples, "tokens": window_tokens}, device)
+            metrics = {
+                **losses,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rates["samples"] / elapsed,
+                "tokens_per_s": rates["tokens"] / elapsed,
+                "epoch": position.epoch,
+                **{f"loader/{k}": v for k, v in stats.as_dict().items() if k in ("dropped", "samples")},
+            }
+            if rank == 0:
+                per_step = (time.perf_counter() - attempt_start) / max(step - first_step, 1)
+                terms = " ".join(f"{k} {losses[f'loss/{k}']:.3f}" for k in LOSS_KEYS if f"loss/{k}" in losses)
+                log.info(
+                    "stage %d step %d/%d loss %.4f (%s) lr %.2e %.1f samples/s %.0f tok/s ETA %s",
+                    stage_no, step, stage.max_steps, losses.get("loss/total", float("nan")), terms,
+                    metrics["lr"], metrics["samples_per_s"], metrics["tokens_per_s"],
+                    format_eta(per_step * (stage.max_steps - step)),
+                )
+                if writer is not None:
+                    writer.log(metrics, step)
+            sums = dict.fromkeys(sums, 0.0)
+            counts = dict.fromkeys(sums, 0)
+            window_samples = window_tokens = 0
+            window_start = time.perf_counter()
+
+        if step % train.checkpoint_every == 0 or step == stage.max_steps:
+            client = {
+                "step": step,
+                "positions": gather_positions(position),
+                "config_hash": loop["config_hash"],
+                "stage": stage_no,
+            }
+            report = {"step": step, "epoch": position.epoch}
+            with tempfile.TemporaryDirectory() as directory:
+                engine.save_checkpoint(directory, tag=f"step-{step:07d}", client_state=client,
+                                       exclude_frozen_parameters=True)
+                if step == stage.max_steps and rank == 0:
+                    report["model_uri"] = publish_model(engine.module, tokenizer, loop["model_uri"])
+                    if writer is not None and overlay_batch is not None and train.overlay_samples:
+                        with tempfile.TemporaryDirectory() as pictures:
+                            figure = Path(pictures) / f"train_overlays_stage{stage_no}.png"
+                            training_overlays(engine.module, overlay_batch, train.overlay_samples, dtype, figure)
+                            writer.log_artifact(figure)
+                name = f"checkpoint-step-{step:07d}"
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                 checkpoint_dir_name=name)
+            wait_for_registration(loop["run_uri"], name, rank)
+    if first_step >= stage.max_steps:  # resumed after the last checkpoint: publish again
+        report = {"step": step, "epoch": position.epoch}
+        if rank == 0:
+            report["model_uri"] = publish_model(engine.module, tokenizer, loop["model_uri"])
+        ray.train.report(report)
+    if writer is not None:
+        writer.close()

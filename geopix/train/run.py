@@ -1,0 +1,379 @@
+"""One training stage as a Ray Train job: checks, tokenizer, TorchTrainer, MLflow, registration.
+
+``train_stage(cfg, 1)`` then ``train_stage(cfg, 2, init_model_uri=stage1.model_uri)`` is the
+whole of GEOPIX.md §2. Every stage is a Ray Train run named ``run_name`` under
+``train.runs_uri``: running the same name again resumes from its latest checkpoint (Ray Train
+finds it; the worker loop restores model, optimizer, scheduler and data position); a run without
+a name gets a fresh unique one, so it can never pick up someone else's checkpoint. A name reused
+with another config or other inputs is refused (``geopix_run.json`` beside the checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from geopix import storage, tracking
+from geopix.config import GeoPixConfig
+from geopix.data.loader import ShardError, check_shards
+
+log = logging.getLogger("geopix.train")
+RUN_FILE = "geopix_run.json"  # the run's inputs (a reused name must match them)
+DONE_FILE = "geopix_done.json"  # written when the model is published and registered
+TOKENIZER_PREFIX = "tokenizer"
+# Environment the workers need (S3, MLflow, GeoPix settings), passed through Ray's runtime env.
+PROPAGATED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "GEOPIX_", "GDAL_", "CPL_")
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or did not finish; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    stage: int
+    run_name: str
+    model_uri: str
+    mlflow_run_id: str | None
+    model_version: str | None
+    steps: int
+    seconds: float
+    resumed_from_step: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------- checks
+def check_resources(cfg: GeoPixConfig) -> None:
+    """Fail now, not after a scheduling timeout, when the cluster cannot host the workers."""
+    import ray
+
+    train = cfg.train
+    if not train.require_resources_now:
+        return
+    have = ray.cluster_resources()
+    need = {"CPU": train.num_workers * train.threads_per_worker}
+    if train.use_gpu:
+        need["GPU"] = train.num_workers
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        detail = ", ".join(f"{k}: needs {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+        raise TrainError(
+            f"train.num_workers={train.num_workers} × threads_per_worker={train.threads_per_worker}"
+            f"{' with a GPU each' if train.use_gpu else ''} does not fit the cluster ({detail}); "
+            "lower num_workers or set train.require_resources_now=false on an autoscaling cluster"
+        )
+
+
+def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]:
+    """Readable shards with records of this stage's tasks; returns the shard set's manifest."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from geopix.data.shard import read_manifest
+
+    fs, files = check_shards(shards_uri, "train")
+    tasks = cfg.train.stage(stage).tasks
+    rows = 0
+    for path in files:
+        try:
+            column = pq.read_table(path, columns=["task"], filesystem=fs)["task"]
+        except Exception as exc:  # noqa: BLE001 - name the shard whatever went wrong
+            raise ShardError(f"shard {path} cannot be read: {exc}") from None
+        rows += len(column) if not tasks else int(pc.sum(pc.is_in(column, value_set=_strings(tasks))).as_py() or 0)
+    if rows == 0:
+        which = f" of tasks {tasks}" if tasks else ""
+        raise ShardError(f"no training records{which} in {shards_uri}/train ({len(files)} shards)")
+    manifest = read_manifest(shards_uri)
+    ids = [c["id"] for c in manifest.get("classes", [])]
+    if ids and max(ids) >= cfg.model.num_classes:
+        raise TrainError(
+            f"{shards_uri}: class id {max(ids)} does not fit model.num_classes={cfg.model.num_classes}"
+        )
+    return manifest
+
+
+def _strings(values):
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
+def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
+    names = [f"class_{k}" for k in range(num_classes)]
+    for entry in manifest.get("classes", []):
+        names[entry["id"]] = entry["name"]
+    return names
+
+
+# ------------------------------------------------------------------------------- tokenizer
+def prepare_tokenizer(cfg: GeoPixConfig, shards_uri: str, run_uri: str, init_model_uri: str | None) -> str:
+    """The URI of the tokenizer the workers load: the initial model's; a real LLM's with GeoPix's
+    tokens added; or (tiny) a BPE trained on the train split's conversations, saved with the run."""
+    uri = storage.join_uri(run_uri, TOKENIZER_PREFIX)
+    if init_model_uri:
+        return init_model_uri  # a model directory: its tokenizer/ is read
+    try:
+        storage.local_copy(uri)
+        return uri  # a resumed run keeps the tokenizer it started with
+    except storage.StorageError:
+        pass
+    from geopix.model.modeling import add_geopix_tokens
+
+    if cfg.model.llm_weights:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(storage.local_copy(cfg.model.llm_weights)), local_files_only=True
+        )
+        add_geopix_tokens(tokenizer, cfg.model)
+    else:
+        tokenizer = train_corpus_tokenizer(cfg, shards_uri)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        return storage.upload_directory(directory, uri)
+
+
+def train_corpus_tokenizer(cfg: GeoPixConfig, shards_uri: str):
+    import pyarrow.parquet as pq
+
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+
+    fs, files = check_shards(shards_uri, "train")
+
+    def records():
+        for path in files:
+            table = pq.read_table(path, columns=["conversation"], filesystem=fs)
+            yield from table.to_pylist()
+
+    return train_tokenizer(
+        corpus_texts(records()),
+        vocab_size=cfg.train.tokenizer_vocab_size,
+        seg_token_num=cfg.model.seg_token_num,
+        num_scales=cfg.model.num_scales,
+    )
+
+
+# ----------------------------------------------------------------------------------- runs
+def run_identity(cfg: GeoPixConfig, stage: int, shards_uri: str, init_model_uri: str | None) -> dict[str, Any]:
+    return {"config_hash": cfg.config_hash(), "stage": stage, "shards_uri": shards_uri,
+            "init_model_uri": init_model_uri}
+
+
+def claim_run(run_uri: str, identity: dict[str, Any]) -> bool:
+    """Write the run's identity, or check it against the one stored; True when the run exists."""
+    path = storage.join_uri(run_uri, RUN_FILE)
+    try:
+        stored = json.loads(storage.read_bytes(path))
+    except (storage.StorageError, FileNotFoundError):
+        storage.write_bytes(path, json.dumps(identity, indent=2).encode())
+        return False
+    if stored != identity:
+        diff = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
+        raise TrainError(
+            f"run {run_uri} exists with other inputs ({diff}: stored vs now); "
+            "pick another run name (or none, for a fresh one)"
+        )
+    return True
+
+
+def worker_env(cfg: GeoPixConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    threads = str(cfg.train.threads_per_worker)
+    env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.train.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed JIT-compiles a small op on first use; a shared cache makes that once per machine.
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "geopix" / "torch_extensions")),
+    )
+    return env
+
+
+def train_stage(
+    cfg: GeoPixConfig,
+    stage: int,
+    *,
+    shards_uri: str | None = None,
+    init_model_uri: str | None = None,
+    run_name: str | None = None,
+    register: bool = True,
+) -> TrainResult:
+    """Train one stage on the connected Ray cluster (``ray.init`` is called when not yet)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from geopix import runtime
+    from geopix.train.loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    stage_cfg = cfg.train.stage(stage)  # validates the stage number
+    shards_uri = (shards_uri or cfg.data.shards_uri).rstrip("/")
+    if stage == 2 and not init_model_uri:
+        raise TrainError("stage 2 starts from a stage-1 model: pass init_model_uri")
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(cfg)
+    manifest = check_data(cfg, shards_uri, stage)
+    run_name = run_name or f"stage{stage}-{cfg.config_hash()[:8]}-{runtime.run_id()}"
+    run_uri = storage.join_uri(cfg.train.runs_uri, run_name)
+    existed = claim_run(run_uri, run_identity(cfg, stage, shards_uri, init_model_uri))
+    done = finished_run(run_uri)
+    if done is not None:
+        log.info("stage %d: run %s already finished (%s); nothing to do", stage, run_name, done["model_uri"])
+        return TrainResult(**done)
+    tokenizer_uri = prepare_tokenizer(cfg, shards_uri, run_uri, init_model_uri)
+    model_uri = storage.join_uri(cfg.train.models_uri, run_name)
+    fs, storage_path = storage.arrow_filesystem(cfg.train.runs_uri)
+    global_batch = cfg.train.batch_size * cfg.train.num_workers * cfg.train.grad_accum_steps
+
+    with tracking.step_run(
+        f"train-stage{stage}",
+        params={
+            "stage": stage,
+            "run_name": run_name,
+            "shards_uri": shards_uri,
+            "init_model_uri": init_model_uri or "",
+            "world_size": cfg.train.num_workers,
+            "zero_stage": cfg.train.zero_stage,
+            "global_batch": global_batch,
+            "max_steps": stage_cfg.max_steps,
+            "lr": stage_cfg.lr,
+            "tasks": ",".join(stage_cfg.tasks or ["all"]),
+        },
+        config=cfg,
+    ) as run:
+        import mlflow
+
+        mlflow.log_text(tracking.redacted_config_yaml(cfg), "config.yaml")
+        loop = {
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": cfg.config_hash(),
+            "stage": stage,
+            "run_name": run_name,
+            "run_uri": run_uri,
+            "shards_uri": shards_uri,
+            "tokenizer_uri": tokenizer_uri,
+            "init_model_uri": init_model_uri,
+            "model_uri": model_uri,
+            "class_names": class_names(manifest, cfg.model.num_classes),
+            "mlflow_run_id": run.info.run_id,
+        }
+        resources = {"CPU": cfg.train.threads_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+        trainer = TorchTrainer(
+            train_loop_per_worker=train_loop_per_worker,
+            train_loop_config=loop,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                storage_filesystem=fs if storage.is_s3_uri(cfg.train.runs_uri) else None,
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                worker_runtime_env={"env_vars": worker_env(cfg)},
+            ),
+        )
+        log.info(
+            "stage %d: run %s (%s), %d workers, ZeRO-%d, global batch %d, %d steps",
+            stage, run_name, "resuming" if existed else "fresh", cfg.train.num_workers,
+            cfg.train.zero_stage, global_batch, stage_cfg.max_steps,
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; keep the root cause's text
+            raise TrainError(f"stage {stage} run {run_name} failed: {_root_cause(exc)}") from exc
+        if result.error is not None:
+            raise TrainError(f"stage {stage} run {run_name} failed: {_root_cause(result.error)}")
+        metrics = result.metrics or {}
+        if not storage.list_files(model_uri, storage.SUCCESS_MARKER):
+            raise TrainError(f"stage {stage} run {run_name} ended without publishing {model_uri}")
+        seconds = time.perf_counter() - started
+        mlflow.log_metric("wall_seconds", seconds)
+        log_model_and_curves(run.info.run_id, model_uri, stage)
+        version = register_model(cfg, run.info.run_id, model_uri, stage) if register else None
+    resumed = _resumed_step(run.info.run_id)
+    steps = int(metrics.get("step", stage_cfg.max_steps))
+    result = TrainResult(stage, run_name, model_uri, run.info.run_id, version, steps, seconds, resumed)
+    storage.write_bytes(storage.join_uri(run_uri, DONE_FILE), json.dumps(result.as_dict(), indent=2).encode())
+    return result
+
+
+def finished_run(run_uri: str) -> dict[str, Any] | None:
+    """The result a finished run recorded (its model published), or None."""
+    try:
+        return json.loads(storage.read_bytes(storage.join_uri(run_uri, DONE_FILE)))
+    except (storage.StorageError, FileNotFoundError):
+        return None
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return " ".join(text[-3:]) if text else type(error).__name__
+
+
+def _resumed_step(run_id: str) -> int | None:
+    """The checkpoint step the run last resumed from (a restarted worker group logs it), or None."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(run_id, "resumed_at_step")
+    return int(max(history, key=lambda m: m.timestamp).value) if history else None
+
+
+# --------------------------------------------------------------------- MLflow artifacts, registry
+def log_model_and_curves(run_id: str, model_uri: str, stage: int) -> None:
+    """The consolidated model directory and a loss-curve picture, into the stage's MLflow run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from geopix.train.figures import loss_curves
+    from geopix.train.loop import LOSS_KEYS
+
+    local = storage.local_copy(model_uri)
+    mlflow.log_artifacts(str(local), "model")
+    client = MlflowClient()
+    series = {}
+    for key in (*(f"loss/{k}" for k in LOSS_KEYS), "loss/total"):
+        history = client.get_metric_history(run_id, key)
+        if history:
+            series[key] = sorted((m.step, m.value) for m in history)
+    if series:
+        with tempfile.TemporaryDirectory() as directory:
+            path = loss_curves({f"stage {stage}": series}, Path(directory) / f"loss_curves_stage{stage}.png",
+                               f"stage {stage} training losses")
+            mlflow.log_artifact(str(path))
+
+
+def register_model(cfg: GeoPixConfig, run_id: str, model_uri: str, stage: int) -> str:
+    """A new version of ``train.registered_model`` pointing at the consolidated model directory,
+    with alias ``candidate`` (the pipeline promotes it to ``champion`` after evaluation)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = cfg.train.registered_model
+    try:
+        client.create_registered_model(name, description="GeoPix models (geopix train)")
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    version = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags={"geopix.stage": str(stage), "geopix.model_uri": model_uri}
+    )
+    client.set_registered_model_alias(name, "candidate", version.version)
+    if stage == 1:
+        client.set_registered_model_alias(name, "stage1", version.version)
+    return str(version.version)
