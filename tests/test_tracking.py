@@ -37,7 +37,7 @@ def test_flow_run_logs_params_metrics_artifacts_children(stack):
     client = MlflowClient()
     parent_run = client.get_run(parent.info.run_id)
     params = parent_run.data.params
-    assert params["train.lr"] == "0.001" and params["model.vision_encoder"] == "efficientnet_lite0"
+    assert params["train.stage1.lr"] == "0.001" and params["model.vision_encoder"] == "efficientnet_lite0"
     assert params["stack.s3_secret_access_key"] == tracking.REDACTED
     assert parent_run.data.tags[tracking.TAG_CONFIG_HASH] == config.config_hash()
     head = subprocess.run(
