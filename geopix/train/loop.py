@@ -196,7 +196,38 @@ def format_eta(seconds: float) -> str:
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``; ``loop`` is built by :func:`geopix.train.run.train_stage`."""
+    """Ray Train's ``train_loop_per_worker``; ``loop`` is built by :func:`geopix.train.run.train_stage`.
+
+    A worker's error is also written to the stage's MLflow run (tag ``geopix.worker_error.rank<N>``)
+    before Ray Train sees it: a failure that a restart then hides stays on record.
+    """
+    try:
+        _train(loop)
+    except Exception as error:
+        _record_error(loop, error)
+        raise
+
+
+def _record_error(loop: dict[str, Any], error: BaseException) -> None:
+    import traceback
+
+    import ray.train
+
+    from geopix.tracking import MetricsWriter
+
+    if not loop.get("mlflow_run_id"):
+        return
+    rank = ray.train.get_context().get_world_rank()
+    text = "".join(traceback.format_exception(error))[-4000:]
+    try:
+        MetricsWriter(loop["mlflow_run_id"]).client.set_tag(
+            loop["mlflow_run_id"], f"geopix.worker_error.rank{rank}.{int(time.time())}", text
+        )
+    except Exception:  # recording must never mask the error itself
+        log.exception("could not record the worker error in MLflow")
+
+
+def _train(loop: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     from transformers import AutoTokenizer
