@@ -160,26 +160,52 @@ def step_run(
 
 
 class MetricsWriter:
-    """Logs into an existing run by id from any process (a Ray Train worker has no active run)."""
+    """Logs into an existing run by id from any process (a Ray Train worker has no active run).
+
+    A tracking server that fails (after MLflow's own retries, and one more of ours) never stops
+    training: the call is logged as a warning and counted in ``failures``.
+    """
 
     def __init__(self, run_id: str, tracking_uri: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        self.failures = 0
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def _send(self, what: str, call, *args) -> bool:
+        import logging
+        import time
+
+        for attempt in (1, 2):
+            try:
+                call(*args)
+                return True
+            except Exception as error:  # noqa: BLE001 - a tracking outage must not end a training run
+                if attempt == 2:
+                    self.failures += 1
+                    logging.getLogger("geopix.tracking").warning(
+                        "MLflow %s for run %s failed twice (%d failures so far): %s",
+                        what, self.run_id, self.failures, error,
+                    )
+                    return False
+                time.sleep(1.0)
+        return False
+
+    def log(self, metrics: Mapping[str, float], step: int) -> bool:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        return self._send("metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        return self._send("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tag(self, key: str, value: str) -> bool:
+        return self._send("tag", lambda: self.client.set_tag(self.run_id, key, value))
 
     def close(self) -> None:
         """Nothing buffered: every call above is sent at once."""

@@ -155,6 +155,17 @@ def gather_positions(position: Position) -> list[dict[str, int]]:
     return out
 
 
+def log_overlays(writer: Any, model: Any, batch: dict[str, Any], count: int, dtype: torch.dtype, name: str) -> None:
+    """The training-sample picture; a picture that cannot be drawn is a warning, not a failed run."""
+    from geopix.train.figures import training_overlays
+
+    try:
+        with tempfile.TemporaryDirectory() as pictures:
+            writer.log_artifact(training_overlays(model, batch, count, dtype, Path(pictures) / name))
+    except Exception:  # e.g. a batch without targets (stage 2 captions): no picture, training goes on
+        log.warning("no %s: drawing it failed", name, exc_info=True)
+
+
 def publish_model(model: Any, tokenizer: Any, uri: str) -> str:
     """The consolidated model directory, written locally, then uploaded with ``_SUCCESS`` last."""
     from geopix.storage import upload_directory
@@ -220,9 +231,7 @@ def _record_error(loop: dict[str, Any], error: BaseException) -> None:
     rank = ray.train.get_context().get_world_rank()
     text = "".join(traceback.format_exception(error))[-4000:]
     try:
-        MetricsWriter(loop["mlflow_run_id"]).client.set_tag(
-            loop["mlflow_run_id"], f"geopix.worker_error.rank{rank}.{int(time.time())}", text
-        )
+        MetricsWriter(loop["mlflow_run_id"]).set_tag(f"geopix.worker_error.rank{rank}.{int(time.time())}", text)
     except Exception:  # recording must never mask the error itself
         log.exception("could not record the worker error in MLflow")
 
@@ -235,7 +244,6 @@ def _train(loop: dict[str, Any]) -> None:
     from geopix.model import GeoPixModel, build_model
     from geopix.storage import local_copy
     from geopix.tracking import MetricsWriter
-    from geopix.train.figures import training_overlays
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     context = ray.train.get_context()
@@ -296,7 +304,7 @@ def _train(loop: dict[str, Any]) -> None:
     engine.train()
     while step < stage.max_steps:
         batch, position, stats = next(stream)
-        if overlay_batch is None and rank == 0:
+        if overlay_batch is None and rank == 0 and len(batch.get("class_ids", ())) > 0:
             overlay_batch = batch
         out = engine(**to_device(batch, device, dtype))
         # Every trainable parameter must get a gradient on every rank, or ZeRO's gradient buckets
@@ -361,10 +369,8 @@ def _train(loop: dict[str, Any]) -> None:
                 if step == stage.max_steps and rank == 0:
                     report["model_uri"] = publish_model(engine.module, tokenizer, loop["model_uri"])
                     if writer is not None and overlay_batch is not None and train.overlay_samples:
-                        with tempfile.TemporaryDirectory() as pictures:
-                            figure = Path(pictures) / f"train_overlays_stage{stage_no}.png"
-                            training_overlays(engine.module, overlay_batch, train.overlay_samples, dtype, figure)
-                            writer.log_artifact(figure)
+                        log_overlays(writer, engine.module, overlay_batch, train.overlay_samples, dtype,
+                                     f"train_overlays_stage{stage_no}.png")
                 name = f"checkpoint-step-{step:07d}"
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=name)
