@@ -189,6 +189,16 @@ class TrainConfig(_Section):
         return self.stage1 if number == 1 else self.stage2
 
 
+class EvalConfig(_Section):
+    """Evaluation. Size buckets on ground-truth mask area in pixels, COCO's convention by default:
+    small < 32², medium 32² to < 96², large ≥ 96²."""
+
+    small_max_area: int = Field(32 * 32, ge=1)
+    medium_max_area: int = Field(96 * 96, ge=1)
+    iou_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    grounding_iou: float = Field(0.5, gt=0, le=1)
+
+
 class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -197,6 +207,7 @@ class GeoPixConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
 
     def config_hash(self) -> str:
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable

@@ -1,0 +1,166 @@
+"""Segmentation and grounding metrics (GEOPIX.md §4).
+
+Per target we keep the intersection and union of the predicted and ground-truth masks; every
+summary is computed from those rows, so the same numbers come out of one process or of many
+(rows from Ray Data workers are simply concatenated):
+
+- gIoU: mean of per-target IoU; cIoU: Σ intersection / Σ union;
+- precision@t: share of targets with IoU ≥ t (t = 0.5 … 0.9);
+- all of them overall and per size bucket (ground-truth area; COCO thresholds by default), per
+  class and per phrase type;
+- grounding accuracy: share of answers whose first ``{<x1><y1><x2><y2>}`` box (integers 0–100 of
+  the image size) has IoU ≥ 0.5 with the ground-truth box.
+
+Definitions for the edge cases: a target the answer gave no mask for (no seg run, a malformed one,
+fewer runs than targets) is scored with an empty prediction (IoU 0, its whole area in the union);
+a target with an empty ground truth and an empty prediction has IoU 1 (nothing to find, nothing
+found) and adds 0 to both sums of cIoU; an empty ground truth with a non-empty prediction has
+IoU 0. Masks beyond the number of targets are counted as ``extra_masks``, not scored. An answer
+without a parsable box is a grounding miss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from geopix.config import EvalConfig
+from geopix.data.schema import parse_box_text
+
+BUCKETS = ("small", "medium", "large")
+
+
+@dataclass
+class TargetScore:
+    """One ground-truth target against the mask the answer gave for it."""
+
+    record_id: str
+    target: int  # index of the target in its record
+    class_id: int
+    phrase_type: str
+    area: int  # ground-truth pixels
+    bucket: str
+    intersection: int
+    union: int
+    iou: float
+    predicted: bool  # the answer had a mask for this target
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_bucket(area: int, cfg: EvalConfig) -> str:
+    if area < cfg.small_max_area:
+        return "small"
+    return "medium" if area < cfg.medium_max_area else "large"
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, float]:
+    """(intersection, union, IoU) of two boolean masks of one shape (edge cases: module docstring)."""
+    if predicted.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: predicted {predicted.shape}, ground truth {truth.shape}")
+    predicted, truth = predicted.astype(bool), truth.astype(bool)
+    intersection = int(np.logical_and(predicted, truth).sum())
+    union = int(np.logical_or(predicted, truth).sum())
+    return intersection, union, 1.0 if union == 0 else intersection / union
+
+
+def score_sample(
+    predicted: Sequence[np.ndarray] | np.ndarray,
+    truths: Sequence[np.ndarray] | np.ndarray,
+    *,
+    record_id: str,
+    class_ids: Sequence[int],
+    phrase_type: str | None,
+    cfg: EvalConfig,
+) -> tuple[list[TargetScore], int]:
+    """Score the answer's masks against the targets in order (the k-th seg run is the k-th target).
+
+    Returns (one score per target, number of extra masks)."""
+    scores = []
+    for k, truth in enumerate(truths):
+        truth = np.asarray(truth, dtype=bool)
+        has_mask = k < len(predicted)
+        mask = np.asarray(predicted[k], dtype=bool) if has_mask else np.zeros_like(truth)
+        intersection, union, iou = mask_iou(mask, truth)
+        area = int(truth.sum())
+        scores.append(
+            TargetScore(
+                record_id=record_id,
+                target=k,
+                class_id=int(class_ids[k]),
+                phrase_type=phrase_type or "unknown",
+                area=area,
+                bucket=size_bucket(area, cfg),
+                intersection=intersection,
+                union=union,
+                iou=iou,
+                predicted=has_mask,
+            )
+        )
+    return scores, max(len(predicted) - len(truths), 0)
+
+
+def summarize_scores(scores: Iterable[TargetScore | Mapping[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """Overall, per-bucket, per-class and per-phrase-type gIoU, cIoU and precision@t."""
+    rows = [s.as_dict() if isinstance(s, TargetScore) else dict(s) for s in scores]
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "bucket": defaultdict(list),
+        "class_id": defaultdict(list),
+        "phrase_type": defaultdict(list),
+    }
+    for row in rows:
+        for key, by_value in groups.items():
+            by_value[str(row[key])].append(row)
+    return {
+        "overall": _summary(rows, cfg),
+        "by_bucket": {b: _summary(groups["bucket"][b], cfg) for b in BUCKETS if b in groups["bucket"]},
+        "by_class": {k: _summary(v, cfg) for k, v in sorted(groups["class_id"].items(), key=lambda i: int(i[0]))},
+        "by_phrase_type": {k: _summary(v, cfg) for k, v in sorted(groups["phrase_type"].items())},
+    }
+
+
+def _summary(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    if not rows:
+        return {"targets": 0}
+    ious = np.array([r["iou"] for r in rows], dtype=np.float64)
+    union = sum(r["union"] for r in rows)
+    out = {
+        "targets": len(rows),
+        "gIoU": float(ious.mean()),
+        "cIoU": 1.0 if union == 0 else sum(r["intersection"] for r in rows) / union,
+        "answered": sum(bool(r["predicted"]) for r in rows) / len(rows),
+    }
+    for t in cfg.iou_thresholds:
+        out[f"P@{t:g}"] = float((ious >= t).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------- grounding
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``x1, y1, x2, y2`` boxes (0 for an empty union)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def answer_box(text: str, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The first well-formed box of an answer in pixels, or None (no box, or x2 < x1 / y2 < y1)."""
+    boxes = parse_box_text(text)
+    if not boxes:
+        return None
+    x1, y1, x2, y2 = boxes[0]
+    if x2 < x1 or y2 < y1 or max(boxes[0]) > 100:
+        return None
+    return (x1 / 100 * width, y1 / 100 * height, x2 / 100 * width, y2 / 100 * height)
+
+
+def grounding_hit(text: str, truth_box: Sequence[float], width: int, height: int, cfg: EvalConfig) -> bool:
+    box = answer_box(text, width, height)
+    return box is not None and box_iou(box, truth_box) >= cfg.grounding_iou
