@@ -191,7 +191,7 @@ def wait_for_registration(run_uri: str, checkpoint_name: str, rank: int, timeout
             try:
                 if checkpoint_name in json.dumps(json.loads(read_bytes(snapshot))):
                     break
-            except (StorageError, FileNotFoundError, ValueError):
+            except (StorageError, OSError, ValueError):  # absent, or being rewritten by Ray (ETag moved)
                 pass
             time.sleep(0.25)
         else:
