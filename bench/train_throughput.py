@@ -33,6 +33,21 @@ def make_records(image_size: int, count: int) -> list[dict]:
     return records[:count]
 
 
+def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
+    """(records, tokenizer, stage-1 model, its trainable parameters), the same in every run."""
+    import torch
+
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+    from geopix.model import build_model
+
+    records = make_records(cfg.model.image_size, count)
+    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tokenizer)
+    model.set_stage(1)
+    return records, tokenizer, model, [p for p in model.parameters() if p.requires_grad]
+
+
 def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
     from geopix.data.loader import iter_batches
 
@@ -78,20 +93,13 @@ def worker(loop: dict) -> None:
     import torch
 
     from geopix.config import GeoPixConfig, StageConfig
-    from geopix.data.tokenizer import corpus_texts, train_tokenizer
-    from geopix.model import build_model
     from geopix.train.loop import deepspeed_config, to_device
 
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = GeoPixConfig.model_validate(loop["config"])
-    records = make_records(cfg.model.image_size, loop["records"])
-    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer)
-    model.set_stage(1)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    records, tokenizer, model, trainable = tiny_setup(cfg, loop["records"])
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     stage = StageConfig(max_steps=loop["steps"] + WARMUP, lr=1e-3, warmup_steps=2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -145,16 +153,9 @@ def ray_train(cfg, steps: int, records: int) -> dict:
 def plain_loop(cfg, steps: int, records: int) -> dict:
     import torch
 
-    from geopix.data.tokenizer import corpus_texts, train_tokenizer
-    from geopix.model import build_model
 
     torch.set_num_threads(2)
-    data = make_records(cfg.model.image_size, records)
-    tokenizer = train_tokenizer(corpus_texts(data), vocab_size=2000)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer)
-    model.set_stage(1)
-    params = [p for p in model.parameters() if p.requires_grad]
+    data, tokenizer, model, params = tiny_setup(cfg, records)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     batch_size = cfg.train.batch_size * 2
     batches = batches_for(data, tokenizer, cfg, batch_size)

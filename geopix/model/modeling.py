@@ -352,17 +352,19 @@ class GeoPixModel(nn.Module):
         tokenizer: Any,
     ) -> ChatAnswer:
         """Text and one mask per complete seg run of one generated answer."""
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        text = text.replace(tokenizer.eos_token or "\0", "").strip()
+        text = answer_text(tokens, tokenizer)
         starts = seg_run_starts(tokens, self.seg_token_ids)
-        size, run = self.cfg.image_size, len(self.seg_token_ids)
+        run = len(self.seg_token_ids)
         if not starts:
-            empty = torch.zeros(0, size, size, dtype=torch.bool)
-            return ChatAnswer(text, empty, torch.zeros(0, self.cfg.num_classes))
+            return self._answer_without_masks(text)
         seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
         target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
         masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
         return ChatAnswer(text, masks.float().sigmoid().cpu() > 0.5, class_logits.float().softmax(-1).cpu())
+
+    def _answer_without_masks(self, text: str) -> ChatAnswer:
+        size = self.cfg.image_size
+        return ChatAnswer(text, torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, self.cfg.num_classes))
 
     @torch.no_grad()
     def segment_answer(
@@ -372,12 +374,9 @@ class GeoPixModel(nn.Module):
         (teacher-forced: one pass over the whole sequence)."""
         run = self.seg_token_ids
         starts = [prompt_len + p for p in seg_run_starts(ids[prompt_len:], run)]
-        text = tokenizer.decode(ids[prompt_len:], skip_special_tokens=False)
-        text = text.replace(tokenizer.eos_token or "\0", "").strip()
-        size = self.cfg.image_size
+        text = answer_text(ids[prompt_len:], tokenizer)
         if not starts:
-            empty = torch.zeros(0, size, size, dtype=torch.bool)
-            return ChatAnswer(text, empty, torch.zeros(0, self.cfg.num_classes))
+            return self._answer_without_masks(text)
         input_ids = torch.tensor([ids], device=image.device)
         out = self(
             image,
@@ -543,6 +542,12 @@ def add_trainable_tokens(model: GeoPixModel, token_ids: list[int]) -> None:
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model.llm, adapter_name="geopix_tokens")
     model.trainable_token_ids = list(token_ids)
+
+
+def answer_text(tokens: list[int], tokenizer: Any) -> str:
+    """An answer's tokens as text, seg tokens kept, the end-of-sequence token dropped."""
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    return text.replace(tokenizer.eos_token or "\0", "").strip()
 
 
 def seg_run_starts(tokens: list[int], run: list[int]) -> list[int]:

@@ -103,7 +103,6 @@ class RankReader:
             )
 
     def _file_records(self, share: FileShare, epoch: int) -> Iterator[dict[str, Any]]:
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         rng = np.random.default_rng([self.seed, epoch, self.rank, zlib.crc32(share.path.encode())])
@@ -116,7 +115,7 @@ class RankReader:
             row += table.num_rows
             table = table.filter(keep)
             if self.tasks is not None:
-                table = table.filter(pc.is_in(table["task"], value_set=_array(sorted(self.tasks))))
+                table = table.filter(is_task(table["task"], self.tasks))
             buffer.extend(table.to_pylist())
             while len(buffer) >= self.shuffle_rows:
                 yield buffer.pop(int(rng.integers(len(buffer))))
@@ -124,7 +123,9 @@ class RankReader:
             yield buffer.pop(int(rng.integers(len(buffer))))
 
 
-def _array(values: list[str]):
+def is_task(column, tasks) -> Any:
+    """A boolean Arrow mask: which rows of a ``task`` column are one of ``tasks``."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    return pa.array(values, pa.string())
+    return pc.is_in(column, value_set=pa.array(sorted(tasks), pa.string()))

@@ -22,6 +22,7 @@ from typing import Any
 from geopix import storage, tracking
 from geopix.config import GeoPixConfig
 from geopix.data.loader import ShardError, check_shards
+from geopix.train.data import is_task
 
 log = logging.getLogger("geopix.train")
 RUN_FILE = "geopix_run.json"  # the run's inputs (a reused name must match them)
@@ -87,7 +88,7 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
             column = pq.read_table(path, columns=["task"], filesystem=fs)["task"]
         except Exception as exc:  # noqa: BLE001 - name the shard whatever went wrong
             raise ShardError(f"shard {path} cannot be read: {exc}") from None
-        rows += len(column) if not tasks else int(pc.sum(pc.is_in(column, value_set=_strings(tasks))).as_py() or 0)
+        rows += len(column) if not tasks else int(pc.sum(is_task(column, tasks)).as_py() or 0)
     if rows == 0:
         which = f" of tasks {tasks}" if tasks else ""
         raise ShardError(f"no training records{which} in {shards_uri}/train ({len(files)} shards)")
@@ -98,12 +99,6 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
             f"{shards_uri}: class id {max(ids)} does not fit model.num_classes={cfg.model.num_classes}"
         )
     return manifest
-
-
-def _strings(values):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.string())
 
 
 def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
