@@ -18,7 +18,8 @@ from geopix.evaluate.metrics import (
     summarize_scores,
 )
 
-CFG = EvalConfig()
+CFG = EvalConfig(match_targets=False)  # the k-th mask against the k-th target
+MATCHED = EvalConfig()  # several targets: Hungarian pairing (the default)
 
 
 def rle(mask: np.ndarray) -> dict:
@@ -130,3 +131,27 @@ def test_grounding_answers_are_parsed_and_malformed_ones_miss():
     for malformed in ("no box here", "{<10><20><60>}", "{<60><70><10><20>}", "{<10><20><60><170>}", ""):
         assert answer_box(malformed, 200, 200) is None
         assert not grounding_hit(malformed, truth, 200, 200, CFG)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matching_pairs_masks_with_targets_by_best_total_iou(seed):
+    """Several targets: the Hungarian pairing reaches the best total IoU over every permutation
+    (computed with pycocotools), and a shuffled perfect answer scores 1 instead of 0."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    predicted, truths = random_masks(rng, 5), random_masks(rng, 4)
+    scores, extra = score_sample(predicted, truths, record_id="r", class_ids=[0] * 4, phrase_type="all_of_class",
+                                 cfg=MATCHED)
+    assert extra == 1
+    ious = coco_mask.iou([rle(p) for p in predicted], [rle(t) for t in truths], [0] * 4)  # [pred, truth]
+    best = max(sum(ious[perm[k], k] for k in range(4)) for perm in itertools.permutations(range(5), 4))
+    assert sum(s.iou for s in scores) == pytest.approx(best, abs=1e-9)
+
+    shuffled = [truths[k] for k in (2, 0, 3, 1)]
+    matched, _ = score_sample(shuffled, truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=MATCHED)
+    in_order, _ = score_sample(shuffled, truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=CFG)
+    assert all(s.iou == 1.0 for s in matched)
+    assert sum(s.iou for s in in_order) < 4
+    fewer, _ = score_sample(truths[:2], truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=MATCHED)
+    assert [s.predicted for s in fewer].count(True) == 2 and sorted(s.iou for s in fewer) == [0, 0, 1, 1]

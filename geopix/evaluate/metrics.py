@@ -11,8 +11,10 @@ summary is computed from those rows, so the same numbers come out of one process
 - grounding accuracy: share of answers whose first ``{<x1><y1><x2><y2>}`` box (integers 0–100 of
   the image size) has IoU ≥ 0.5 with the ground-truth box.
 
-Definitions for the edge cases: a target the answer gave no mask for (no seg run, a malformed one,
-fewer runs than targets) is scored with an empty prediction (IoU 0, its whole area in the union);
+Several targets (e.g. "each ship") are paired with the answer's masks by the assignment that
+maximises the summed IoU (``evaluate.match_targets``; the order in which an answer lists instances
+is not determined by the image). Definitions for the edge cases: a target the answer gave no mask
+for (no seg run, a malformed one, fewer runs than targets) is scored with an empty prediction (IoU 0, its whole area in the union);
 a target with an empty ground truth and an empty prediction has IoU 1 (nothing to find, nothing
 found) and adds 0 to both sums of cIoU; an empty ground truth with a non-empty prediction has
 IoU 0. Masks beyond the number of targets are counted as ``extra_masks``, not scored. An answer
@@ -21,7 +23,7 @@ without a parsable box is a grounding miss.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -48,6 +50,7 @@ class TargetScore:
     union: int
     iou: float
     predicted: bool  # the answer had a mask for this target
+    predicted_area: int = 0  # pixels of that mask
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,14 +81,18 @@ def score_sample(
     phrase_type: str | None,
     cfg: EvalConfig,
 ) -> tuple[list[TargetScore], int]:
-    """Score the answer's masks against the targets in order (the k-th seg run is the k-th target).
+    """Score the answer's masks against the targets: in order (the k-th seg run is the k-th target),
+    or, with ``cfg.match_targets`` and several targets, by the assignment of masks to targets that
+    maximises the total IoU (Hungarian); a target left without a mask is a miss.
 
     Returns (one score per target, number of extra masks)."""
+    truths = [np.asarray(t, dtype=bool) for t in truths]
+    predicted = [np.asarray(m, dtype=bool) for m in predicted]
+    assigned = match_masks(predicted, truths) if cfg.match_targets else dict(enumerate(range(len(predicted))))
     scores = []
     for k, truth in enumerate(truths):
-        truth = np.asarray(truth, dtype=bool)
-        has_mask = k < len(predicted)
-        mask = np.asarray(predicted[k], dtype=bool) if has_mask else np.zeros_like(truth)
+        has_mask = k in assigned and assigned[k] < len(predicted)
+        mask = predicted[assigned[k]] if has_mask else np.zeros_like(truth)
         intersection, union, iou = mask_iou(mask, truth)
         area = int(truth.sum())
         scores.append(
@@ -100,9 +107,21 @@ def score_sample(
                 union=union,
                 iou=iou,
                 predicted=has_mask,
+                predicted_area=int(mask.sum()),
             )
         )
     return scores, max(len(predicted) - len(truths), 0)
+
+
+def match_masks(predicted: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> dict[int, int]:
+    """target index → predicted index, maximising the summed IoU (Hungarian; order decides ties)."""
+    if len(truths) < 2 or len(predicted) < 2:
+        return {k: k for k in range(min(len(truths), len(predicted)))}
+    from scipy.optimize import linear_sum_assignment
+
+    ious = np.array([[mask_iou(p, t)[2] for p in predicted] for t in truths])  # [targets, masks]
+    rows, cols = linear_sum_assignment(-ious)
+    return dict(zip(rows.tolist(), cols.tolist(), strict=True))
 
 
 def summarize_scores(scores: Iterable[TargetScore | Mapping[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
@@ -124,6 +143,21 @@ def summarize_scores(scores: Iterable[TargetScore | Mapping[str, Any]], cfg: Eva
     }
 
 
+OUTCOMES = ("no mask", "empty mask", "wrong place", "partial", "hit")
+
+
+def outcome(row: Mapping[str, Any]) -> str:
+    """What happened to one target: the answer gave it no mask (too few seg runs), an empty mask, a
+    mask that misses it entirely (IoU 0), a partial one (IoU < 0.5), or a hit (IoU ≥ 0.5)."""
+    if not row["predicted"]:
+        return "no mask"
+    if not row.get("predicted_area", 1) and row["area"]:
+        return "empty mask"
+    if row["iou"] == 0:
+        return "wrong place"
+    return "partial" if row["iou"] < 0.5 else "hit"
+
+
 def _summary(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     if not rows:
         return {"targets": 0}
@@ -137,6 +171,11 @@ def _summary(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     }
     for t in cfg.iou_thresholds:
         out[f"P@{t:g}"] = float((ious >= t).mean())
+    counts = Counter(outcome(r) for r in rows)
+    out["outcomes"] = {name: counts.get(name, 0) / len(rows) for name in OUTCOMES}
+    predicted = sum(r.get("predicted_area", 0) for r in rows if r["predicted"])
+    truth = sum(r["area"] for r in rows if r["predicted"])
+    out["area_ratio"] = predicted / truth if truth else None  # Σ predicted / Σ true area, answered targets
     return out
 
 
