@@ -128,6 +128,14 @@ class ModelConfig(_Section):
     seg_token_num: int = Field(3, ge=1)
     num_scales: int = Field(2, ge=1)
     decoder_dim: int = Field(64, ge=8)
+    # The mask predictor's coarsest grid is image_size / mask_grid_stride; each further scale doubles
+    # it. The finest scale reads the encoder's finer level, which for EfficientNet-lite0 is taken at
+    # stride fine_feature_stride (8: 40 channels, 16: 112 channels; CLIP has one patch grid).
+    mask_grid_stride: Literal[4, 8, 16, 32] = 16
+    # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
+    # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
+    match_targets: bool = True
+    fine_feature_stride: Literal[8, 16] = 16
     memory_len: int = Field(8, ge=0)
     memory_dim: int = Field(64, ge=1)
     num_classes: int = Field(8, ge=1)
@@ -157,6 +165,7 @@ class TrainConfig(_Section):
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    seed: int = 0  # initial weights, data order and augmentation
     zero_stage: Literal[0, 1, 2] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     batch_size: int = Field(8, ge=1)  # per worker and micro-step; global = batch × workers × accum
@@ -197,6 +206,17 @@ class EvalConfig(_Section):
     medium_max_area: int = Field(96 * 96, ge=1)
     iou_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     grounding_iou: float = Field(0.5, gt=0, le=1)
+    # Several targets in one answer are paired with its masks by the IoU-maximising assignment
+    # (Hungarian); off: the k-th seg run is scored against the k-th target.
+    match_targets: bool = True
+    out_uri: str = "s3://geopix-checkpoints/evals"  # each evaluation under <out_uri>/<name>/
+    # The model runs in a Ray Data actor pool: `concurrency` actors of `threads_per_actor` CPUs
+    # each (one GPU each when train.use_gpu); on a 2-CPU machine one actor leaves a CPU for reading.
+    concurrency: int = Field(1, ge=1)
+    threads_per_actor: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)  # records answered together (one batched, KV-cached decode)
+    max_new_tokens: int = Field(80, ge=1)  # long enough for the synthetic captions
+    report_cases: int = Field(6, ge=1)  # best and worst referring cases drawn in the report
 
 
 class GeoPixConfig(_Section):

@@ -169,7 +169,7 @@ class ScaleDecoder(nn.Module):
 class MaskPredictor(nn.Module):
     """Two (``num_scales``) coarse-to-fine scales with class memory and a learnable scale mix.
 
-    Scale 0 reads the deeper feature level on a grid of S/16; each next scale reads the finer level
+    Scale 0 reads the deeper feature level on a grid of S/``grid_stride``; each next scale reads the finer level
     on a grid twice as large, gated by ``sigmoid(previous logits) + 1``.
     """
 
@@ -180,6 +180,7 @@ class MaskPredictor(nn.Module):
         hi_channels: int,
         dim: int,
         image_size: int,
+        grid_stride: int = 16,
         num_scales: int,
         num_classes: int,
         memory_len: int,
@@ -188,7 +189,7 @@ class MaskPredictor(nn.Module):
         super().__init__()
         heads = 8 if dim >= 128 else 4
         mlp_dim = 2048 if dim >= 256 else 4 * dim
-        base = max(image_size // 16, PRIOR_SIZE)
+        base = max(image_size // grid_stride, PRIOR_SIZE)
         self.grids = [base * 2**s for s in range(num_scales)]
         self.necks = nn.ModuleList(
             ImageNeck(hi_channels if s == 0 else lo_channels, dim, g) for s, g in enumerate(self.grids)

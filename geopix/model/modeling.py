@@ -108,6 +108,7 @@ class GeoPixModel(nn.Module):
             hi_channels=self.vision.hi_channels,
             dim=cfg.decoder_dim,
             image_size=cfg.image_size,
+            grid_stride=cfg.mask_grid_stride,
             num_scales=cfg.num_scales,
             num_classes=cfg.num_classes,
             memory_len=cfg.memory_len,
@@ -206,6 +207,10 @@ class GeoPixModel(nn.Module):
             out.mask_logits, out.class_logits = self.predict_masks(
                 hidden, positions, target_sample, feat_lo, feat_hi, ema
             )
+            if target_masks is not None and self.cfg.match_targets:
+                order = match_targets(out.mask_logits, target_masks, target_sample)
+                target_masks = target_masks[order]
+                class_ids = class_ids[order] if class_ids is not None else None
             if target_masks is not None:
                 losses.update(mask_losses(out.mask_logits, target_masks))
             if class_ids is not None:
@@ -395,7 +400,8 @@ class GeoPixModel(nn.Module):
         Stage 1: vision and LLM frozen except the rows of the tokens GeoPix adds (embedding and
         output); the projector is frozen only when it was loaded pretrained. An LLM with random
         weights (tiny) trains whole. Stage 2: LoRA (q/v) on a frozen LLM + the new token rows,
-        projector, seg projection, mask predictor, memory and class head.
+        projector, seg projection, mask predictor, memory and class head; a random LLM again trains
+        whole (its LoRA adapters alongside).
         With a pretrained LLM, "the new rows" are peft ``TrainableTokens`` deltas of just those rows
         (``new_token_rows_only``, default); otherwise the whole embedding and output matrices train.
         """
@@ -423,7 +429,9 @@ class GeoPixModel(nn.Module):
         else:
             self.projector.requires_grad_(True)
             for name, param in self.llm.named_parameters():
-                if "lora_" in name:
+                # LoRA adapts a pretrained LLM; a random one (tiny) has nothing to preserve and
+                # trains whole, or it could not learn stage 2's text tasks (captions, VQA, boxes).
+                if "lora_" in name or random_llm:
                     param.requires_grad_(True)
         self.vision.requires_grad_(False)
         self.stage = stage
@@ -511,6 +519,32 @@ class GeoPixModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def match_targets(logits: torch.Tensor, targets: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
+    """For each sample with several seg runs, the assignment of its targets to its runs that
+    minimises the mask loss (Hungarian, as DETR does for sets); returns the target order [T].
+
+    The order in which an answer lists several instances (e.g. "each ship") is not something the
+    image determines, so supervising the k-th run with the k-th target teaches every run the blur
+    of all of them; matching lets each run commit to one instance."""
+    from scipy.optimize import linear_sum_assignment
+
+    order = torch.arange(len(targets), device=targets.device)
+    for sample in target_sample.unique():
+        index = (target_sample == sample).nonzero().flatten()
+        if len(index) < 2:
+            continue
+        probs = logits[index].float().sigmoid().flatten(1)  # [n, P]
+        truth = targets[index].float().flatten(1)  # [n, P]
+        dice = 1 - (2 * probs @ truth.T + 1) / (probs.sum(1)[:, None] + truth.sum(1)[None] + 1)
+        eps = 1e-6
+        bce = -(truth @ torch.log(probs + eps).T + (1 - truth) @ torch.log(1 - probs + eps).T).T / probs.shape[1]
+        cost = LOSS_WEIGHTS["mask_bce"] * bce + LOSS_WEIGHTS["mask_dice"] * dice  # [runs, targets]
+        runs, chosen = linear_sum_assignment(cost.cpu().numpy())
+        order[index[torch.as_tensor(runs, device=index.device)]] = index[torch.as_tensor(chosen, device=index.device)]
+    return order
+
+
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-target BCE (pixel mean) and Dice, each averaged over targets."""
     logits, targets = logits.float(), targets.float()

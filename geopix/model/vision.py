@@ -13,7 +13,7 @@ Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistic
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -57,12 +57,14 @@ class EfficientNetLite0Encoder(FrozenEncoder):
     architecture. Nothing is downloaded (we never call its ``from_pretrained``, which would fetch a URL).
     """
 
-    LO_BLOCK, HI_BLOCK = 10, 15  # last MBConv block at stride 16 and at stride 32
-    lo_channels, hi_channels, token_dim = 112, 320, 320
+    LO_BLOCKS: ClassVar[dict[int, tuple[int, int]]] = {8: (4, 40), 16: (10, 112)}  # stride → (last MBConv block at it, its channels)
+    HI_BLOCK = 15  # last block at stride 32
+    hi_channels, token_dim = 320, 320
     image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
 
-    def __init__(self, pretrained: bool = True, weights_path: str | None = None):
+    def __init__(self, pretrained: bool = True, weights_path: str | None = None, fine_stride: int = 16):
         super().__init__()
+        self.lo_block, self.lo_channels = self.LO_BLOCKS[fine_stride]
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name("efficientnet-lite0")
@@ -84,7 +86,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
         feat_lo = x
         for index, block in enumerate(self.blocks):
             x = block(x)
-            if index == self.LO_BLOCK:
+            if index == self.lo_block:
                 feat_lo = x
         tokens = x.flatten(2).transpose(1, 2)  # [B, (S/32)², 320]
         return feat_lo, x, tokens
@@ -158,7 +160,9 @@ def build_vision_encoder(cfg: ModelConfig, pretrained: bool = True, config: dict
     """The encoder named by ``cfg.vision_encoder``; never a hub call. ``pretrained=False`` skips
     reading weights (a saved GeoPix model brings them all); ``config`` is a saved encoder config."""
     if cfg.vision_encoder == "efficientnet_lite0":
-        return EfficientNetLite0Encoder(pretrained=pretrained, weights_path=cfg.vision_weights)
+        return EfficientNetLite0Encoder(
+            pretrained=pretrained, weights_path=cfg.vision_weights, fine_stride=cfg.fine_feature_stride
+        )
     if cfg.vision_encoder == "clip":
         return ClipEncoder(cfg, pretrained=pretrained, config=config)
     raise ValueError(f"unknown vision encoder {cfg.vision_encoder!r}")

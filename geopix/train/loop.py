@@ -84,7 +84,7 @@ def batch_stream(
             batch_size=cfg.train.batch_size,
             max_length=cfg.train.max_length,
             augment=cfg.train.augment,
-            seed=cfg.data.seed,
+            seed=cfg.train.seed,
             epoch=epoch,
             seg_token_num=cfg.model.seg_token_num,
             num_scales=cfg.model.num_scales,
@@ -259,7 +259,7 @@ def _train(loop: dict[str, Any]) -> None:
     if (tokenizer_dir / "tokenizer").is_dir():  # a GeoPix model directory
         tokenizer_dir = tokenizer_dir / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     if loop.get("init_model_uri"):
         model = GeoPixModel.load(loop["init_model_uri"])
     else:
@@ -289,7 +289,7 @@ def _train(loop: dict[str, Any]) -> None:
             log.info("stage %d: resumed at step %d from the latest checkpoint", stage_no, step)
 
     reader = RankReader(
-        loop["shards_uri"], "train", rank=rank, world=world, seed=cfg.data.seed, tasks=stage.tasks
+        loop["shards_uri"], "train", rank=rank, world=world, seed=cfg.train.seed, tasks=stage.tasks
     )
     stream = batch_stream(reader, position, tokenizer, cfg, model.vision.image_mean, model.vision.image_std)
     writer = MetricsWriter(loop["mlflow_run_id"]) if rank == 0 and loop.get("mlflow_run_id") else None
