@@ -227,6 +227,46 @@ def train(
         typer.echo(f"registered: {cfg.train.registered_model} version {result.model_version} (alias candidate)")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[list[str], typer.Option(help="Saved model (local or s3://); repeat to compare models.")],
+    label: Annotated[
+        list[str] | None, typer.Option(help="A label per --model (default: model-1, model-2, ...).")
+    ] = None,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+    shards: Annotated[str | None, typer.Option(help="Shard set (default: data.shards_uri).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    name: Annotated[str | None, typer.Option(help="Output name under evaluate.out_uri.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N records.")] = None,
+) -> None:
+    """Evaluate model(s) on a split with a Ray Data actor pool: per-record and per-target Parquet,
+    summary JSON, report (Markdown + PNGs), MLflow metrics; with two models, their comparison."""
+    import ray
+
+    from geopix import storage, tracking
+    from geopix.data.loader import ShardError
+    from geopix.evaluate.job import EvalError, evaluate_models, headline
+
+    labels = label or [f"model-{i + 1}" for i in range(len(model))]
+    if len(labels) != len(model) or len(set(labels)) != len(labels):
+        fail(f"give one distinct --label per --model ({len(model)} models, labels {labels})")
+    cfg = _load(config, overrides)
+    ray.init()
+    try:
+        tracking.configure(cfg.tracking)
+        results, comparison = evaluate_models(
+            cfg, dict(zip(labels, model, strict=True)), shards_uri=shards, split=split, name=name, limit=limit
+        )
+    except (EvalError, ShardError, storage.StorageError) as error:
+        fail(str(error))
+    for key, result in results.items():
+        typer.echo(f"{key}: {headline(result.summary)}")
+        typer.echo(f"  report: {result.out_uri}/report/report.md")
+    if comparison:
+        typer.echo(f"comparison: {comparison}/comparison.md")
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help="A saved GeoPix model directory (local or s3://).")],

@@ -227,6 +227,18 @@ def list_files(uri: str, pattern: str = "*", settings: S3Settings | None = None)
     return sorted(str(p) for p in Path(uri).glob(pattern) if p.is_file())
 
 
+def remove_prefix(uri: str, settings: S3Settings | None = None) -> None:
+    """Delete everything under an S3 prefix or a local directory (nothing there is fine)."""
+    if is_s3_uri(uri):
+        fs = s3_filesystem(settings)
+        if fs.exists(uri):
+            fs.rm(uri, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(uri, ignore_errors=True)
+
+
 def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) -> None:
     """Write one object or file; for S3 the bucket is checked first for a clear error."""
     if is_s3_uri(uri):

@@ -442,7 +442,7 @@ class Sample:
     original_masks: np.ndarray | None = None  # [N, H, W] uint8 at the decoded size
 
 
-def _record_image(record: Mapping[str, Any]) -> np.ndarray:
+def record_image(record: Mapping[str, Any]) -> np.ndarray:
     data = record.get("image")
     if not data and record.get("image_uri"):
         try:
@@ -476,7 +476,7 @@ def prepare_sample(
     targets when its answers hold one seg run per target (segment/refer); records whose answers
     hold no seg run (ground, caption, vqa) are supervised by text only and bring no masks.
     """
-    image = _record_image(record)
+    image = record_image(record)
     masks, boxes, class_ids = decode_targets(record)
     if len(masks) and masks.shape[1:] != image.shape[:2]:
         raise BadRecord("image size", f"image {image.shape[:2]} but masks {masks.shape[1:]}")

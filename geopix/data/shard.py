@@ -278,14 +278,7 @@ def _prepare_output(out_uri: str, overwrite: bool) -> None:
     )
     if exists and not overwrite:
         raise ShardError(f"{out_uri} already holds shards ({MANIFEST_FILE}); pass overwrite to replace them")
-    if storage.is_s3_uri(out_uri):
-        fs = storage.s3_filesystem()
-        if fs.exists(out_uri):
-            fs.rm(out_uri, recursive=True)
-    else:
-        import shutil
-
-        shutil.rmtree(out_uri, ignore_errors=True)
+    storage.remove_prefix(out_uri)
 
 
 def _cross_record_rejects(info: pa.Table) -> dict[str, str]:
