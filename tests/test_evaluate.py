@@ -183,8 +183,13 @@ def test_eval_job_scores_an_overfitted_model_and_reports(setup):
     rows = {r["record_id"]: r for r in pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()}
     truth = {r["record_id"]: r for r in good}
     for t in targets:
-        predicted = rows[t["record_id"]]["predicted_masks"][t["target"]]
-        assert t["iou"] == pytest.approx(_predicted_iou(predicted, truth[t["record_id"]]["targets"][t["target"]]["mask"]))
+        assert t["predicted"] == (t["mask_index"] >= 0)
+        if t["predicted"]:
+            predicted = rows[t["record_id"]]["predicted_masks"][t["mask_index"]]
+            expected = _predicted_iou(predicted, truth[t["record_id"]]["targets"][t["target"]]["mask"])
+            assert t["iou"] == pytest.approx(expected)
+        else:
+            assert t["iou"] == 0
 
     # Report, summary and marker published; metrics in MLflow.
     listed = {u.rsplit("/", 1)[-1] for u in storage.list_files(result.out_uri + "/report")}

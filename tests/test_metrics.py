@@ -151,7 +151,7 @@ def test_matching_pairs_masks_with_targets_by_best_total_iou(seed):
     shuffled = [truths[k] for k in (2, 0, 3, 1)]
     matched, _ = score_sample(shuffled, truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=MATCHED)
     in_order, _ = score_sample(shuffled, truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=CFG)
-    assert all(s.iou == 1.0 for s in matched)
+    assert all(s.iou == 1.0 for s in matched) and [s.mask_index for s in matched] == [1, 3, 0, 2]
     assert sum(s.iou for s in in_order) < 4
     fewer, _ = score_sample(truths[:2], truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=MATCHED)
     assert [s.predicted for s in fewer].count(True) == 2 and sorted(s.iou for s in fewer) == [0, 0, 1, 1]

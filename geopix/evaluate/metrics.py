@@ -51,6 +51,7 @@ class TargetScore:
     iou: float
     predicted: bool  # the answer had a mask for this target
     predicted_area: int = 0  # pixels of that mask
+    mask_index: int = -1  # which of the answer's masks was paired with this target (−1: none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +109,7 @@ def score_sample(
                 iou=iou,
                 predicted=has_mask,
                 predicted_area=int(mask.sum()),
+                mask_index=assigned[k] if has_mask else -1,
             )
         )
     return scores, max(len(predicted) - len(truths), 0)

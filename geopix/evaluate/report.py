@@ -198,9 +198,10 @@ def cases_png(cases, images: dict[str, tuple[np.ndarray, np.ndarray]], names: Ma
             continue
         image, truths = images[row["record_id"]]
         shown = image.astype(np.float32) / 255
-        k = target["target"]
+        k, paired = target["target"], target.get("mask_index", target["target"])
         predicted = (
-            schema.decode_mask(row["predicted_masks"][k]).astype(bool) if k < len(row["predicted_masks"]) else None
+            schema.decode_mask(row["predicted_masks"][paired]).astype(bool)
+            if 0 <= paired < len(row["predicted_masks"]) else None
         )
         if predicted is not None:
             shown[predicted] = 0.45 * shown[predicted] + 0.55 * np.array(PREDICTED_COLOUR)
