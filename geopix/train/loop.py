@@ -12,6 +12,7 @@ one and goes on from there. At the end rank 0 writes the consolidated model dire
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -277,8 +278,13 @@ def _train(loop: dict[str, Any]) -> None:
     step, position = 0, Position()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client = engine.load_checkpoint(directory, load_module_strict=False)
+        # Each rank downloads into its own directory: as_directory() shares one download per node,
+        # and a rank once read a file the other was still writing (EOFError in torch.load).
+        directory = tempfile.mkdtemp(prefix=f"geopix-resume-rank{rank}-")
+        try:
+            _, client = engine.load_checkpoint(checkpoint.to_directory(directory), load_module_strict=False)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         if client["config_hash"] != loop["config_hash"]:
             raise RuntimeError(
                 f"run {loop['run_name']}: its checkpoints were written with config {client['config_hash']}, "
