@@ -141,6 +141,7 @@ def setup(stack, ray_cluster, tmp_path_factory):
     storage.write_bytes(f"{SHARDS}/test/shard-00000.parquet", buffer.getvalue())
     classes = [{"id": i, "name": n} for i, n in sorted(CATALOG.names.items())]
     storage.write_bytes(f"{SHARDS}/manifest.json", json.dumps({"classes": classes}).encode())
+    storage.write_bytes(f"{SHARDS}/{storage.SUCCESS_MARKER}", b"")
     tokenizer = train_tokenizer(corpus_texts(rows), vocab_size=300)
     root = tmp_path_factory.mktemp("models")
     fitted = fitted_model(cfg, good, tokenizer).save(root / "fitted", tokenizer)

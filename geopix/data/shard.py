@@ -409,6 +409,14 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(storage.join_uri(shards_uri, MANIFEST_FILE)))
 
 
+def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
+    """Class names by id from a shard manifest (``class_<id>`` for ids it does not name)."""
+    names = [f"class_{k}" for k in range(num_classes)]
+    for entry in manifest.get("classes", []):
+        names[entry["id"]] = entry["name"]
+    return names
+
+
 def class_counts_figure(manifest: dict[str, Any], path: str) -> None:
     """A bar chart of instances per class and records per task, by split (for MLflow and docs)."""
     import matplotlib

@@ -178,6 +178,7 @@ def evaluate_model(
     import ray.data
 
     from geopix import runtime, tracking
+    from geopix.data import shard
     from geopix.data.loader import check_shards
     from geopix.evaluate.report import write_report
 
@@ -189,6 +190,10 @@ def evaluate_model(
     if not published:
         raise EvalError(f"no published model at {model_uri} (a model directory, or an S3 prefix with _SUCCESS)")
     fs, files = check_shards(shards_uri, split)
+    try:
+        names = shard.class_names(shard.read_manifest(shards_uri), cfg.model.num_classes)
+    except shard.ShardError:  # shards without a finished manifest still evaluate, with class ids
+        names = []
     name = name or f"eval-{split}-{runtime.run_id()}"
     out = storage.join_uri(out_uri or cfg.evaluate.out_uri, name)
     if not ray.is_initialized():
@@ -220,7 +225,7 @@ def evaluate_model(
     rows = _read_rows(records_uri)
     if not rows:
         raise EvalError(f"split {split!r} of {shards_uri} gave no records to evaluate")
-    summary = summarize(rows, cfg, _class_names(shards_uri))
+    summary = summarize(rows, cfg, names)
     summary |= {
         "name": name, "model_uri": model_uri, "shards_uri": shards_uri, "split": split,
         "seconds": round(time.perf_counter() - started, 1),
@@ -265,14 +270,6 @@ def _write_targets(targets: list[dict[str, Any]], uri: str) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(targets), buffer)
     storage.write_bytes(uri, buffer.getvalue())
-
-
-def _class_names(shards_uri: str) -> list[str]:
-    try:
-        manifest = json.loads(storage.read_bytes(storage.join_uri(shards_uri, "manifest.json")))
-        return [c["name"] for c in sorted(manifest.get("classes", []), key=lambda c: c["id"])]
-    except (storage.StorageError, OSError, ValueError, KeyError):
-        return []
 
 
 def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 from geopix import storage, tracking
 from geopix.config import GeoPixConfig
 from geopix.data.loader import ShardError, check_shards
+from geopix.data.shard import class_names
 from geopix.train.data import is_task
 
 log = logging.getLogger("geopix.train")
@@ -99,13 +100,6 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
             f"{shards_uri}: class id {max(ids)} does not fit model.num_classes={cfg.model.num_classes}"
         )
     return manifest
-
-
-def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
-    names = [f"class_{k}" for k in range(num_classes)]
-    for entry in manifest.get("classes", []):
-        names[entry["id"]] = entry["name"]
-    return names
 
 
 # ------------------------------------------------------------------------------- tokenizer
