@@ -23,7 +23,7 @@ import time
 from geopix import runtime, storage, tracking
 from geopix.config import load_config
 from geopix.evaluate.job import evaluate_model, headline
-from geopix.evaluate.report import write_comparison
+from geopix.evaluate.report import summary_groups, write_comparison
 from geopix.train.run import train_stage
 
 BAR = 0.55
@@ -71,13 +71,8 @@ def main() -> None:
     print(f"\nevaluations and reports: {out}/")
 
 
-def groups(summary: dict) -> dict[str, dict]:
-    seg = summary["segmentation"]
-    return {"all": seg["overall"], **seg["by_bucket"], **{f"phrase:{k}": v for k, v in seg["by_phrase_type"].items()}}
-
-
 def row_line(run: dict, budget_s: float) -> str:
-    g = groups(run["summary"])
+    g = summary_groups(run["summary"])
     cells = ", ".join(f"{k} {v['cIoU']:.3f}/{v['gIoU']:.3f}" for k, v in g.items())
     return (
         f"K={run['memory_len']} seed={run['seed']}: trained in {run['train_s']:.0f} s "
@@ -88,14 +83,14 @@ def row_line(run: dict, budget_s: float) -> str:
 
 def summary_table(runs: list[dict], sizes: list[int]) -> str:
     """Mean ± spread (half the range) of cIoU and gIoU per group, per K, and the difference to K=0."""
-    keys = list(dict.fromkeys(k for r in runs for k in groups(r["summary"])))
+    keys = list(dict.fromkeys(k for r in runs for k in summary_groups(r["summary"])))
     means: dict[int, dict[str, tuple[float, float]]] = {}
     lines = ["| group | " + " | ".join(f"K={k} cIoU | K={k} gIoU" for k in sizes) + " |"]
     lines.append("|---" * (1 + 2 * len(sizes)) + "|")
     for key in keys:
         cells = []
         for k in sizes:
-            values = [groups(r["summary"]).get(key) for r in runs if r["memory_len"] == k]
+            values = [summary_groups(r["summary"]).get(key) for r in runs if r["memory_len"] == k]
             values = [v for v in values if v and "cIoU" in v]
             for metric in ("cIoU", "gIoU"):
                 xs = [v[metric] for v in values]

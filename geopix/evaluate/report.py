@@ -222,20 +222,21 @@ def cases_png(cases, images: dict[str, tuple[np.ndarray, np.ndarray]], names: Ma
 
 
 # ------------------------------------------------------------------------------- comparison
+def summary_groups(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A summary's segmentation groups in one flat mapping: all, each bucket, each phrase type."""
+    seg = summary["segmentation"]
+    return {"all": seg["overall"]} | {b: seg["by_bucket"][b] for b in BUCKETS if b in seg["by_bucket"]} | {
+        f"phrase: {k}": v for k, v in seg["by_phrase_type"].items()
+    }
+
+
 def write_comparison(summaries: Mapping[str, dict[str, Any]], out_uri: str) -> Path:
     """Side by side: overall, per bucket and per phrase type cIoU/gIoU of each labelled summary,
     with the difference of each to the first. Returns the local directory (also copied to ``out_uri``)."""
     local = Path(tempfile.mkdtemp(prefix="geopix-compare-"))
     labels = list(summaries)
     base = labels[0]
-
-    def groups(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        seg = summary["segmentation"]
-        return {"all": seg["overall"]} | {b: seg["by_bucket"][b] for b in BUCKETS if b in seg["by_bucket"]} | {
-            f"phrase: {k}": v for k, v in seg["by_phrase_type"].items()
-        }
-
-    table = {label: groups(s) for label, s in summaries.items()}
+    table = {label: summary_groups(s) for label, s in summaries.items()}
     keys = list(dict.fromkeys(k for t in table.values() for k in t))
     head = "| group | " + " | ".join(f"{label} cIoU / gIoU" for label in labels)
     head += "".join(f" | Δ {label} − {base}" for label in labels[1:]) + " |"
