@@ -136,6 +136,10 @@ class ModelConfig(_Section):
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
     match_targets: bool = True
     fine_feature_stride: Literal[8, 16] = 16
+    # Mask loss = BCE (pixel mean) × mask_bce_weight + Dice × mask_dice_weight (GEOPIX.md §1: 2.0 and
+    # 0.5). Dice is per target and scale-free, so its weight sets how much small targets count.
+    mask_bce_weight: float = Field(2.0, ge=0)
+    mask_dice_weight: float = Field(0.5, ge=0)
     memory_len: int = Field(8, ge=0)
     memory_dim: int = Field(64, ge=1)
     num_classes: int = Field(8, ge=1)

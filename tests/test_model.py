@@ -579,6 +579,6 @@ def test_multi_target_loss_pairs_runs_with_targets_by_assignment():
     targets = torch.stack([a, b, c, a])
     sample = torch.tensor([0, 0, 0, 1])
     logits = torch.stack([b, c, a, b]) * 20 - 10  # sample 0's runs predict b, c, a; sample 1 alone
-    order = match_targets(logits, targets, sample)
+    order = match_targets(logits, targets, sample, {"mask_bce": 2.0, "mask_dice": 0.5})
     assert order.tolist() == [1, 2, 0, 3]
     assert torch.equal(targets[order][:3] > 0, logits[:3] > 0)

@@ -25,7 +25,7 @@ from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.vision import build_vision_encoder
 from geopix.storage import local_copy
 
-LOSS_WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "class": 1.0}
+LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
 LORA_TARGETS = ("q_proj", "v_proj")
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "geopix_config.json"
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
@@ -130,6 +130,10 @@ class GeoPixModel(nn.Module):
         return sorted({self.image_token_id, *self.seg_token_ids})
 
     @property
+    def loss_weights(self) -> dict[str, float]:
+        return LOSS_WEIGHTS | {"mask_bce": self.cfg.mask_bce_weight, "mask_dice": self.cfg.mask_dice_weight}
+
+    @property
     def vocab_size(self) -> int:
         return self.llm.config.vocab_size
 
@@ -208,7 +212,7 @@ class GeoPixModel(nn.Module):
                 hidden, positions, target_sample, feat_lo, feat_hi, ema
             )
             if target_masks is not None and self.cfg.match_targets:
-                order = match_targets(out.mask_logits, target_masks, target_sample)
+                order = match_targets(out.mask_logits, target_masks, target_sample, self.loss_weights)
                 target_masks = target_masks[order]
                 class_ids = class_ids[order] if class_ids is not None else None
             if target_masks is not None:
@@ -216,7 +220,7 @@ class GeoPixModel(nn.Module):
             if class_ids is not None:
                 losses["class"] = F.cross_entropy(out.class_logits.float(), class_ids)
         if losses:
-            out.loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+            out.loss = sum(self.loss_weights[k] * v for k, v in losses.items())
             out.losses = losses
         return out
 
@@ -520,7 +524,9 @@ class GeoPixModel(nn.Module):
 
 # ------------------------------------------------------------------------------------- helpers
 @torch.no_grad()
-def match_targets(logits: torch.Tensor, targets: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
+def match_targets(
+    logits: torch.Tensor, targets: torch.Tensor, target_sample: torch.Tensor, weights: dict[str, float]
+) -> torch.Tensor:
     """For each sample with several seg runs, the assignment of its targets to its runs that
     minimises the mask loss (Hungarian, as DETR does for sets); returns the target order [T].
 
@@ -539,7 +545,7 @@ def match_targets(logits: torch.Tensor, targets: torch.Tensor, target_sample: to
         dice = 1 - (2 * probs @ truth.T + 1) / (probs.sum(1)[:, None] + truth.sum(1)[None] + 1)
         eps = 1e-6
         bce = -(truth @ torch.log(probs + eps).T + (1 - truth) @ torch.log(1 - probs + eps).T).T / probs.shape[1]
-        cost = LOSS_WEIGHTS["mask_bce"] * bce + LOSS_WEIGHTS["mask_dice"] * dice  # [runs, targets]
+        cost = weights["mask_bce"] * bce + weights["mask_dice"] * dice  # [runs, targets]
         runs, chosen = linear_sum_assignment(cost.cpu().numpy())
         order[index[torch.as_tensor(runs, device=index.device)]] = index[torch.as_tensor(chosen, device=index.device)]
     return order
