@@ -230,6 +230,17 @@ def test_chat_answers_with_masks_batched_and_cached(fitted, records, tokenizer, 
         assert torch.allclose(forced.class_probs, answer.class_probs, atol=1e-4)
     alone = model.chat(pixels[3:4], user_texts(records)[3:4], tokenizer, max_new_tokens=40)[0]
     assert alone.text == answers[3].text and iou(alone.masks, answers[3].masks) > 0.99
+    # The batched teacher-forced mode (one instruction, one answer form for every image).
+    single = [i for i, r in enumerate(records) if len(answers[i].masks) == 1]
+    run = "".join(tokenizer.convert_ids_to_tokens(model.seg_token_ids))
+    forms = {answers[i].text.replace(run, "{seg}") for i in single}
+    assert forms == {"Sure, it is {seg}."}
+    for i in single:
+        [forced] = model.answer_forced(pixels[i : i + 1].repeat(2, 1, 1, 1), user_texts(records)[i], "Sure, it is {seg}.", tokenizer)[:1]
+        assert forced.text == answers[i].text and torch.equal(forced.masks, answers[i].masks)
+        assert torch.allclose(forced.mask_probs, answers[i].mask_probs, atol=1e-4)
+    with pytest.raises(ValueError, match="no {seg} run"):
+        model.answer_forced(pixels[:1], user_texts(records)[0], "Sure.", tokenizer)
 
 
 def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):

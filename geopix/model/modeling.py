@@ -47,6 +47,12 @@ class ChatAnswer:
     text: str
     masks: torch.Tensor  # [runs, S, S] bool, one per complete [SEG0]… run
     class_probs: torch.Tensor  # [runs, C]
+    mask_probs: torch.Tensor | None = None  # [runs, S, S] float: the mask probabilities ``masks`` thresholds
+
+    @classmethod
+    def from_logits(cls, text: str, mask_logits: torch.Tensor, class_logits: torch.Tensor) -> ChatAnswer:
+        probs = mask_logits.float().sigmoid().cpu()
+        return cls(text, probs > 0.5, class_logits.float().softmax(-1).cpu(), probs)
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -369,11 +375,50 @@ class GeoPixModel(nn.Module):
         seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
         target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
         masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
-        return ChatAnswer(text, masks.float().sigmoid().cpu() > 0.5, class_logits.float().softmax(-1).cpu())
+        return ChatAnswer.from_logits(text, masks, class_logits)
 
     def _answer_without_masks(self, text: str) -> ChatAnswer:
         size = self.cfg.image_size
-        return ChatAnswer(text, torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, self.cfg.num_classes))
+        return ChatAnswer(
+            text, torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, self.cfg.num_classes), torch.zeros(0, size, size)
+        )
+
+    @torch.no_grad()
+    def answer_forced(
+        self, pixel_values: torch.Tensor, instruction: str, answer: str, tokenizer: Any
+    ) -> list[ChatAnswer]:
+        """Every image answered with the given ``answer`` text (``{seg}`` marks each seg run) to one
+        ``instruction``, teacher-forced: one forward pass for the whole batch instead of token-by-token
+        decoding. Where greedy decoding would write the same answer, the masks are the same (up to
+        floating-point summation order), since a causal LLM's hidden state at a token depends only
+        on the tokens before it."""
+        was_training = self.training
+        self.eval()
+        from geopix.data.tokenizer import answer_text as assistant_turn
+
+        run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
+        answer_ids = tokenizer.encode(assistant_turn(answer.replace("{seg}", run_text)), add_special_tokens=False)
+        prompt = self.prompt_ids(instruction, tokenizer)
+        starts = [len(prompt) + p for p in seg_run_starts(answer_ids, self.seg_token_ids)]
+        if not starts:
+            raise ValueError(f"forced answer {answer!r} has no {{seg}} run")
+        device, batch = pixel_values.device, len(pixel_values)
+        input_ids = torch.tensor([prompt + answer_ids] * batch, device=device)
+        out = self(
+            pixel_values.to(self.projector[0].weight.dtype),
+            input_ids,
+            torch.ones_like(input_ids),
+            seg_positions=torch.tensor(starts * batch, device=device),
+            target_sample=torch.arange(batch, device=device).repeat_interleave(len(starts)),
+        )
+        text = answer_text(answer_ids, tokenizer)
+        k = len(starts)
+        answers = [
+            ChatAnswer.from_logits(text, out.mask_logits[i * k : (i + 1) * k], out.class_logits[i * k : (i + 1) * k])
+            for i in range(batch)
+        ]
+        self.train(was_training)
+        return answers
 
     @torch.no_grad()
     def segment_answer(
@@ -394,8 +439,7 @@ class GeoPixModel(nn.Module):
             seg_positions=torch.tensor(starts, device=image.device),
             target_sample=torch.zeros(len(starts), dtype=torch.long, device=image.device),
         )
-        probs = out.class_logits.float().softmax(-1).cpu()
-        return ChatAnswer(text, out.mask_logits.float().sigmoid().cpu() > 0.5, probs)
+        return ChatAnswer.from_logits(text, out.mask_logits, out.class_logits)
 
     # ------------------------------------------------------------------------- stage policies
     def set_stage(self, stage: Literal[1, 2]) -> None:
