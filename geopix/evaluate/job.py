@@ -215,7 +215,7 @@ def evaluate_model(
         },
         batch_size=ev.batch_size,
         batch_format="pyarrow",
-        concurrency=ev.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=ev.concurrency),
         num_cpus=ev.threads_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
