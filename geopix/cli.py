@@ -305,6 +305,44 @@ def chat(
     typer.echo(f"wrote {summary['overlay']}")
 
 
+@app.command()
+def segment(
+    model: Annotated[str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version>, or a model URI.")],
+    scene: Annotated[list[str], typer.Option(help="Scene GeoTIFF/COG (local or s3://); repeatable.")],
+    instruction: Annotated[
+        list[str] | None, typer.Option(help='e.g. "[segment] all storage tanks" (repeatable; default: segment.instructions).')
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Output prefix (default: segment.out_uri).")] = None,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo scenes already published for this model and request.")] = False,
+) -> None:
+    """Segment large scenes window by window (Ray Data actor pool) into COG masks, GeoParquet
+    polygons, a preview and run metadata per scene, published atomically (``_SUCCESS`` last)."""
+    import ray
+
+    from geopix import tracking
+    from geopix.infer.segment import run_segment
+
+    cfg = _load(config, overrides)
+    if instruction:
+        cfg.segment.instructions = list(instruction)
+    ray.init(log_to_driver=False)
+    try:
+        tracking.configure(cfg.tracking)
+        results, _ = run_segment(cfg, model, scene, out, overwrite=overwrite)
+    except ValueError as error:
+        fail(str(error))
+    for result in results:
+        if result.status == "failed":
+            typer.secho(f"{result.scene_id}: failed: {result.reason}: {result.detail}", fg=typer.colors.RED)
+        else:
+            typer.echo(f"{result.scene_id}: {result.status}, {result.windows} windows, "
+                       f"{result.polygons} polygons in {result.seconds:.1f} s → {result.out_uri}")  # fmt: skip
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
 @data_app.command("synth")
 def data_synth(
     config: ConfigOption = "tiny",

@@ -223,6 +223,38 @@ class EvalConfig(_Section):
     report_cases: int = Field(6, ge=1)  # best and worst referring cases drawn in the report
 
 
+class SegmentConfig(_Section):
+    """Batch segmentation of large scenes (`geopix segment`, flows/nightly.py).
+
+    Windows of ``window_size`` (default: the model's input size, read at the scene's own resolution)
+    step by ``window_size - overlap``; each output pixel comes from the one window in whose centre
+    part it lies (centre-cropping), so the stitched raster is exactly what the windows give one by one.
+    """
+
+    window_size: int | None = Field(None, ge=32)  # None: model.image_size
+    overlap: int = Field(64, ge=0)  # px shared by neighbouring windows; half of it is cropped off each
+    chunk_size: int = Field(1024, ge=64)  # windows are read in block-aligned chunks of this size
+    bands: list[int] = Field(default_factory=lambda: [1, 2, 3])  # 1-based source bands → R, G, B
+    # uint8 sources are used as they are; others are stretched to 0–255 per band between the
+    # scene's `percentiles` (from its smallest overview, nodata excluded) or a `fixed_range`.
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    fixed_range: tuple[float, float] | None = None
+    instructions: list[str] = Field(default_factory=lambda: ["[segment] all storage tanks"])
+    concurrency: int = Field(1, ge=1)  # model actors (one GPU each when train.use_gpu)
+    threads_per_actor: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # windows answered together
+    max_new_tokens: int = Field(48, ge=1)
+    # generate: greedy token-by-token answers (the model decides how many masks). teacher_forced:
+    # every window is answered `forced_answer` in one batched forward pass ({seg} = one seg run) —
+    # faster, and the same masks wherever greedy decoding would have written that answer.
+    decode: Literal["generate", "teacher_forced"] = "generate"
+    forced_answer: str = "Sure, it is {seg}."
+    out_uri: str = "s3://geopix-predictions/scenes"  # <out_uri>/<scene id>/<model>/<instruction hash>/
+    incoming_uri: str = "s3://geopix-scenes/incoming"  # what the nightly job lists
+    polygon_block: int = Field(2048, ge=256)  # polygons are traced block by block, then merged
+    min_polygon_pixels: int = Field(4, ge=1)  # smaller connected components are not written as polygons
+
+
 class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -232,6 +264,7 @@ class GeoPixConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
 
     def config_hash(self) -> str:
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable

@@ -13,6 +13,7 @@ import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,41 @@ def configure(tracking: TrackingConfig) -> str:
     if tracking.system_metrics:
         mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_interval_s)
     return uri
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to run: where its files are, and what to call it in output paths and metadata."""
+
+    uri: str  # model directory or S3 prefix (GeoPixModel.load_pretrained)
+    label: str  # "<registered name>-v<version>", or "m-<hash of the URI>" for a bare URI
+    registered_name: str | None = None
+    version: str | None = None
+    run_id: str | None = None  # the MLflow run that produced it, when registered
+
+
+def resolve_model(model: str) -> ModelRef:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (the MLflow registry) or a model
+    directory / S3 prefix."""
+    import hashlib
+
+    if not model.startswith("models:/"):
+        return ModelRef(model, "m-" + hashlib.sha256(model.rstrip("/").encode()).hexdigest()[:10])
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    path = model.removeprefix("models:/")
+    client = MlflowClient()
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = path.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except (MlflowException, ValueError) as exc:
+        raise ValueError(f"{model}: no such registered model version ({exc})") from None
+    return ModelRef(version.source, f"{name}-v{version.version}", name, str(version.version), version.run_id)
 
 
 def run_tags(config: GeoPixConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:

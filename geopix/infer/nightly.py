@@ -1,0 +1,155 @@
+"""The nightly job: segment every new scene under the incoming prefix, once.
+
+A scene is *done* when its output prefix (scene id + model label + request hash) carries
+``_SUCCESS``; done scenes are skipped, so a second run processes nothing and writes no scene object.
+A scene that fails is *quarantined*: ``<out>/_quarantine/<scene id>.json`` records the reason, the
+detail and the input's checksum; later runs skip it while the input is unchanged (a re-uploaded,
+fixed file is retried). Inputs are never moved or deleted. Each run writes a summary under
+``<out>/_runs/<run id>.json`` and logs an MLflow run with the per-scene table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from geopix import runtime, storage
+from geopix.config import GeoPixConfig
+from geopix.infer.scene import input_checksum, scene_id_of
+from geopix.infer.segment import (
+    SceneResult,
+    is_published,
+    log_segment_run,
+    request_hash,
+    scene_prefix,
+    segment_scenes,
+)
+from geopix.tracking import resolve_model
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_DIR, RUNS_DIR = "_quarantine", "_runs"
+SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass
+class NightlyResult:
+    run_id: str
+    incoming: str
+    out: str
+    model: str
+    listed: int = 0
+    already_done: int = 0
+    still_quarantined: int = 0
+    results: list[SceneResult] = field(default_factory=list)
+    summary_uri: str = ""
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return sum(r.status == "done" for r in self.results)
+
+    @property
+    def failed(self) -> list[SceneResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "incoming": self.incoming, "out": self.out, "model": self.model,
+            "listed": self.listed, "already_done": self.already_done, "still_quarantined": self.still_quarantined,
+            "processed": self.processed, "failed": len(self.failed), "seconds": round(self.seconds, 1),
+            "scenes": [r.as_dict() | {"metadata": None} for r in self.results],
+        }  # fmt: skip
+
+
+def list_scenes(incoming: str) -> list[str]:
+    """GeoTIFFs directly or anywhere under ``incoming``, sorted."""
+    if storage.is_s3_uri(incoming):
+        fs = storage.s3_filesystem()
+        fs.invalidate_cache()
+        keys = fs.find(incoming.removeprefix("s3://").rstrip("/"))
+        return sorted(f"s3://{k}" for k in keys if k.lower().endswith(SCENE_SUFFIXES))
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(incoming).rglob("*") if p.suffix.lower() in SCENE_SUFFIXES)
+
+
+def quarantine_uri(out: str, scene_id: str) -> str:
+    return storage.join_uri(out, QUARANTINE_DIR, f"{scene_id}.json")
+
+
+def _quarantined(out: str, uri: str) -> bool:
+    """True while the scene's quarantine record names the input as it is now."""
+    try:
+        record = json.loads(storage.read_bytes(quarantine_uri(out, scene_id_of(uri))))
+    except (FileNotFoundError, storage.StorageError):  # no record: not quarantined
+        return False
+    try:
+        return record.get("checksum") == input_checksum(uri)
+    except Exception:  # noqa: BLE001 - an input that cannot even be stat'ed stays quarantined
+        return True
+
+
+def run_nightly(
+    cfg: GeoPixConfig,
+    model: str,
+    incoming: str | None = None,
+    out: str | None = None,
+    *,
+    overwrite: bool = False,
+    log_to_mlflow: bool = True,
+) -> NightlyResult:
+    """List, skip what is done or quarantined (unless ``overwrite``), segment the rest in one
+    pipeline, quarantine failures, write the run summary, log to MLflow."""
+    started = time.perf_counter()
+    incoming = (incoming or cfg.segment.incoming_uri).rstrip("/")
+    out = (out or cfg.segment.out_uri).rstrip("/")
+    ref = resolve_model(model)
+    from geopix.infer.segment import model_meta
+
+    window = cfg.segment.window_size or int(model_meta(ref.uri)["model"]["image_size"])
+    request = request_hash(cfg.segment, window)
+    result = NightlyResult(runtime.run_id(), incoming, out, ref.label)
+    todo = []
+    for uri in list_scenes(incoming):
+        result.listed += 1
+        if overwrite:
+            todo.append(uri)
+        elif is_published(scene_prefix(out, scene_id_of(uri), ref, request)):
+            result.already_done += 1
+        elif _quarantined(out, uri):
+            result.still_quarantined += 1
+        else:
+            todo.append(uri)
+    log.info("nightly %s: %d scenes listed, %d done before, %d quarantined, %d to process",
+             result.run_id, result.listed, result.already_done, result.still_quarantined, len(todo))  # fmt: skip
+    if todo:
+        result.results = segment_scenes(cfg, ref, todo, out, overwrite=overwrite)
+    for scene in result.results:
+        if scene.status == "failed":
+            _quarantine(out, scene, result.run_id)
+        elif scene.status == "done":
+            storage.remove_prefix(quarantine_uri(out, scene.scene_id))  # fixed since an earlier night
+    result.seconds = time.perf_counter() - started
+    result.summary_uri = storage.join_uri(out, RUNS_DIR, f"{result.run_id}.json")
+    if log_to_mlflow:
+        result.mlflow_run_id = log_segment_run(cfg, ref, result.results, result.seconds)
+    summary = result.as_dict() | {"mlflow_run_id": result.mlflow_run_id}
+    storage.write_bytes(result.summary_uri, json.dumps(summary, indent=1, default=str).encode())
+    return result
+
+
+def _quarantine(out: str, scene: SceneResult, run_id: str) -> None:
+    try:
+        checksum = input_checksum(scene.scene_uri)
+    except Exception:  # noqa: BLE001 - a missing input has no checksum
+        checksum = None
+    record = {
+        "scene_uri": scene.scene_uri, "scene_id": scene.scene_id, "reason": scene.reason, "detail": scene.detail,
+        "checksum": checksum, "run_id": run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    storage.write_bytes(quarantine_uri(out, scene.scene_id), json.dumps(record, indent=1).encode())

@@ -1,0 +1,439 @@
+"""Batch segmentation of large scenes: the Ray Data pipeline behind `geopix segment` and the nightly job.
+
+    scenes ─open/plan (driver)→ chunks ─read (tasks)→ windows ─WindowSegmenter (actor pool)→ answers
+           ─stitch (driver, window by window into a local tiled GeoTIFF)→ COG + polygons ─publish→ S3
+
+Several scenes share one pipeline (and one actor pool, each actor loading the model once). No scene
+is ever held in memory: the readers hold one chunk, the actors one batch of windows, the driver one
+window's answer at a time. Each scene is published on its own as soon as its last window is written:
+objects first, ``_SUCCESS`` last, under
+
+    <out>/<scene id>/<model label>/<request hash>/{mask.tif, polygons.parquet, preview.png, run.json, _SUCCESS}
+
+A scene that fails (unreadable, no CRS, all nodata, a corrupt block …) is reported with its reason
+and never stops the others; whatever it had written locally is dropped and nothing of it reaches S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopix import storage
+from geopix.config import GeoPixConfig, SegmentConfig
+from geopix.infer.scene import (
+    SceneError,
+    SceneInfo,
+    Window,
+    open_scene,
+    plan_chunks,
+    plan_windows,
+    read_chunk,
+)
+from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
+from geopix.tracking import ModelRef
+
+log = logging.getLogger(__name__)
+
+MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE = "mask.tif", "polygons.parquet", "preview.png", "run.json"
+
+
+@dataclass
+class SceneResult:
+    scene_uri: str
+    scene_id: str
+    status: str  # "done", "skipped" (already published), "failed"
+    out_uri: str | None = None
+    reason: str | None = None  # failed: short key (missing, no CRS, all nodata, unreadable, …)
+    detail: str | None = None
+    windows: int = 0
+    windows_nodata: int = 0  # windows with no valid pixel: not run through the model
+    polygons: int = 0
+    seconds: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def request_hash(cfg: SegmentConfig, window_size: int) -> str:
+    """What shapes a scene's outputs besides the model and the scene: the instructions and the
+    windowing/scaling parameters (so changing any of them never overwrites or skips older outputs)."""
+    content = {
+        "instructions": cfg.instructions, "window_size": window_size, "overlap": cfg.overlap, "bands": cfg.bands,
+        "percentiles": cfg.percentiles, "fixed_range": cfg.fixed_range, "min_polygon_pixels": cfg.min_polygon_pixels,
+        "decode": cfg.decode, "forced_answer": cfg.forced_answer if cfg.decode == "teacher_forced" else None,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def scene_prefix(out_uri: str, scene_id: str, model: ModelRef, request: str) -> str:
+    return storage.join_uri(out_uri, scene_id, model.label, request)
+
+
+def is_published(prefix: str) -> bool:
+    marker = storage.join_uri(prefix, storage.SUCCESS_MARKER)
+    if not storage.is_s3_uri(prefix):
+        return Path(marker).exists()
+    fs = storage.s3_filesystem()
+    fs.invalidate_cache(prefix.removeprefix("s3://"))  # another process may have published since
+    return fs.exists(marker)
+
+
+def model_meta(model_uri: str) -> dict[str, Any]:
+    """The saved model's config (class names, input size) without downloading its weights."""
+    from geopix.model.modeling import CONFIG_FILE
+
+    try:
+        return json.loads(storage.read_bytes(storage.join_uri(model_uri, CONFIG_FILE)))
+    except (FileNotFoundError, storage.StorageError):
+        raise ValueError(f"{model_uri}: not a GeoPix model (no {CONFIG_FILE})") from None
+
+
+# ------------------------------------------------------------------------------ worker side
+def read_windows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Data ``flat_map``: one chunk → one row per window (image + validity), or one error row."""
+    scene_row = json.loads(row["scene"])
+    scene = SceneInfo(**{**scene_row, "scaling": _scaling(scene_row["scaling"])})
+    windows = [Window(w[0], tuple(w[1]), tuple(w[2])) for w in json.loads(row["windows"])]
+    key, size = row["key"], windows[0].read[2]
+    try:
+        return [
+            {"key": key, "window": window.index, "image": image, "valid": valid, "error": ""}
+            for window, image, valid in read_chunk(scene, windows)
+        ]
+    except Exception as exc:  # noqa: BLE001 - a corrupt block fails its scene, not the job
+        # Same column types as a good row (Ray Data concatenates blocks), flagged by `error`.
+        return [{"key": key, "window": -1, "image": np.zeros((size, size, 3), np.uint8),
+                 "valid": np.zeros((size, size), bool), "error": f"{type(exc).__name__}: {exc}"}]  # fmt: skip
+
+
+def _scaling(data: dict[str, Any]):
+    from geopix.infer.scene import Scaling
+
+    return Scaling(
+        tuple(data["low"]) if data["low"] is not None else None,
+        tuple(data["high"]) if data["high"] is not None else None,
+    )
+
+
+class WindowSegmenter:
+    """A Ray Data actor: the model is loaded once; each batch of windows is answered for every
+    instruction, and the answers become the window's [2, S, S] class/confidence raster."""
+
+    def __init__(self, model_uri: str, config: dict[str, Any], threads: int, device: str):
+        import torch
+
+        from geopix.model.modeling import GeoPixModel
+
+        torch.set_num_threads(threads)
+        self.cfg = GeoPixConfig.model_validate(config).segment
+        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(model_uri, device=device)
+        self.device = device
+        self.dtype = next(self.model.projector.parameters()).dtype
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        errors, valid = batch["error"], batch["valid"]
+        size = valid.shape[1:]
+        rasters = np.zeros((len(errors), 2, *size), np.uint8)
+        todo = [i for i, error in enumerate(errors) if not error and valid[i].any()]
+        if todo:
+            rasters[todo] = np.stack(
+                self.segment([batch["image"][i] for i in todo], [valid[i] for i in todo])
+            )
+        nodata = np.array([not error and i not in todo for i, error in enumerate(errors)])
+        return {"key": batch["key"], "window": batch["window"], "raster": rasters, "nodata_window": nodata,
+                "error": errors}  # fmt: skip
+
+    def segment(self, images: list[np.ndarray], valid: list[np.ndarray]) -> list[np.ndarray]:
+        """[S, S, 3] uint8 windows → [2, S, S] rasters (every instruction's masks merged)."""
+        import torch.nn.functional as F
+
+        size = images[0].shape[:2]
+        pixels = self.processor(images).to(device=self.device, dtype=self.dtype)
+        per_window: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in images]
+        for instruction in self.cfg.instructions:
+            if self.cfg.decode == "teacher_forced":
+                answers = self.model.answer_forced(pixels, instruction, self.cfg.forced_answer, self.tokenizer)
+            else:
+                answers = self.model.chat(
+                    pixels, [instruction] * len(images), self.tokenizer, max_new_tokens=self.cfg.max_new_tokens
+                )
+            for k, answer in enumerate(answers):
+                if not len(answer.mask_probs):
+                    continue
+                probs = answer.mask_probs.float()
+                if tuple(probs.shape[-2:]) != size:  # window size ≠ model input size
+                    probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+                classes = answer.class_probs.argmax(-1).tolist()
+                for mask_probs, class_id in zip(probs.numpy(), classes, strict=True):
+                    per_window[k].append((mask_probs > 0.5, mask_probs, class_id))
+        rasters = []
+        for found, ok in zip(per_window, valid, strict=True):
+            masks = np.stack([f[0] for f in found]) if found else np.zeros((0, *size), bool)
+            probs = np.stack([f[1] for f in found]) if found else np.zeros((0, *size), np.float32)
+            rasters.append(window_answer_raster(masks, probs, [f[2] for f in found], ok))
+        return rasters
+
+
+# ------------------------------------------------------------------------------ driver side
+@dataclass
+class _Open:
+    """A scene being written: its writer, window bookkeeping and timings."""
+
+    scene: SceneInfo
+    prefix: str
+    windows: dict[int, Window]
+    writer: MaskWriter
+    workdir: Path
+    started: float
+    remaining: int
+    nodata_windows: int = 0
+
+
+def segment_scenes(
+    cfg: GeoPixConfig,
+    model: str | ModelRef,
+    scene_uris: list[str],
+    out_uri: str | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[SceneResult]:
+    """Segment ``scene_uris`` with ``model`` (a model URI, ``models:/name@alias`` or a ModelRef) and
+    publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order."""
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    from geopix.tracking import resolve_model
+
+    ref = model if isinstance(model, ModelRef) else resolve_model(model)
+    meta = model_meta(ref.uri)
+    class_names = list(meta.get("class_names") or [])
+    seg = cfg.segment
+    window_size = seg.window_size or int(meta["model"]["image_size"])
+    request = request_hash(seg, window_size)
+    out_uri = (out_uri or seg.out_uri).rstrip("/")
+    results: dict[str, SceneResult] = {}
+    opened: dict[str, _Open] = {}
+    tasks: list[dict[str, Any]] = []
+    workroot = Path(tempfile.mkdtemp(prefix="geopix-segment-"))
+    for uri in scene_uris:
+        started = time.perf_counter()
+        try:
+            scene = open_scene(uri, seg)
+        except SceneError as exc:
+            results[uri] = SceneResult(uri, _id(uri), "failed", reason=exc.reason, detail=exc.detail)
+            log.warning("scene %s failed: %s", uri, exc)
+            continue
+        prefix = scene_prefix(out_uri, scene.scene_id, ref, request)
+        if not overwrite and is_published(prefix):
+            results[uri] = SceneResult(uri, scene.scene_id, "skipped", out_uri=prefix)
+            continue
+        windows = plan_windows(scene.width, scene.height, window_size, seg.overlap)
+        workdir = workroot / f"{len(opened):04d}-{scene.scene_id}"
+        opened[uri] = _Open(
+            scene, prefix, {w.index: w for w in windows}, MaskWriter(scene, workdir / MASK_FILE, class_names),
+            workdir, started, remaining=len(windows),
+        )  # fmt: skip
+        scene_row = json.dumps(scene.as_dict())
+        for chunk in plan_chunks(windows, seg.chunk_size):
+            tasks.append(
+                {
+                    "key": uri,
+                    "scene": scene_row,
+                    "windows": json.dumps([(w.index, w.read, w.keep) for w in chunk]),
+                }
+            )
+
+    if tasks:
+        if not ray.is_initialized():
+            ray.init()
+        use_gpu = cfg.train.use_gpu
+        answered = (
+            ray.data.from_items(tasks, override_num_blocks=len(tasks))
+            .flat_map(read_windows)
+            .map_batches(
+                WindowSegmenter,
+                fn_constructor_kwargs={
+                    "model_uri": ref.uri, "config": cfg.model_dump(mode="json"),
+                    "threads": seg.threads_per_actor, "device": "cuda" if use_gpu else "cpu",
+                },
+                batch_size=seg.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=seg.concurrency),
+                num_cpus=seg.threads_per_actor,
+                num_gpus=1 if use_gpu else 0,
+            )
+        )  # fmt: skip
+        total = sum(o.remaining for o in opened.values())
+        bar = tqdm(total=total, desc=f"segment {len(opened)} scene(s)", unit="window", disable=not progress)
+        for row in answered.iter_rows():
+            state = opened.get(row["key"])
+            if state is None:  # its scene already failed
+                continue
+            if row["error"]:
+                results[row["key"]] = _fail(state, "unreadable", row["error"])
+                bar.update(state.remaining)
+                del opened[row["key"]]
+                continue
+            if row["nodata_window"]:
+                state.nodata_windows += 1
+            else:
+                state.writer.write(state.windows[int(row["window"])], np.asarray(row["raster"]))
+            state.remaining -= 1
+            bar.update(1)
+            if state.remaining == 0:
+                results[row["key"]] = _finish(state, ref, cfg, class_names, request)
+                del opened[row["key"]]
+        bar.close()
+    for uri, state in opened.items():  # never completed: the stream ended early
+        results[uri] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
+    shutil.rmtree(workroot, ignore_errors=True)
+    return [results[uri] for uri in scene_uris]
+
+
+def _id(uri: str) -> str:
+    from geopix.infer.scene import scene_id_of
+
+    return scene_id_of(uri)
+
+
+def _fail(state: _Open, reason: str, detail: str) -> SceneResult:
+    state.writer.close()
+    shutil.rmtree(state.workdir, ignore_errors=True)
+    log.warning("scene %s failed: %s: %s", state.scene.uri, reason, detail)
+    return SceneResult(
+        state.scene.uri, state.scene.scene_id, "failed", reason=reason, detail=detail[:500],
+        windows=len(state.windows), seconds=round(time.perf_counter() - state.started, 2),
+    )  # fmt: skip
+
+
+def _finish(
+    state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str
+) -> SceneResult:
+    """COG, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
+    from geopix.infer.preview import scene_preview
+    from geopix.infer.vectorize import trace_polygons
+
+    state.writer.close()
+    scene, work, seg = state.scene, state.workdir, cfg.segment
+    timings = {"windows_s": round(time.perf_counter() - state.started, 2)}
+    try:
+        t = time.perf_counter()
+        cog = work / "cog" / MASK_FILE
+        cog.parent.mkdir()
+        validation = to_cog(work / MASK_FILE, cog)
+        if not validation["valid"]:
+            raise RuntimeError(f"the written COG does not validate: {validation['errors']}")
+        timings["cog_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        stats = trace_polygons(
+            cog, work / POLYGONS_FILE, class_names, seg.polygon_block, seg.min_polygon_pixels
+        )
+        timings["polygons_s"] = round(time.perf_counter() - t, 2)
+        scene_preview(scene, cog, work / PREVIEW_FILE, class_names)
+        metadata = {
+            "scene": scene.as_dict() | {"scaling": asdict(scene.scaling)},
+            "model": asdict(ref),
+            "instructions": seg.instructions,
+            "request_hash": request,
+            "params": seg.model_dump(mode="json"),
+            "windows": len(state.windows),
+            "windows_nodata": state.nodata_windows,
+            "polygons": asdict(stats),
+            "cog": validation,
+            "class_encoding": {
+                "0": "background",
+                **{str(i + 1): n for i, n in enumerate(class_names)},
+                "255": "nodata",
+            },
+            "outputs": {"mask": MASK_FILE, "polygons": POLYGONS_FILE, "preview": PREVIEW_FILE},
+            "timings": timings,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (work / RUN_FILE).write_text(json.dumps(metadata, indent=1, default=str))
+        publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE,
+                               PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE})  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - a scene that cannot be finished fails alone
+        return _fail(state, "finish failed", f"{type(exc).__name__}: {exc}")
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = round(time.perf_counter() - state.started, 2)
+    log.info("scene %s: %d windows, %d polygons in %.1f s → %s", scene.scene_id, len(state.windows),
+             stats.polygons, seconds, state.prefix)  # fmt: skip
+    return SceneResult(
+        scene.uri, scene.scene_id, "done", out_uri=state.prefix, windows=len(state.windows),
+        windows_nodata=state.nodata_windows, polygons=stats.polygons, seconds=seconds, metadata=metadata,
+    )  # fmt: skip
+
+
+def publish(prefix: str, files: dict[str, Path]) -> None:
+    """Replace whatever ``prefix`` held (a finished or a half-written earlier run) with ``files``,
+    then write ``_SUCCESS``: readers that wait for the marker never see a mix."""
+    storage.remove_prefix(prefix)
+    for name, path in files.items():
+        if storage.is_s3_uri(prefix):
+            storage.s3_filesystem().put(str(path), storage.join_uri(prefix, name))
+        else:
+            Path(prefix).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(prefix, name))
+    storage.write_bytes(storage.join_uri(prefix, storage.SUCCESS_MARKER), b"")
+
+
+def log_segment_run(cfg: GeoPixConfig, ref: ModelRef, results: list[SceneResult], seconds: float) -> str:
+    """One MLflow run (a child of the active flow run, if any) for a batch of scenes: counts, timings,
+    each scene's preview and run metadata as artifacts, and the per-scene table."""
+    import mlflow
+
+    from geopix import tracking
+
+    done = [r for r in results if r.status == "done"]
+    with tracking.step_run(
+        "segment", params={"model": ref.uri, "model_label": ref.label, "scenes": len(results),
+                           "instructions": " | ".join(cfg.segment.instructions)}, config=cfg,
+    ) as run:  # fmt: skip
+        windows = sum(r.windows - r.windows_nodata for r in done)
+        mlflow.log_metrics({
+            "scenes_done": len(done), "scenes_failed": sum(r.status == "failed" for r in results),
+            "scenes_skipped": sum(r.status == "skipped" for r in results), "windows": windows,
+            "polygons": sum(r.polygons for r in done), "seconds": seconds,
+            "windows_per_s": windows / seconds if seconds else 0.0,
+        })  # fmt: skip
+        mlflow.log_dict(
+            {"scenes": [r.as_dict() | {"metadata": None} for r in results]}, "segment/scenes.json"
+        )
+        for r in done:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in (PREVIEW_FILE, RUN_FILE):
+                    local = Path(tmp, f"{r.scene_id}-{name}")
+                    local.write_bytes(storage.read_bytes(storage.join_uri(r.out_uri, name)))
+                    mlflow.log_artifact(str(local), "segment")
+        return run.info.run_id
+
+
+def run_segment(
+    cfg: GeoPixConfig,
+    model: str,
+    scene_uris: list[str],
+    out_uri: str | None = None,
+    *,
+    overwrite: bool = False,
+    log_to_mlflow: bool = True,
+) -> tuple[list[SceneResult], str | None]:
+    """`geopix segment` as a Python entry for flows: segment, publish, log one MLflow run."""
+    from geopix.tracking import resolve_model
+
+    started = time.perf_counter()
+    ref = resolve_model(model)
+    results = segment_scenes(cfg, ref, scene_uris, out_uri, overwrite=overwrite)
+    run_id = log_segment_run(cfg, ref, results, time.perf_counter() - started) if log_to_mlflow else None
+    return results, run_id

@@ -1,0 +1,92 @@
+"""Window answers → one georeferenced raster, written window by window, then a COG.
+
+Per pixel the output holds two bands: the class (0 background, ``class id + 1`` for an object,
+``NODATA`` where the source had no data or the scene was padded) and the confidence (the winning
+mask's probability in percent, 0–100). Where several masks of one window cover a pixel, the most
+probable wins. Each window writes only its keep rectangle (see :mod:`geopix.infer.scene`), so no
+pixel is written twice and nothing of the scene is held in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geopix.infer.scene import SceneInfo, Window
+
+NODATA = 255
+BLOCK = 512
+BANDS = ("class", "confidence")
+
+
+def window_answer_raster(
+    masks: np.ndarray, mask_probs: np.ndarray, class_ids: list[int], valid: np.ndarray
+) -> np.ndarray:
+    """One window's masks ([K, S, S] bool), their probabilities ([K, S, S] float) and classes →
+    [2, S, S] uint8 (class + 1 / 0 / NODATA, confidence %)."""
+    size = valid.shape
+    out = np.zeros((2, *size), np.uint8)
+    if len(masks):
+        scores = np.where(masks, mask_probs, -1.0)  # a pixel outside every mask stays background
+        best = scores.argmax(0)
+        best_score = np.take_along_axis(scores, best[None], 0)[0]
+        hit = best_score >= 0
+        out[0][hit] = np.asarray(class_ids, np.uint8)[best[hit]] + 1
+        out[1][hit] = np.round(best_score[hit] * 100).astype(np.uint8)
+    out[:, ~valid] = NODATA
+    return out
+
+
+class MaskWriter:
+    """A tiled GeoTIFF on local disk on the scene's grid, filled window by window."""
+
+    def __init__(self, scene: SceneInfo, path: str | Path, class_names: list[str]):
+        import rasterio
+        from affine import Affine
+
+        self.scene, self.path = scene, Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dataset = rasterio.open(
+            self.path, "w", driver="GTiff", width=scene.width, height=scene.height, count=2, dtype="uint8",
+            crs=scene.crs, transform=Affine(*scene.transform), nodata=NODATA, tiled=True,
+            blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
+        )  # fmt: skip
+        # GDAL fills never-written blocks with the nodata value on close, so windows skipped for
+        # having no valid pixel need no write.
+        self.dataset.update_tags(
+            classes=",".join(class_names), class_encoding="0 background, id+1 class, 255 nodata"
+        )
+        for band, name in enumerate(BANDS, start=1):
+            self.dataset.set_band_description(band, name)
+        self.windows_written = 0
+
+    def write(self, window: Window, raster: np.ndarray) -> None:
+        """``raster`` [2, S, S] is the whole window's answer; only its keep rectangle is written."""
+        from rasterio.windows import Window as RioWindow
+
+        rows, cols = window.keep_in_window()
+        col, row, width, height = window.keep
+        self.dataset.write(raster[:, rows, cols], window=RioWindow(col, row, width, height))
+        self.windows_written += 1
+
+    def close(self) -> None:
+        if not self.dataset.closed:
+            self.dataset.close()
+
+
+def to_cog(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """A valid COG (rio-cogeo, deflate, 512 blocks, mode overviews so classes stay classes); returns
+    rio-cogeo's validation result."""
+    from rio_cogeo.cogeo import cog_translate, cog_validate
+    from rio_cogeo.profiles import cog_profiles
+
+    profile = cog_profiles.get("deflate")
+    profile.update(blockxsize=BLOCK, blockysize=BLOCK)
+    cog_translate(
+        str(src), str(dst), profile, nodata=NODATA, overview_resampling="mode", in_memory=False, quiet=True,
+        config={"GDAL_CACHEMAX": 128, "GDAL_TIFF_INTERNAL_MASK": True},
+    )  # fmt: skip
+    valid, errors, warnings = cog_validate(str(dst), quiet=True)
+    return {"valid": bool(valid), "errors": errors, "warnings": warnings}

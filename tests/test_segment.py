@@ -1,0 +1,307 @@
+"""Batch segmentation of large scenes on the local stack: window planning, stitching that adds
+nothing to what the model gives window by window, georeferenced COG + GeoParquet outputs published
+atomically, bad scenes reported one by one, and the nightly job's idempotency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from geopix import storage
+from geopix.config import REPO_ROOT, load_config
+from geopix.data import synth
+from geopix.data.tokenizer import corpus_texts, train_tokenizer
+from geopix.infer import nightly
+from geopix.infer.scene import open_scene, plan_chunks, plan_windows, read_chunk
+from geopix.infer.segment import MASK_FILE, POLYGONS_FILE, RUN_FILE, WindowSegmenter, segment_scenes
+from geopix.infer.stitch import NODATA
+from tests.test_evaluate import eval_records, fitted_model
+from tests.test_model import SMALL
+
+SCENES = "s3://geopix-scenes/tests/segment"
+OUT = "s3://geopix-predictions/tests/segment"
+INSTRUCTION = "[refer] the storage_tank"
+OVERRIDES = [
+    *SMALL,
+    "segment.overlap=16",
+    "segment.chunk_size=128",
+    "segment.batch_size=1",  # the reference below answers windows one by one: same arithmetic
+    "segment.max_new_tokens=16",
+    "segment.polygon_block=256",  # several polygon blocks on a 512-px scene: merging is exercised
+    "tracking.experiment=geopix-tests-segment",
+    "tracking.system_metrics=false",
+]
+
+
+# --------------------------------------------------------------------------------- planning
+@pytest.mark.parametrize(
+    "width,height,size,overlap", [(512, 512, 64, 16), (500, 333, 64, 16), (64, 64, 64, 0), (40, 30, 64, 16),
+                                  (1000, 130, 256, 64), (257, 256, 256, 0)],
+)  # fmt: skip
+def test_windows_cover_the_scene_and_keep_rectangles_tile_it(width, height, size, overlap):
+    windows = plan_windows(width, height, size, overlap)
+    owner = np.zeros((height, width), np.int32)
+    for w in windows:
+        col, row, kw, kh = w.keep
+        rc, rr, rw, rh = w.read
+        assert (rw, rh) == (size, size)
+        assert rc <= col and rr <= row and col + kw <= rc + rw and row + kh <= rr + rh  # keep ⊂ read
+        owner[row : row + kh, col : col + kw] += 1
+    assert (owner == 1).all()  # every pixel written exactly once, right and bottom edges included
+    assert max(w.read[0] + w.read[2] for w in windows) >= width
+    chunks = plan_chunks(windows, 128)
+    assert sorted(w.index for c in chunks for w in c) == list(range(len(windows)))
+
+
+def test_overlap_must_be_smaller_than_the_window():
+    with pytest.raises(ValueError, match="overlap"):
+        plan_windows(100, 100, 64, 64)
+
+
+# ------------------------------------------------------------------------------ fixtures
+def put_geotiff(uri: str, data: np.ndarray, tmp: Path, **profile) -> str:
+    path = tmp / Path(uri).name
+    base = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
+            "dtype": data.dtype.name, "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+    with rasterio.open(path, "w", **(base | profile)) as ds:
+        ds.write(data)
+    storage.s3_filesystem().put(str(path), uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def setup(stack, ray_cluster, tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = load_config("tiny", OVERRIDES + [f"segment.instructions=['{INSTRUCTION}']"])
+    good, broken, caption = eval_records()
+    tokenizer = train_tokenizer(corpus_texts([*good, broken, caption]), vocab_size=300)
+    root = tmp_path_factory.mktemp("segment")
+    model = fitted_model(cfg, good, tokenizer)
+    model.class_names = ["storage_tank", "ship", "small_vehicle"]
+    model_dir = model.save(root / "model", tokenizer)
+    storage.remove_prefix(SCENES)
+    storage.remove_prefix(OUT)
+    meta = synth.generate_scene(f"{SCENES}/good", "scene-a", 512, seed=3, progress=False)
+    return cfg, str(model_dir), f"{SCENES}/good/scene-a/image.tif", meta, root
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setup):
+    cfg, model_dir, scene_uri, meta, root = setup
+    [result] = segment_scenes(cfg, model_dir, [scene_uri], OUT, progress=False)
+    assert result.status == "done", result
+    prefix = result.out_uri
+    assert storage.list_files(prefix, storage.SUCCESS_MARKER)
+    run = json.loads(storage.read_bytes(f"{prefix}/{RUN_FILE}"))
+    assert run["cog"]["valid"] and run["windows"] == result.windows > 100
+
+    local = root / "mask.tif"
+    local.write_bytes(storage.read_bytes(f"{prefix}/{MASK_FILE}"))
+    from rio_cogeo.cogeo import cog_validate
+
+    assert cog_validate(str(local), quiet=True)[0]
+    with storage.rasterio_env(), rasterio.open(scene_uri) as src, rasterio.open(local) as out:
+        assert (out.width, out.height, out.crs, out.transform) == (
+            src.width,
+            src.height,
+            src.crs,
+            src.transform,
+        )
+        assert out.nodata == NODATA and (out.overviews(1) or max(out.shape) <= 512)  # one block needs none
+        stitched, source_valid = out.read(), src.dataset_mask() > 0
+    assert ((stitched[0] == NODATA) == ~source_valid).all()  # nodata exactly where the source had none
+    assert ((stitched[0] != 0) & (stitched[0] != NODATA)).sum() > 0  # the model did answer with masks
+
+    # The same windows answered one by one, outside the pipeline: identical keep rectangles.
+    scene = open_scene(scene_uri, cfg.segment)
+    segmenter = WindowSegmenter(model_dir, cfg.model_dump(mode="json"), threads=1, device="cpu")
+    windows = plan_windows(scene.width, scene.height, 64, cfg.segment.overlap)
+    for window, image, valid in read_chunk(scene, windows):
+        rows, cols = window.keep_in_window()
+        col, row, width, height = window.keep
+        expected = (
+            segmenter.segment([image], [valid])[0] if valid.any() else np.full((2, 64, 64), NODATA, np.uint8)
+        )
+        np.testing.assert_array_equal(stitched[:, row : row + height, col : col + width], expected[:, rows, cols],
+                                      err_msg=f"window {window.index}")  # fmt: skip
+
+    # Polygons: GeoParquet with the scene's CRS, and they rasterise back onto the raster.
+    table = pq.read_table(storage.join_uri(prefix, POLYGONS_FILE).removeprefix("s3://"),
+                          filesystem=storage.arrow_filesystem(prefix)[0])  # fmt: skip
+    geo = json.loads(table.schema.metadata[b"geo"])
+    assert rasterio.crs.CRS.from_user_input(
+        json.dumps(geo["columns"]["geometry"]["crs"])
+    ) == rasterio.crs.CRS.from_string(meta["crs"])
+    from rasterio.features import rasterize
+    from shapely import from_wkb
+
+    polygons = table.to_pylist()
+    assert polygons and all(p["pixels"] >= cfg.segment.min_polygon_pixels for p in polygons)
+    burned = rasterize(((from_wkb(p["geometry"]), p["class_id"] + 1) for p in polygons),
+                       out_shape=stitched[0].shape, transform=out.transform, fill=0, dtype="uint8")  # fmt: skip
+    objects = (stitched[0] != 0) & (stitched[0] != NODATA)
+    agree = (burned == np.where(objects, stitched[0], 0)).mean()
+    assert agree > 0.995, agree  # only components under min_polygon_pixels are left out
+    for p in polygons:  # UTM, 0.5 m pixels: area = pixels × 0.25 m²
+        assert p["area_m2"] == pytest.approx(p["pixels"] * 0.25, rel=1e-6)
+        assert 0 <= p["score"] <= 1
+    assert run["polygons"]["merged_across_blocks"] >= 0
+
+    # Published once: a second call skips it; --overwrite redoes it.
+    [again] = segment_scenes(cfg, model_dir, [scene_uri], OUT, progress=False)
+    assert again.status == "skipped" and again.out_uri == prefix
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def bad_scenes(scene_uri: str, tmp: Path, prefix: str) -> dict[str, str]:
+    """One scene per bad-input case (key → URI); the expected outcome is in BAD_INPUTS."""
+    good = storage.read_bytes(scene_uri)
+    uris = {}
+    uris["truncated"] = f"{prefix}/truncated.tif"
+    storage.write_bytes(uris["truncated"], good[: len(good) * 6 // 10])
+    uris["corrupt"] = f"{prefix}/corrupt.tif"
+    storage.write_bytes(
+        uris["corrupt"], b"II*\x00" + bytes(np.random.default_rng(0).integers(0, 255, 5000, np.uint8))
+    )
+    rgb = np.random.default_rng(1).integers(1, 255, (3, 200, 200), np.uint8)
+    uris["no_crs"] = put_geotiff(f"{prefix}/no_crs.tif", rgb, tmp)
+    utm = {"crs": "EPSG:32618", "transform": from_origin(583_000, 4_511_000, 0.5, 0.5)}
+    uris["all_nodata"] = put_geotiff(
+        f"{prefix}/all_nodata.tif", np.zeros((3, 300, 300), np.uint8), tmp, nodata=0, **utm
+    )
+    # uint16, 4 bands (B, G, R, NIR), Web Mercator at ~40.7° N: stretched, and areas in an equal-area CRS.
+    with storage.rasterio_env(), rasterio.open(scene_uri) as ds:
+        rgb16 = ds.read(window=rasterio.windows.Window(0, 0, 256, 256)).astype(np.uint16) * 40 + 300
+    nir = np.full((1, 256, 256), 900, np.uint16)
+    uris["uint16_4band_3857"] = put_geotiff(
+        f"{prefix}/uint16_4band_3857.tif", np.concatenate([rgb16[::-1], nir]), tmp, nodata=0,
+        crs="EPSG:3857", transform=from_origin(-8_236_000, 4_970_000, 0.66, 0.66),
+    )  # fmt: skip
+    with storage.rasterio_env(), rasterio.open(scene_uri) as ds:
+        small = ds.read(window=rasterio.windows.Window(200, 200, 40, 30))
+    uris["smaller_than_window"] = put_geotiff(
+        f"{prefix}/smaller_than_window.tif", small, tmp, nodata=0, **utm
+    )
+    uris["missing"] = f"{prefix}/missing.tif"
+    return uris
+
+
+# case → (expected status, expected reason for failures)
+BAD_INPUTS = {
+    "truncated": ("failed", "unreadable"),
+    "corrupt": ("failed", "unreadable"),
+    "no_crs": ("failed", "no CRS"),
+    "all_nodata": ("failed", "all nodata"),
+    "uint16_4band_3857": ("done", None),
+    "smaller_than_window": ("done", None),
+    "missing": ("failed", "missing"),
+}
+
+
+def test_bad_scenes_fail_one_by_one_and_publish_nothing(setup, tmp_path):
+    cfg, model_dir, scene_uri, _, _ = setup
+    cases = bad_scenes(scene_uri, tmp_path, f"{SCENES}/bad")
+    cfg = cfg.model_copy(update={"segment": cfg.segment.model_copy(update={"bands": [3, 2, 1]})})
+    uris = [*cases.values(), scene_uri]
+    results = segment_scenes(cfg, model_dir, uris, f"{OUT}-bad", progress=False)
+    by_case = dict(zip([*cases, "good"], results, strict=True))
+    for case, result in by_case.items():  # the bad-input table (pytest -s shows it)
+        print(f"{case:22s} {result.status:7s} {result.reason or '':12s} {(result.detail or '')[:90]}")
+    assert by_case["good"].status == "done"
+    for case, (status, reason) in BAD_INPUTS.items():
+        result = by_case[case]
+        assert (result.status, result.reason) == (status, reason), (case, result)
+        if status == "failed":
+            assert result.detail and result.out_uri is None
+            assert not [f for f in storage.s3_filesystem().find(f"{OUT}-bad".removeprefix("s3://"))
+                        if f"/{Path(result.scene_uri).stem}/" in f], case  # fmt: skip
+    small = json.loads(storage.read_bytes(f"{by_case['smaller_than_window'].out_uri}/{RUN_FILE}"))
+    assert small["windows"] == 1 and (small["scene"]["width"], small["scene"]["height"]) == (40, 30)
+    web = json.loads(storage.read_bytes(f"{by_case['uint16_4band_3857'].out_uri}/{RUN_FILE}"))
+    assert web["scene"]["dtype"] == "uint16" and web["scene"]["scaling"]["low"] is not None
+    table = pq.read_table(f"{by_case['uint16_4band_3857'].out_uri}/{POLYGONS_FILE}".removeprefix("s3://"),
+                          filesystem=storage.arrow_filesystem(OUT)[0]).to_pylist()  # fmt: skip
+    for polygon in table:  # Web Mercator inflates areas by 1/cos²(latitude): equal-area m² are smaller
+        planar = polygon["pixels"] * 0.66 * 0.66
+        assert polygon["area_m2"] == pytest.approx(planar * np.cos(np.radians(40.7)) ** 2, rel=0.02)
+
+
+# ------------------------------------------------------------------------------ nightly
+def object_states(prefix: str) -> dict[str, str]:
+    """key → ETag + LastModified of everything under ``prefix``."""
+    fs = storage.s3_filesystem()
+    fs.invalidate_cache()
+    return {
+        k: f"{v['ETag']}@{v['LastModified']}"
+        for k, v in fs.find(prefix.removeprefix("s3://"), detail=True).items()
+    }
+
+
+def nightly_cli(cfg_overrides: list[str], model_dir: str, incoming: str, out: str, *extra: str):
+    command = [sys.executable, "flows/nightly.py", "--model", model_dir, "--incoming", incoming, "--out", out,
+               *[a for o in cfg_overrides for a in ("--set", o)], *extra]  # fmt: skip
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
+    )
+
+
+def test_nightly_is_idempotent_quarantines_and_survives_a_kill(setup):
+    cfg, model_dir, scene_uri, _, _ = setup
+    incoming, out = f"{SCENES}/incoming", f"{OUT}-nightly"
+    storage.remove_prefix(incoming)
+    storage.remove_prefix(out)
+    fs = storage.s3_filesystem()
+    for name in ("a", "b"):
+        fs.copy(scene_uri.removeprefix("s3://"), f"{incoming}/2026-11-27/{name}.tif".removeprefix("s3://"))
+    storage.write_bytes(f"{incoming}/2026-11-27/broken.tif", b"not a tiff")
+    overrides = [*OVERRIDES, f"segment.instructions=['{INSTRUCTION}']"]
+
+    # A run killed while it segments leaves nothing visible; the rerun completes.
+    killed = nightly_cli(overrides, model_dir, incoming, out)
+    assert killed.stdout is not None
+    for line in killed.stdout:
+        if "window" in line and "segment" in line:  # the progress bar: windows are being answered
+            break
+    killed.kill()
+    killed.wait()
+    # As if a kill had also hit an upload: an object of scene a, with no _SUCCESS.
+    prefix_a = nightly.scene_prefix(out, "a", nightly.resolve_model(model_dir),
+                                    nightly.request_hash(cfg.segment, 64))  # fmt: skip
+    storage.write_bytes(f"{prefix_a}/{MASK_FILE}", b"half")
+
+    first = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=True)
+    assert (first.listed, first.processed, len(first.failed)) == (3, 2, 1)
+    assert first.failed[0].scene_id == "broken" and first.failed[0].reason == "unreadable"
+    quarantine = json.loads(storage.read_bytes(nightly.quarantine_uri(out, "broken")))
+    assert quarantine["reason"] == "unreadable" and quarantine["checksum"]
+    published = sorted(Path(f).name for f in storage.list_files(prefix_a))
+    assert published == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE, storage.SUCCESS_MARKER])
+    assert storage.read_bytes(f"{prefix_a}/{MASK_FILE}") != b"half"
+    summary = json.loads(storage.read_bytes(first.summary_uri))
+    assert summary["processed"] == 2 and summary["failed"] == 1 and summary["mlflow_run_id"]
+
+    # Second run: nothing processed, no object changed; only its own run summary is new.
+    before = object_states(out)
+    second = nightly_cli(overrides, model_dir, incoming, out)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    assert "listed 3, done before 2, quarantined before 1, processed 0, failed 0" in output, output
+    after = object_states(out)
+    new = set(after) - set(before)
+    assert len(new) == 1 and "/_runs/" in new.pop()
+    assert {k: after[k] for k in before} == before
+
+    # A fixed re-upload of the quarantined scene is retried; --overwrite redoes everything.
+    fs.copy(scene_uri.removeprefix("s3://"), f"{incoming}/2026-11-27/broken.tif".removeprefix("s3://"))
+    third = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=False)
+    assert (third.processed, len(third.failed), third.already_done) == (1, 0, 2)
+    assert not storage.list_files(f"{out}/_quarantine")
