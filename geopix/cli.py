@@ -315,6 +315,12 @@ def segment(
     out: Annotated[str | None, typer.Option(help="Output prefix (default: segment.out_uri).")] = None,
     config: ConfigOption = "tiny",
     overrides: SetOption = None,
+    scene_id: Annotated[
+        list[str] | None, typer.Option(help="Name per --scene in output paths (default: its file name).")
+    ] = None,
+    keep_class: Annotated[
+        list[str] | None, typer.Option(help="Keep only masks of these classes (repeatable; default: all).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo scenes already published for this model and request.")] = False,
 ) -> None:
     """Segment large scenes window by window (Ray Data actor pool) into COG masks, GeoParquet
@@ -327,10 +333,12 @@ def segment(
     cfg = _load(config, overrides)
     if instruction:
         cfg.segment.instructions = list(instruction)
+    if keep_class:
+        cfg.segment.keep_classes = list(keep_class)
     ray.init(log_to_driver=False)
     try:
         tracking.configure(cfg.tracking)
-        results, _ = run_segment(cfg, model, scene, out, overwrite=overwrite)
+        results, _ = run_segment(cfg, model, scene, out, scene_ids=scene_id, overwrite=overwrite)
     except ValueError as error:
         fail(str(error))
     for result in results:

@@ -239,7 +239,10 @@ class SegmentConfig(_Section):
     # scene's `percentiles` (from its smallest overview, nodata excluded) or a `fixed_range`.
     percentiles: tuple[float, float] = (2.0, 98.0)
     fixed_range: tuple[float, float] | None = None
-    instructions: list[str] = Field(default_factory=lambda: ["[segment] all storage tanks"])
+    instructions: list[str] = Field(default_factory=lambda: ["[segment] Segment all storage tanks."])
+    # Keep only masks whose class (the model's class head) is one of these names; None keeps all.
+    # An instruction about storage tanks can still draw a mask on something else; this drops it.
+    keep_classes: list[str] | None = None
     concurrency: int = Field(1, ge=1)  # model actors (one GPU each when train.use_gpu)
     threads_per_actor: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)  # windows answered together

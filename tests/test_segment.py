@@ -5,6 +5,7 @@ atomically, bad scenes reported one by one, and the nightly job's idempotency.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,88 @@ def test_nightly_is_idempotent_quarantines_and_survives_a_kill(setup):
     third = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=False)
     assert (third.processed, len(third.failed), third.already_done) == (1, 0, 2)
     assert not storage.list_files(f"{out}/_quarantine")
+
+
+def test_scene_scores_against_ground_truth(setup, tmp_path):
+    """The windowed ground-truth comparison: the truth itself scores 1; one class erased scores 0
+    recall for it and leaves the others at 1."""
+    from geopix.evaluate.scene import scene_scores
+
+    _, _, scene_uri, meta, _ = setup
+    truth_uri = scene_uri.replace("image.tif", "classes.tif")
+    with storage.rasterio_env(), rasterio.open(truth_uri) as gt, rasterio.open(scene_uri) as src:
+        truth, profile, valid = gt.read(1), gt.profile, src.dataset_mask() > 0
+    as_output = np.where(truth == 255, 0, truth.astype(np.int64) + 1).astype(np.uint8)
+    as_output[~valid] = NODATA
+    names = [c["name"] for c in sorted(meta["classes"], key=lambda c: c["id"])]
+    profile.update(nodata=NODATA, driver="GTiff")
+    perfect, erased = tmp_path / "perfect.tif", tmp_path / "erased.tif"
+    with rasterio.open(perfect, "w", **profile) as ds:
+        ds.write(as_output[None])
+    present = sorted({int(v) for v in np.unique(truth[valid]) if v != 255})
+    gone = present[0]
+    with rasterio.open(erased, "w", **profile) as ds:
+        ds.write(np.where(as_output == gone + 1, 0, as_output).astype(np.uint8)[None])
+    scores = scene_scores(str(perfect), truth_uri, names)
+    assert {names[c] for c in present} <= set(scores)
+    assert all(s["iou"] == 1.0 for s in scores.values())
+    partial = scene_scores(str(erased), truth_uri, names)
+    assert partial[names[gone]]["recall"] == 0.0
+    assert all(partial[names[c]]["iou"] == 1.0 for c in present if c != gone)
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path):
+    """A second S3 server that checks credentials (moto's IAM auth after its first 5 requests):
+    a bucket with one scene, and the access key of a user allowed to read it."""
+    import socket
+    import time
+
+    import boto3
+
+    from geopix.stack import free_ports
+
+    [port] = free_ports(1)
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="5")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        anyone = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "x", "aws_secret_access_key": "x"}
+        iam = boto3.client("iam", **anyone)
+        iam.create_user(UserName="reader")  # 1
+        iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps(  # 2
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))  # fmt: skip
+        key = iam.create_access_key(UserName="reader")["AccessKey"]  # 3
+        s3 = boto3.client("s3", **anyone)
+        s3.create_bucket(Bucket="secure")  # 4
+        rgb = np.random.default_rng(2).integers(1, 255, (3, 128, 128), np.uint8)
+        path = tmp_path / "scene.tif"
+        with rasterio.open(path, "w", driver="GTiff", count=3, height=128, width=128, dtype="uint8",
+                           crs="EPSG:32618", transform=from_origin(583_000, 4_511_000, 0.5, 0.5)) as ds:  # fmt: skip
+            ds.write(rgb)
+        s3.put_object(Bucket="secure", Key="scene.tif", Body=path.read_bytes())  # 5: auth from here on
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_wrong_credentials_fail_the_scene_with_a_clear_reason(setup, s3_with_auth, monkeypatch, tmp_path):
+    cfg, model_dir, _, _, _ = setup
+    endpoint, key_id, secret = s3_with_auth
+    for name in ("GEOPIX_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(name, endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    assert open_scene("s3://secure/scene.tif", cfg.segment).width == 128  # the right key reads it
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    [result] = segment_scenes(cfg, model_dir, ["s3://secure/scene.tif"], str(tmp_path / "out"), progress=False)
+    assert (result.status, result.reason) == ("failed", "access denied"), result
+    assert "scene.tif" in str(result.scene_uri) and result.detail
+    assert not (tmp_path / "out").exists()

@@ -114,9 +114,15 @@ def run_nightly(
     window = cfg.segment.window_size or int(model_meta(ref.uri)["model"]["image_size"])
     request = request_hash(cfg.segment, window)
     result = NightlyResult(runtime.run_id(), incoming, out, ref.label)
-    todo = []
+    todo, seen, duplicates = [], set(), []
     for uri in list_scenes(incoming):
         result.listed += 1
+        scene_id = scene_id_of(uri)
+        if scene_id in seen:  # two files, one output prefix: the first listed wins, the rest fail
+            duplicates.append(SceneResult(uri, scene_id, "failed", reason="duplicate scene id",
+                                          detail=f"another file under {incoming} is also named {scene_id}"))  # fmt: skip
+            continue
+        seen.add(scene_id)
         if overwrite:
             todo.append(uri)
         elif is_published(scene_prefix(out, scene_id_of(uri), ref, request)):
@@ -129,6 +135,7 @@ def run_nightly(
              result.run_id, result.listed, result.already_done, result.still_quarantined, len(todo))  # fmt: skip
     if todo:
         result.results = segment_scenes(cfg, ref, todo, out, overwrite=overwrite)
+    result.results += duplicates
     for scene in result.results:
         if scene.status == "failed":
             _quarantine(out, scene, result.run_id)

@@ -112,8 +112,9 @@ def input_checksum(uri: str) -> str:
     return hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def open_scene(uri: str, cfg: SegmentConfig) -> SceneInfo:
-    """Check that ``uri`` can be segmented and describe it; :class:`SceneError` says why not."""
+def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> SceneInfo:
+    """Check that ``uri`` can be segmented and describe it; :class:`SceneError` says why not.
+    ``scene_id`` names it in output paths (default: the file name without extension)."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -140,7 +141,7 @@ def open_scene(uri: str, cfg: SegmentConfig) -> SceneInfo:
             scaling = _scaling(ds, bands, cfg, uri)
             return SceneInfo(
                 uri=uri,
-                scene_id=scene_id_of(uri),
+                scene_id=scene_id or scene_id_of(uri),
                 width=ds.width,
                 height=ds.height,
                 count=ds.count,

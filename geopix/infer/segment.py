@@ -71,7 +71,7 @@ def request_hash(cfg: SegmentConfig, window_size: int) -> str:
     content = {
         "instructions": cfg.instructions, "window_size": window_size, "overlap": cfg.overlap, "bands": cfg.bands,
         "percentiles": cfg.percentiles, "fixed_range": cfg.fixed_range, "min_polygon_pixels": cfg.min_polygon_pixels,
-        "decode": cfg.decode, "forced_answer": cfg.forced_answer if cfg.decode == "teacher_forced" else None,
+        "decode": cfg.decode, "keep_classes": cfg.keep_classes, "forced_answer": cfg.forced_answer if cfg.decode == "teacher_forced" else None,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -140,6 +140,8 @@ class WindowSegmenter:
         self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(model_uri, device=device)
         self.device = device
         self.dtype = next(self.model.projector.parameters()).dtype
+        names = self.model.class_names
+        self.keep = None if self.cfg.keep_classes is None else {names.index(n) for n in self.cfg.keep_classes}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         errors, valid = batch["error"], batch["valid"]
@@ -176,7 +178,8 @@ class WindowSegmenter:
                     probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
                 classes = answer.class_probs.argmax(-1).tolist()
                 for mask_probs, class_id in zip(probs.numpy(), classes, strict=True):
-                    per_window[k].append((mask_probs > 0.5, mask_probs, class_id))
+                    if self.keep is None or class_id in self.keep:
+                        per_window[k].append((mask_probs > 0.5, mask_probs, class_id))
         rasters = []
         for found, ok in zip(per_window, valid, strict=True):
             masks = np.stack([f[0] for f in found]) if found else np.zeros((0, *size), bool)
@@ -206,11 +209,13 @@ def segment_scenes(
     scene_uris: list[str],
     out_uri: str | None = None,
     *,
+    scene_ids: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[SceneResult]:
     """Segment ``scene_uris`` with ``model`` (a model URI, ``models:/name@alias`` or a ModelRef) and
-    publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order."""
+    publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order.
+    ``scene_ids`` name the scenes in output paths (default: each file name without extension)."""
     import ray
     import ray.data
     from tqdm.auto import tqdm
@@ -221,6 +226,12 @@ def segment_scenes(
     meta = model_meta(ref.uri)
     class_names = list(meta.get("class_names") or [])
     seg = cfg.segment
+    unknown = sorted(set(seg.keep_classes or []) - set(class_names))
+    if unknown:
+        raise ValueError(f"segment.keep_classes {unknown} are not classes of {ref.uri} ({class_names})")
+    ids = scene_ids or [None] * len(scene_uris)
+    if len(ids) != len(scene_uris) or len({i for i in ids if i}) != len([i for i in ids if i]):
+        raise ValueError(f"give one distinct scene id per scene ({len(scene_uris)} scenes, ids {scene_ids})")
     window_size = seg.window_size or int(meta["model"]["image_size"])
     request = request_hash(seg, window_size)
     out_uri = (out_uri or seg.out_uri).rstrip("/")
@@ -228,12 +239,12 @@ def segment_scenes(
     opened: dict[str, _Open] = {}
     tasks: list[dict[str, Any]] = []
     workroot = Path(tempfile.mkdtemp(prefix="geopix-segment-"))
-    for uri in scene_uris:
+    for uri, scene_id in zip(scene_uris, ids, strict=True):
         started = time.perf_counter()
         try:
-            scene = open_scene(uri, seg)
+            scene = open_scene(uri, seg, scene_id)
         except SceneError as exc:
-            results[uri] = SceneResult(uri, _id(uri), "failed", reason=exc.reason, detail=exc.detail)
+            results[uri] = SceneResult(uri, scene_id or _id(uri), "failed", reason=exc.reason, detail=exc.detail)
             log.warning("scene %s failed: %s", uri, exc)
             continue
         prefix = scene_prefix(out_uri, scene.scene_id, ref, request)
@@ -426,6 +437,7 @@ def run_segment(
     scene_uris: list[str],
     out_uri: str | None = None,
     *,
+    scene_ids: list[str] | None = None,
     overwrite: bool = False,
     log_to_mlflow: bool = True,
 ) -> tuple[list[SceneResult], str | None]:
@@ -434,6 +446,6 @@ def run_segment(
 
     started = time.perf_counter()
     ref = resolve_model(model)
-    results = segment_scenes(cfg, ref, scene_uris, out_uri, overwrite=overwrite)
+    results = segment_scenes(cfg, ref, scene_uris, out_uri, scene_ids=scene_ids, overwrite=overwrite)
     run_id = log_segment_run(cfg, ref, results, time.perf_counter() - started) if log_to_mlflow else None
     return results, run_id
