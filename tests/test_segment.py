@@ -391,3 +391,21 @@ def test_wrong_credentials_fail_the_scene_with_a_clear_reason(setup, s3_with_aut
     assert (result.status, result.reason) == ("failed", "access denied"), result
     assert "scene.tif" in str(result.scene_uri) and result.detail
     assert not (tmp_path / "out").exists()
+
+
+def test_geopix_segment_cli(setup):
+    _, model_dir, scene_uri, _, _ = setup
+    from tests.conftest import geopix_cli
+
+    out = f"{OUT}-cli"
+    overrides = [a for o in [*OVERRIDES, "segment.overlap=0"] for a in ("--set", o)]
+    command = [*geopix_cli(), "segment", "--model", model_dir, "--scene", scene_uri, "--scene-id", "cli-scene",
+               "--instruction", INSTRUCTION, "--out", out, *overrides]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cli-scene: done, 64 windows" in done.stdout, done.stdout  # 512² in 64-px windows, no overlap
+    [prefix] = [line.split("→ ")[1].strip() for line in done.stdout.splitlines() if "cli-scene: done" in line]
+    assert prefix.startswith(f"{out}/cli-scene/m-") and storage.list_files(prefix, storage.SUCCESS_MARKER)
+    bad = subprocess.run([*command[:-len(overrides)], *overrides, "--keep-class", "lighthouse"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "keep_classes ['lighthouse']" in bad.stderr, bad.stderr

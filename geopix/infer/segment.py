@@ -112,9 +112,12 @@ def read_windows(row: dict[str, Any]) -> list[dict[str, Any]]:
             for window, image, valid in read_chunk(scene, windows)
         ]
     except Exception as exc:  # noqa: BLE001 - a corrupt block fails its scene, not the job
+        col, row = min(w.read[0] for w in windows), min(w.read[1] for w in windows)
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        error = f"reading the pixels at column {col}, row {row}: {type(exc).__name__}: {exc}{cause}"
         # Same column types as a good row (Ray Data concatenates blocks), flagged by `error`.
         return [{"key": key, "window": -1, "image": np.zeros((size, size, 3), np.uint8),
-                 "valid": np.zeros((size, size), bool), "error": f"{type(exc).__name__}: {exc}"}]  # fmt: skip
+                 "valid": np.zeros((size, size), bool), "error": error}]  # fmt: skip
 
 
 def _scaling(data: dict[str, Any]):
