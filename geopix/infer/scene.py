@@ -123,7 +123,13 @@ def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> Sce
     except FileNotFoundError:
         raise SceneError(uri, "missing", "no such object") from None
     except PermissionError as exc:
-        raise SceneError(uri, "access denied", str(exc)) from None
+        settings = storage.S3Settings.from_env()
+        key = (settings.access_key_id or "")[:4] + "…" if settings.access_key_id else "no access key"
+        raise SceneError(
+            uri, "access denied",
+            f"{settings.describe()} refused to read it ({exc}) with {key}: check the credentials and their "
+            "permission on this key",
+        ) from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - credentials, endpoint: one clear line for this scene
         raise SceneError(uri, "unreadable", f"{type(exc).__name__}: {exc}") from None
     try:
