@@ -10,10 +10,11 @@ import numpy as np
 from geopix.infer.scene import SceneInfo, scene_env
 from geopix.infer.stitch import NODATA
 
-# Distinct, saturated colours per class id (cycled); background stays the image.
+# Per class id (cycled): colours rare in imagery (magenta, cyan, …), so masks stand out from red
+# roofs, blue water and green fields; background stays the image.
 CLASS_COLOURS = np.array(
-    [[255, 64, 64], [64, 160, 255], [255, 210, 40], [200, 80, 255], [40, 230, 120], [255, 140, 0],
-     [255, 0, 200], [0, 255, 255]], np.float32,
+    [[255, 0, 255], [0, 255, 255], [255, 255, 0], [128, 0, 255], [0, 255, 128], [255, 128, 0],
+     [255, 255, 255], [0, 128, 255]], np.float32,
 )  # fmt: skip
 
 
@@ -21,7 +22,7 @@ def scene_preview(
     scene: SceneInfo, mask_path: str | Path, out_path: str | Path, class_names: list[str], side: int = 1024
 ) -> Path:
     """PNG: the scene (as the model saw it, after band selection and scaling) at ≤ ``side`` px with
-    each class filled in its colour (55 % opacity), nodata hatched dark, and a legend with counts."""
+    each class filled in its colour (70 % opacity), nodata hatched dark, and a legend with counts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def scene_preview(
     for value in sorted(set(np.unique(classes).tolist()) - {0, NODATA}):
         colour = CLASS_COLOURS[(value - 1) % len(CLASS_COLOURS)]
         where = classes == value
-        shown[where] = 0.45 * shown[where] + 0.55 * colour
+        shown[where] = 0.3 * shown[where] + 0.7 * colour
         name = class_names[value - 1] if value - 1 < len(class_names) else f"class {value - 1}"
         legend.append(Patch(color=colour / 255, label=f"{name} ({where.mean() * 100:.2f} % of pixels)"))
     shown[classes == NODATA] *= 0.25
