@@ -181,7 +181,8 @@ def rasterio_env(settings: S3Settings | None = None, **gdal_overrides) -> raster
     from rasterio.session import AWSSession
 
     settings = settings or S3Settings.from_env()
-    options = gdal_options(settings) | {k: str(v) for k, v in gdal_overrides.items()}
+    # Integers stay integers: rasterio hands GDAL_CACHEMAX to GDALSetCacheMax, which wants a number.
+    options = gdal_options(settings) | {k: v if isinstance(v, int) else str(v) for k, v in gdal_overrides.items()}
     # rasterio takes credentials only through its session object, never as config options.
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         options.pop(key, None)

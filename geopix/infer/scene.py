@@ -93,13 +93,20 @@ def scene_id_of(uri: str) -> str:
     return PurePosixPath(uri.rstrip("/")).name.rsplit(".", 1)[0]
 
 
+# GDAL's block cache defaults to 5 % of RAM and keeps every block read until it is full, so a
+# process reading a whole scene would grow with the scene; each block is read about once here.
+GDAL_CACHE_MB = 64
+
+
 def scene_env(uri: str):
-    """storage.rasterio_env for reading ``uri``, with GDAL's cross-open cache off for that one file:
-    a long-lived process (the driver, a Ray worker) must see a re-uploaded scene, not its old
-    header. Each chunk is one open and one read, so little is lost."""
+    """storage.rasterio_env for reading ``uri``: a small GDAL block cache, and GDAL's cross-open
+    cache off for that one file (a long-lived process — the driver, a Ray worker — must see a
+    re-uploaded scene, not its old header; each chunk is one open and one read, so little is lost)."""
     if not storage.is_s3_uri(uri):
-        return storage.rasterio_env()
-    return storage.rasterio_env(CPL_VSIL_CURL_NON_CACHED="/vsis3/" + uri.removeprefix("s3://"))
+        return storage.rasterio_env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    return storage.rasterio_env(
+        GDAL_CACHEMAX=GDAL_CACHE_MB, CPL_VSIL_CURL_NON_CACHED="/vsis3/" + uri.removeprefix("s3://")
+    )
 
 
 def input_checksum(uri: str) -> str:

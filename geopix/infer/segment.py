@@ -168,10 +168,15 @@ class WindowSegmenter:
         per_window: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in images]
         for instruction in self.cfg.instructions:
             if self.cfg.decode == "teacher_forced":
-                answers = self.model.answer_forced(pixels, instruction, self.cfg.forced_answer, self.tokenizer)
+                answers = self.model.answer_forced(
+                    pixels, instruction, self.cfg.forced_answer, self.tokenizer
+                )
             else:
                 answers = self.model.chat(
-                    pixels, [instruction] * len(images), self.tokenizer, max_new_tokens=self.cfg.max_new_tokens
+                    pixels,
+                    [instruction] * len(images),
+                    self.tokenizer,
+                    max_new_tokens=self.cfg.max_new_tokens,
                 )
             for k, answer in enumerate(answers):
                 if not len(answer.mask_probs):
@@ -247,7 +252,9 @@ def segment_scenes(
         try:
             scene = open_scene(uri, seg, scene_id)
         except SceneError as exc:
-            results[uri] = SceneResult(uri, scene_id or _id(uri), "failed", reason=exc.reason, detail=exc.detail)
+            results[uri] = SceneResult(
+                uri, scene_id or _id(uri), "failed", reason=exc.reason, detail=exc.detail
+            )
             log.warning("scene %s failed: %s", uri, exc)
             continue
         prefix = scene_prefix(out_uri, scene.scene_id, ref, request)
@@ -336,58 +343,71 @@ def _finish(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str
 ) -> SceneResult:
     """COG, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
-    from geopix.infer.preview import scene_preview
-    from geopix.infer.vectorize import trace_polygons
+    import rasterio
+
+    from geopix.infer.scene import GDAL_CACHE_MB
 
     state.writer.close()
-    scene, work, seg = state.scene, state.workdir, cfg.segment
+    scene, work = state.scene, state.workdir
     timings = {"windows_s": round(time.perf_counter() - state.started, 2)}
     try:
-        t = time.perf_counter()
-        cog = work / "cog" / MASK_FILE
-        cog.parent.mkdir()
-        validation = to_cog(work / MASK_FILE, cog)
-        if not validation["valid"]:
-            raise RuntimeError(f"the written COG does not validate: {validation['errors']}")
-        timings["cog_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        stats = trace_polygons(
-            cog, work / POLYGONS_FILE, class_names, seg.polygon_block, seg.min_polygon_pixels
-        )
-        timings["polygons_s"] = round(time.perf_counter() - t, 2)
-        scene_preview(scene, cog, work / PREVIEW_FILE, class_names)
-        metadata = {
-            "scene": scene.as_dict() | {"scaling": asdict(scene.scaling)},
-            "model": asdict(ref),
-            "instructions": seg.instructions,
-            "request_hash": request,
-            "params": seg.model_dump(mode="json"),
-            "windows": len(state.windows),
-            "windows_nodata": state.nodata_windows,
-            "polygons": asdict(stats),
-            "cog": validation,
-            "class_encoding": {
-                "0": "background",
-                **{str(i + 1): n for i, n in enumerate(class_names)},
-                "255": "nodata",
-            },
-            "outputs": {"mask": MASK_FILE, "polygons": POLYGONS_FILE, "preview": PREVIEW_FILE},
-            "timings": timings,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (work / RUN_FILE).write_text(json.dumps(metadata, indent=1, default=str))
-        publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE,
-                               PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE})  # fmt: skip
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # polygons read the whole raster once
+            metadata = _outputs(state, ref, cfg, class_names, request, timings)
     except Exception as exc:  # noqa: BLE001 - a scene that cannot be finished fails alone
         return _fail(state, "finish failed", f"{type(exc).__name__}: {exc}")
     shutil.rmtree(work, ignore_errors=True)
     seconds = round(time.perf_counter() - state.started, 2)
     log.info("scene %s: %d windows, %d polygons in %.1f s → %s", scene.scene_id, len(state.windows),
-             stats.polygons, seconds, state.prefix)  # fmt: skip
+             metadata["polygons"]["polygons"], seconds, state.prefix)  # fmt: skip
     return SceneResult(
         scene.uri, scene.scene_id, "done", out_uri=state.prefix, windows=len(state.windows),
-        windows_nodata=state.nodata_windows, polygons=stats.polygons, seconds=seconds, metadata=metadata,
+        windows_nodata=state.nodata_windows, polygons=metadata["polygons"]["polygons"], seconds=seconds,
+        metadata=metadata,
     )  # fmt: skip
+
+
+def _outputs(
+    state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str, timings: dict
+) -> dict[str, Any]:
+    """Write the COG, polygons, preview and run.json of a finished scene and publish them."""
+    from geopix.infer.preview import scene_preview
+    from geopix.infer.vectorize import trace_polygons
+
+    scene, work, seg = state.scene, state.workdir, cfg.segment
+    t = time.perf_counter()
+    cog = work / "cog" / MASK_FILE
+    cog.parent.mkdir()
+    validation = to_cog(work / MASK_FILE, cog)
+    if not validation["valid"]:
+        raise RuntimeError(f"the written COG does not validate: {validation['errors']}")
+    timings["cog_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    stats = trace_polygons(cog, work / POLYGONS_FILE, class_names, seg.polygon_block, seg.min_polygon_pixels)
+    timings["polygons_s"] = round(time.perf_counter() - t, 2)
+    scene_preview(scene, cog, work / PREVIEW_FILE, class_names)
+    metadata = {
+        "scene": scene.as_dict() | {"scaling": asdict(scene.scaling)},
+        "model": asdict(ref),
+        "instructions": seg.instructions,
+        "request_hash": request,
+        "params": seg.model_dump(mode="json"),
+        "windows": len(state.windows),
+        "windows_nodata": state.nodata_windows,
+        "polygons": asdict(stats),
+        "cog": validation,
+        "class_encoding": {
+            "0": "background",
+            **{str(i + 1): n for i, n in enumerate(class_names)},
+            "255": "nodata",
+        },
+        "outputs": {"mask": MASK_FILE, "polygons": POLYGONS_FILE, "preview": PREVIEW_FILE},
+        "timings": timings,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (work / RUN_FILE).write_text(json.dumps(metadata, indent=1, default=str))
+    publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE,
+                           PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE})  # fmt: skip
+    return metadata
 
 
 def publish(prefix: str, files: dict[str, Path]) -> None:
