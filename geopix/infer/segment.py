@@ -31,6 +31,7 @@ import numpy as np
 from geopix import storage
 from geopix.config import GeoPixConfig, SegmentConfig
 from geopix.infer.scene import (
+    GDAL_CACHE_MB,
     SceneError,
     SceneInfo,
     Window,
@@ -224,6 +225,7 @@ def segment_scenes(
     """Segment ``scene_uris`` with ``model`` (a model URI, ``models:/name@alias`` or a ModelRef) and
     publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order.
     ``scene_ids`` name the scenes in output paths (default: each file name without extension)."""
+    import rasterio
     import ray
     import ray.data
     from tqdm.auto import tqdm
@@ -298,24 +300,27 @@ def segment_scenes(
         )  # fmt: skip
         total = sum(o.remaining for o in opened.values())
         bar = tqdm(total=total, desc=f"segment {len(opened)} scene(s)", unit="window", disable=not progress)
-        for row in answered.iter_rows():
-            state = opened.get(row["key"])
-            if state is None:  # its scene already failed
-                continue
-            if row["error"]:
-                results[row["key"]] = _fail(state, "unreadable", row["error"])
-                bar.update(state.remaining)
-                del opened[row["key"]]
-                continue
-            if row["nodata_window"]:
-                state.nodata_windows += 1
-            else:
-                state.writer.write(state.windows[int(row["window"])], np.asarray(row["raster"]))
-            state.remaining -= 1
-            bar.update(1)
-            if state.remaining == 0:
-                results[row["key"]] = _finish(state, ref, cfg, class_names, request)
-                del opened[row["key"]]
+        # GDAL's block cache (default 5 % of RAM) would keep every written block of a scene's mask
+        # until close (555 MB for a 16384² scene, 26 MB capped); COG and polygons run under it too.
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            for row in answered.iter_rows():
+                state = opened.get(row["key"])
+                if state is None:  # its scene already failed
+                    continue
+                if row["error"]:
+                    results[row["key"]] = _fail(state, "unreadable", row["error"])
+                    bar.update(state.remaining)
+                    del opened[row["key"]]
+                    continue
+                if row["nodata_window"]:
+                    state.nodata_windows += 1
+                else:
+                    state.writer.write(state.windows[int(row["window"])], np.asarray(row["raster"]))
+                state.remaining -= 1
+                bar.update(1)
+                if state.remaining == 0:
+                    results[row["key"]] = _finish(state, ref, cfg, class_names, request)
+                    del opened[row["key"]]
         bar.close()
     for uri, state in opened.items():  # never completed: the stream ended early
         results[uri] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
@@ -343,16 +348,11 @@ def _finish(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str
 ) -> SceneResult:
     """COG, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
-    import rasterio
-
-    from geopix.infer.scene import GDAL_CACHE_MB
-
     state.writer.close()
     scene, work = state.scene, state.workdir
     timings = {"windows_s": round(time.perf_counter() - state.started, 2)}
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):  # polygons read the whole raster once
-            metadata = _outputs(state, ref, cfg, class_names, request, timings)
+        metadata = _outputs(state, ref, cfg, class_names, request, timings)  # under segment_scenes' GDAL cap
     except Exception as exc:  # noqa: BLE001 - a scene that cannot be finished fails alone
         return _fail(state, "finish failed", f"{type(exc).__name__}: {exc}")
     shutil.rmtree(work, ignore_errors=True)
