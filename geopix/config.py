@@ -258,6 +258,20 @@ class SegmentConfig(_Section):
     min_polygon_pixels: int = Field(4, ge=1)  # smaller connected components are not written as polygons
 
 
+class PipelineConfig(_Section):
+    """flows/full_pipeline.py: where its step records live, what it starts from, the promotion gate."""
+
+    state_uri: str = "s3://geopix-checkpoints/pipelines"  # <state_uri>/<pipeline name>/steps/<step>.json
+    # Generate the synthetic source and scenes as the first step (the demo); otherwise data.source_uri
+    # must be a record source and the scenes are read from scenes_uri.
+    synthetic: bool = False
+    scenes_uri: str | None = None  # scenes to segment; None: segment.incoming_uri
+    # The registered model becomes `champion` only when this evaluation metric (a name from the
+    # evaluate step's MLflow metrics) reaches gate_min; it is `candidate` either way.
+    gate_metric: str = "seg_cIoU"
+    gate_min: float = 0.3
+
+
 class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -268,11 +282,16 @@ class GeoPixConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def config_hash(self) -> str:
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable
         across key order. Tags runs, and lets a flow tell whether a step's outputs are current."""
-        content = self.model_dump(mode="json", exclude={"name", "stack", "tracking"})
+        return self.section_hash(*(set(type(self).model_fields) - {"name", "stack", "tracking", "pipeline"}))
+
+    def section_hash(self, *sections: str) -> str:
+        """The content hash of some sections only (training's identity: data, model and train)."""
+        content = self.model_dump(mode="json", include=set(sections))
         canonical = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -317,6 +336,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config whose ``base: <preset or path>`` key names a config it changes: the base is read
+    first and this file's keys are merged into it, section by section."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: its bases form a cycle ({' → '.join(str(p) for p in seen)})")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base = str(base)  # a preset name, or a YAML path relative to this file
+    base_path = path.parent / base if base.endswith((".yaml", ".yml")) else resolve_config_path(base)
+    merged = _merge(read_with_base(base_path, (*seen, path.resolve())), data)
+    merged["name"] = data.get("name", path.stem)  # a config is named by its own file, not its base
+    return merged
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, booleans, null, lists)."""
     for override in overrides:
@@ -351,7 +393,7 @@ def _describe_errors(exc: ValidationError) -> str:
 def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> GeoPixConfig:
     """Load a preset or YAML file, apply overrides, validate. Raises :class:`ConfigError`."""
     path = resolve_config_path(source)
-    data = apply_overrides(read_yaml(path), overrides)
+    data = apply_overrides(read_with_base(path), overrides)
     data.setdefault("name", path.stem)
     try:
         return GeoPixConfig.model_validate(data)

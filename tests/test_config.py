@@ -72,6 +72,29 @@ def test_config_hash_tracks_what_shapes_outputs():
     assert base.config_hash() != load_config("tiny", ["model.memory_len=0"]).config_hash()
     # Where the local stack runs does not change what a step produces.
     assert base.config_hash() == load_config("tiny", ["stack.s3_port=9999"]).config_hash()
+    # Training's identity ignores the sections that act after training.
+    training = base.section_hash("data", "model", "train")
+    assert training == load_config("tiny", ["segment.overlap=32", "evaluate.batch_size=4"]).section_hash(
+        "data", "model", "train"
+    )
+    assert training != load_config("tiny", ["train.stage1.lr=0.1"]).section_hash("data", "model", "train")
+
+
+def test_a_config_can_change_a_base_config(tmp_path):
+    quick = load_config("quickstart")
+    tiny = load_config("tiny")
+    assert quick.name == "quickstart" and quick.model == tiny.model  # the same model, a shorter run
+    assert quick.train.stage1.max_steps < tiny.train.stage1.max_steps
+    assert quick.train.stage1.lr == tiny.train.stage1.lr  # sections merge key by key
+    assert quick.pipeline.synthetic is True
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  batch_size: 3\n")
+    (tmp_path / "b.yaml").write_text("base: tiny\ntrain:\n  batch_size: 5\n  log_every: 7\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.train.batch_size, cfg.train.log_every, cfg.model.vision_encoder) == (3, 7, "efficientnet_lite0")
+    assert cfg.name == "a"  # named by its own file, never by its base
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="bases form a cycle"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_configs_dir_is_in_the_repo():
