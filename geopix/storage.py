@@ -240,6 +240,46 @@ def remove_prefix(uri: str, settings: S3Settings | None = None) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
 
+def exists(uri: str, settings: S3Settings | None = None) -> bool:
+    """Whether one object or file is there now (S3 listings are not taken from s3fs's cache)."""
+    if is_s3_uri(uri):
+        fs = s3_filesystem(settings)
+        fs.invalidate_cache(uri)
+        return fs.exists(uri)
+    return Path(uri).exists()
+
+
+def fingerprint(uri: str, settings: S3Settings | None = None) -> str:
+    """A content identity of everything under a prefix: a hash of each file's relative path, size
+    and ETag (S3: the MD5 of the content for single-part uploads, of the parts otherwise) or, for
+    local files, modification time. Changes when any file is added, removed or rewritten."""
+    import hashlib
+
+    entries = []
+    if is_s3_uri(uri):
+        fs = s3_filesystem(settings)
+        fs.invalidate_cache()
+        root = uri.removeprefix("s3://").rstrip("/")
+        for path, info in sorted(fs.find(root, detail=True).items()):
+            entries.append((path[len(root) :], info.get("size"), info.get("ETag")))
+    else:
+        root = Path(uri)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            entries.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    if not entries:
+        raise StorageError(f"nothing under {uri}")
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
+def copy(src: str, dst: str, settings: S3Settings | None = None) -> None:
+    """Copy one object or file (server-side within S3)."""
+    if is_s3_uri(src) and is_s3_uri(dst):
+        s3_filesystem(settings).copy(src, dst)
+    else:
+        write_bytes(dst, read_bytes(src, settings), settings)
+
+
 def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) -> None:
     """Write one object or file; for S3 the bucket is checked first for a clear error."""
     if is_s3_uri(uri):

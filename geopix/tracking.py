@@ -148,6 +148,21 @@ def resolve_model(model: str) -> ModelRef:
     return ModelRef(version.source, f"{name}-v{version.version}", name, str(version.version), version.run_id)
 
 
+def model_version_exists(model: str) -> bool:
+    """Whether a ``models:/…`` reference still resolves in the registry."""
+    try:
+        resolve_model(model)
+    except ValueError:
+        return False
+    return True
+
+
+def run_url(run_id: str) -> str:
+    """The MLflow UI page of a run (the tracking server's address + experiment + run)."""
+    run = mlflow.get_run(run_id)
+    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
 def run_tags(config: GeoPixConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     commit, dirty = git_state()
     tags = {TAG_CONFIG_HASH: config.config_hash(), TAG_VERSION: __version__, TAG_DIRTY: str(dirty).lower()}

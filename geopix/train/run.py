@@ -152,7 +152,9 @@ def train_corpus_tokenizer(cfg: GeoPixConfig, shards_uri: str):
 
 # ----------------------------------------------------------------------------------- runs
 def run_identity(cfg: GeoPixConfig, stage: int, shards_uri: str, init_model_uri: str | None) -> dict[str, Any]:
-    return {"config_hash": cfg.config_hash(), "stage": stage, "shards_uri": shards_uri,
+    # What shapes the model: a run resumed after a change elsewhere (segmentation, evaluation) is
+    # still the same run.
+    return {"training_hash": cfg.section_hash("data", "model", "train"), "stage": stage, "shards_uri": shards_uri,
             "init_model_uri": init_model_uri}
 
 
@@ -366,3 +368,10 @@ def register_model(cfg: GeoPixConfig, run_id: str, model_uri: str, stage: int) -
     if stage == 1:
         client.set_registered_model_alias(name, "stage1", version.version)
     return str(version.version)
+
+
+def promote(cfg: GeoPixConfig, version: str, alias: str = "champion") -> None:
+    """Point ``alias`` of ``train.registered_model`` at ``version`` (the pipeline's gate decides)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(cfg.train.registered_model, alias, version)
