@@ -26,17 +26,22 @@ def ray_cli(*args: str, cwd: Path) -> str:
     return out.stdout + out.stderr
 
 
-def wait_for(job_id: str, timeout: float = 300) -> str:
-    """Poll the job server's REST API (with the stack's token) until the job ends."""
+def job_status(job_id: str) -> str:
+    """The job's status from the job server's REST API (with the stack's token)."""
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     request = urllib.request.Request(
         f"{os.environ['RAY_API_SERVER_ADDRESS']}/api/jobs/{job_id}",
         headers={"Authorization": f"Bearer {token}"},
     )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["status"]
+
+
+def wait_for(job_id: str, timeout: float = 300) -> str:
+    """Poll until the job ends; its final status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            status = json.loads(response.read())["status"]
+        status = job_status(job_id)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
         time.sleep(1)

@@ -1,0 +1,176 @@
+"""flows/full_pipeline.py on the local stack: every step chained and visible in MLflow, a pipeline
+killed mid-training resumed at that step from its checkpoint, a finished one skipped step by step;
+and the step machinery (content keys, --from-step, --only) on small steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from geopix import storage, tracking
+from geopix.config import load_config
+from geopix.pipeline import SKIPPED_TAG, Context, Pipeline, PipelineError, Step
+from tests.test_jobs import job_status, ray_cli, wait_for
+
+STATE = "s3://geopix-checkpoints/tests/pipelines"
+STEP_NAMES = ("a", "b", "c")
+
+
+# --------------------------------------------------------------------------- step machinery
+@pytest.fixture
+def tracked(stack):
+    cfg = load_config("tiny", ["tracking.experiment=geopix-tests-pipeline", "tracking.system_metrics=false"])
+    tracking.configure(cfg.tracking)
+    return cfg
+
+
+def counting_steps(settings: dict, calls: list[str], prefix: str) -> list[Step]:
+    """Three steps writing one object each; ``settings[name]`` is what shapes a step's output."""
+
+    def make(name: str) -> Step:
+        def run(ctx: Context) -> dict:
+            calls.append(name)
+            uri = storage.join_uri(prefix, f"{name}-{ctx.key}.txt")
+            upstream = "".join(o["value"] for o in ctx.outputs.values())
+            storage.write_bytes(uri, (upstream + settings[name]).encode())
+            return {"uri": uri, "value": settings[name]}
+
+        return Step(name, lambda ctx: settings[name], run, exists=lambda out: storage.exists(out["uri"]))
+
+    return [make(n) for n in STEP_NAMES]
+
+
+def run_once(name: str, settings: dict, prefix: str, **flags) -> tuple[list[str], list, str]:
+    """One submission: the steps that did work, the outcomes, the parent MLflow run's id."""
+    calls: list[str] = []
+    with mlflow.start_run(run_name=name) as parent:
+        outcomes = Pipeline(name, STATE, STEP_NAMES, **flags).run(counting_steps(settings, calls, prefix))
+    return calls, outcomes, parent.info.run_id
+
+
+def test_steps_rerun_only_when_their_inputs_or_outputs_change(tracked):
+    name, prefix = f"machinery-{uuid.uuid4().hex[:8]}", f"s3://geopix-data/tests/pipeline/{uuid.uuid4().hex[:8]}"
+    settings = {"a": "1", "b": "1", "c": "1"}
+    assert run_once(name, settings, prefix)[0] == ["a", "b", "c"]
+    calls, outcomes, parent = run_once(name, settings, prefix)
+    assert calls == [] and [o.status for o in outcomes] == ["skipped"] * 3
+    # The skipped steps are MLflow child runs of their submission, tagged, with their outputs.
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.data.tags["geopix.step"] for c in children) == sorted(STEP_NAMES)
+    assert all(c.data.tags.get(SKIPPED_TAG) == "true" and c.data.params["output.value"] == "1" for c in children)
+    settings["b"] = "2"  # b's input changed: b and everything after it
+    assert run_once(name, settings, prefix)[0] == ["b", "c"]
+    storage.remove_prefix(run_once(name, settings, prefix)[1][2].outputs["uri"])  # c's output deleted
+    assert run_once(name, settings, prefix)[0] == ["c"]
+    assert run_once(name, settings, prefix, from_step="b")[0] == ["b", "c"]
+    calls, outcomes, _ = run_once(name, settings, prefix, only="a")
+    assert calls == ["a"] and [o.step for o in outcomes] == ["a"]
+
+
+def test_step_flags_are_checked(tracked):
+    name, prefix = f"flags-{uuid.uuid4().hex[:8]}", f"s3://geopix-data/tests/pipeline/{uuid.uuid4().hex[:8]}"
+    with pytest.raises(PipelineError, match="'train' is not a step; steps: a, b, c"):
+        Pipeline(name, STATE, STEP_NAMES, only="train")
+    with pytest.raises(PipelineError, match="step a has no current outputs .* run without --from-step"):
+        run_once(name, {"a": "1", "b": "1", "c": "1"}, prefix, only="b")
+
+
+# --------------------------------------------------------------------------- the whole flow
+SMALL = [
+    "model.image_size=64", "data.chip_size=64", "model.llm_hidden_size=64", "model.llm_num_layers=2",
+    "model.llm_intermediate_size=128", "model.decoder_dim=32", "model.memory_dim=32",
+    "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=5", "train.tokenizer_vocab_size=400",
+    "train.overlay_samples=2", "train.stage1.max_steps=20", "train.stage1.warmup_steps=2",
+    "train.stage2.max_steps=5", "train.stage2.warmup_steps=1", "train.max_failures=0",
+    "train.runs_uri=s3://geopix-checkpoints/tests/pipeline/runs",
+    "train.models_uri=s3://geopix-checkpoints/tests/pipeline/models",
+    "train.registered_model=geopix-test-pipeline",
+    "data.train_images=40", "data.val_images=4", "data.test_images=6", "data.scene_size=512",
+    "data.source_uri=s3://geopix-data/tests/pipeline/source", "data.shards_uri=s3://geopix-data/tests/pipeline/shards",
+    "evaluate.out_uri=s3://geopix-checkpoints/tests/pipeline/evals",
+    "segment.out_uri=s3://geopix-predictions/tests/pipeline", "segment.overlap=16", f"pipeline.state_uri={STATE}",
+    "pipeline.synthetic=true", "pipeline.gate_min=0.0",
+    "tracking.experiment=geopix-tests-pipeline", "tracking.system_metrics=false",
+]  # fmt: skip
+
+
+def submit(repo_root, name: str, *extra: str) -> str:
+    sets = [a for o in SMALL for a in ("--set", o)]
+    out = ray_cli("job", "submit", "--no-wait", "--working-dir", ".", "--", "python", "flows/full_pipeline.py",
+                  "--config", "tiny", "--name", name, *sets, *extra, cwd=repo_root)  # fmt: skip
+    return re.search(r"Job '(raysubmit_\w+)' submitted successfully", out).group(1)
+
+
+def summary_of(name: str, job: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join_uri(STATE, name, "runs", f"{job}.json")))
+
+
+def wait_for_checkpoint(run_uri: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    snapshot = storage.join_uri(run_uri, "checkpoint_manager_snapshot.json")
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(storage.read_bytes(snapshot)).get("checkpoint_results"):
+                return
+        except (storage.StorageError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint under {run_uri} in {timeout} s")
+
+
+def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skips_all(stack, repo_root):
+    name = f"flow-{uuid.uuid4().hex[:8]}"
+    first = submit(repo_root, name)
+    # Kill the job once stage 1 has a checkpoint: source and shard are recorded, stage 1 is not.
+    deadline = time.monotonic() + 600
+    while not storage.exists(storage.join_uri(STATE, name, "steps", "shard.json")):
+        assert time.monotonic() < deadline and job_status(first) in ("PENDING", "RUNNING"), ray_cli("job", "logs", first, cwd=repo_root)
+        time.sleep(1)
+    runs = "s3://geopix-checkpoints/tests/pipeline/runs"
+    while not storage.list_files(runs, f"{name}-stage1-*"):
+        assert time.monotonic() < deadline and job_status(first) in ("PENDING", "RUNNING"), ray_cli("job", "logs", first, cwd=repo_root)
+        time.sleep(1)
+    wait_for_checkpoint(storage.list_files(runs, f"{name}-stage1-*")[0])
+    ray_cli("job", "stop", first, cwd=repo_root)
+    assert wait_for(first) == "STOPPED"
+    assert not storage.list_files(storage.join_uri(STATE, name, "steps"), "stage1.json")
+
+    second = submit(repo_root, name)
+    assert wait_for(second, timeout=1200) == "SUCCEEDED", ray_cli("job", "logs", second, cwd=repo_root)
+    summary = summary_of(name, second)
+    status = {s["step"]: s["status"] for s in summary["steps"]}
+    assert status == {"source": "skipped", "shard": "skipped", "stage1": "ran", "stage2": "ran",
+                      "evaluate": "ran", "register": "ran", "segment": "ran"}  # fmt: skip
+    outputs = {s["step"]: s["outputs"] for s in summary["steps"]}
+    assert outputs["stage1"]["resumed_from_step"] and 0 < outputs["stage1"]["resumed_from_step"] < 20
+    assert outputs["stage1"]["steps"] == 20 and outputs["stage2"]["steps"] == 5
+    # Outputs where the summary says: shards, models, the report, the registry, segmented scenes.
+    assert storage.list_files(outputs["shard"]["shards_uri"], "manifest.json")
+    assert storage.list_files(outputs["evaluate"]["eval_uri"], storage.SUCCESS_MARKER)
+    ref = tracking.resolve_model("models:/geopix-test-pipeline@champion")
+    assert ref.version == outputs["register"]["version"] and ref.uri == outputs["stage2"]["model_uri"]
+    assert outputs["segment"]["processed"] == 1 and outputs["segment"]["quarantined"] == 0
+    (scene_out,) = outputs["segment"]["scenes"].values()
+    assert storage.list_files(scene_out, storage.SUCCESS_MARKER) and storage.list_files(scene_out, "mask.tif")
+    # One parent run per submission, a child per step.
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")  # fmt: skip
+    assert {c.data.tags["geopix.step"] for c in children} >= {"source", "shard", "train-stage1", "train-stage2",
+                                                              "evaluate", "register", "segment"}  # fmt: skip
+
+    third = submit(repo_root, name)
+    assert wait_for(third, timeout=600) == "SUCCEEDED", ray_cli("job", "logs", third, cwd=repo_root)
+    again = summary_of(name, third)
+    assert [s["status"] for s in again["steps"]] == ["skipped"] * 7
+    assert {s["step"]: s["outputs"] for s in again["steps"]} == outputs
+    log = ray_cli("job", "logs", third, cwd=repo_root)
+    assert f"PIPELINE {name}" in log and outputs["evaluate"]["report"] in log
