@@ -1,4 +1,4 @@
-"""The cluster launcher config is valid for the pinned Ray."""
+"""The cluster files: the launcher config is valid for the pinned Ray; the KubeRay manifests run our flows on our image."""
 
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -23,3 +23,26 @@ def test_kuberay_nightly_cronjob_runs_the_nightly_flow(repo_root):
     assert (repo_root / "flows/nightly.py").exists()
     preset = command.split("--config ")[1].split()[0]
     assert (repo_root / "configs" / f"{preset}.yaml").exists()
+
+
+def test_kuberay_rayjob_runs_the_full_pipeline_on_the_projects_image(repo_root):
+    job = yaml.safe_load((repo_root / "cluster/kuberay/full-pipeline-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    entrypoint = job["spec"]["entrypoint"]
+    assert entrypoint.startswith("python flows/full_pipeline.py") and (repo_root / "flows/full_pipeline.py").exists()
+    assert (repo_root / "configs" / f"{entrypoint.split('--config ')[1].split()[0]}.yaml").exists()
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray_version()
+    workers = spec["workerGroupSpecs"][0]
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    images = {c["image"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+              for c in group["template"]["spec"]["containers"]}  # fmt: skip
+    assert len(images) == 1  # head and workers run one image: cluster/Dockerfile
+    dockerfile = (repo_root / "cluster/Dockerfile").read_text()
+    assert "bash cluster/setup.sh" in dockerfile  # the same pinned install as every other machine
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
