@@ -333,6 +333,7 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     """
     import hashlib
     import json
+    import uuid
 
     if not is_s3_uri(uri):
         path = Path(uri)
@@ -367,9 +368,13 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         if index.get(rel) == etag and dest.exists():
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
+        # Several processes on one machine (Ray Train workers) may fetch the same prefix at once:
+        # each downloads under its own name and renames, so a reader sees a whole file or none.
+        partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         fs.get_file(f"s3://{key}", str(partial))
         partial.replace(dest)
         index[rel] = etag
-        index_path.write_text(json.dumps(index))
+        index_partial = index_path.with_name(f"{index_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        index_partial.write_text(json.dumps(index))
+        index_partial.replace(index_path)
     return target

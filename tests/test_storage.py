@@ -98,3 +98,36 @@ def test_local_paths_work_like_s3(tmp_path):
     fs, path = storage.arrow_filesystem(target)
     assert fs.get_file_info(path).size == 5
     assert storage.join_uri("s3://b/p/", "x", "/y") == "s3://b/p/x/y"
+
+
+def test_local_copy_by_several_processes_at_once(stack, tmp_path):
+    """Ray Train workers on one machine fetch the same model prefix at the same moment."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    prefix = "s3://geopix-data/tests/local_copy/model"
+    files = {f"part-{i}.bin": bytes([i]) * (200_000 + i) for i in range(6)}
+    for name, payload in files.items():
+        storage.write_bytes(f"{prefix}/{name}", payload)
+    storage.write_bytes(f"{prefix}/{storage.SUCCESS_MARKER}", b"")
+    with ProcessPoolExecutor(4) as pool:
+        targets = list(pool.map(storage.local_copy, [prefix] * 8, [tmp_path] * 8))
+    assert len(set(targets)) == 1
+    for name, payload in files.items():
+        assert (targets[0] / name).read_bytes() == payload
+    assert not [p.name for p in targets[0].iterdir() if ".partial" in p.name]
+
+
+def test_fingerprint_changes_with_content(stack, tmp_path):
+    prefix = "s3://geopix-data/tests/fingerprint"
+    storage.remove_prefix(prefix)
+    with pytest.raises(StorageError, match="nothing under"):
+        storage.fingerprint(prefix)
+    storage.write_bytes(f"{prefix}/a.txt", b"one")
+    first = storage.fingerprint(prefix)
+    assert storage.fingerprint(prefix) == first
+    storage.write_bytes(f"{prefix}/a.txt", b"two")
+    second = storage.fingerprint(prefix)
+    storage.write_bytes(f"{prefix}/b/c.txt", b"new file")
+    assert len({first, second, storage.fingerprint(prefix)}) == 3
+    (tmp_path / "x.txt").write_text("local")
+    assert storage.fingerprint(str(tmp_path)) == storage.fingerprint(str(tmp_path))
