@@ -193,12 +193,13 @@ def step_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """A child run of the active flow run (or a top-level run when there is none)."""
     parent = mlflow.active_run()
-    tags = {TAG_STEP: step}
+    tags = {}
     if parent is not None:
         tags.update(
             {k: v for k, v in parent.data.tags.items() if k.startswith(("geopix.", "mlflow.source.git"))}
         )
         tags.pop(TAG_FLOW, None)
+    tags[TAG_STEP] = step  # after the parent's tags: a step nested in a step is still itself
     if config is not None:
         tags.update(run_tags(config))
     system_metrics = config.tracking.system_metrics if config is not None else None
