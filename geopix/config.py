@@ -272,6 +272,23 @@ class PipelineConfig(_Section):
     gate_min: float = 0.3
 
 
+class SweepConfig(_Section):
+    """flows/tune_memory.py: Ray Tune over the memory size K (and optionally its dim) with ASHA.
+
+    Each trial trains stage 1, is evaluated, reports (ASHA's first rung), then trains stage 2 and
+    is evaluated again; ASHA stops trials whose stage-1 score is in the bottom 1/reduction_factor
+    of the trials that reached that rung before them."""
+
+    memory_len: list[int] = Field(default_factory=lambda: [0, 4, 8, 16])  # 0 = the ablation
+    memory_dim: list[int] | None = None  # None: model.memory_dim only
+    metric: str = "seg_cIoU"  # an evaluation metric name (evaluate's MLflow metrics), maximised
+    split: str = "val"  # never the test split: that one reports the chosen model
+    eval_limit: int | None = Field(None, ge=1)  # evaluate the first N records of the split only
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(1, ge=1)  # each trial takes train.num_workers × threads CPUs
+    out_uri: str = "s3://geopix-checkpoints/sweeps"  # Tune's experiment state, table, plot, best config
+
+
 class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -283,11 +300,12 @@ class GeoPixConfig(_Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def config_hash(self) -> str:
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable
         across key order. Tags runs, and lets a flow tell whether a step's outputs are current."""
-        return self.section_hash(*(set(type(self).model_fields) - {"name", "stack", "tracking", "pipeline"}))
+        return self.section_hash(*(set(type(self).model_fields) - {"name", "stack", "tracking", "pipeline", "sweep"}))
 
     def section_hash(self, *sections: str) -> str:
         """The content hash of some sections only (training's identity: data, model and train)."""
