@@ -39,6 +39,7 @@ from geopix.infer.scene import (
     plan_chunks,
     plan_windows,
     read_chunk,
+    scene_id_of,
 )
 from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
 from geopix.tracking import ModelRef
@@ -255,7 +256,7 @@ def segment_scenes(
             scene = open_scene(uri, seg, scene_id)
         except SceneError as exc:
             results[uri] = SceneResult(
-                uri, scene_id or _id(uri), "failed", reason=exc.reason, detail=exc.detail
+                uri, scene_id or scene_id_of(uri), "failed", reason=exc.reason, detail=exc.detail
             )
             log.warning("scene %s failed: %s", uri, exc)
             continue
@@ -326,12 +327,6 @@ def segment_scenes(
         results[uri] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
     shutil.rmtree(workroot, ignore_errors=True)
     return [results[uri] for uri in scene_uris]
-
-
-def _id(uri: str) -> str:
-    from geopix.infer.scene import scene_id_of
-
-    return scene_id_of(uri)
 
 
 def _fail(state: _Open, reason: str, detail: str) -> SceneResult:
