@@ -174,3 +174,13 @@ def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skip
     assert {s["step"]: s["outputs"] for s in again["steps"]} == outputs
     log = ray_cli("job", "logs", third, cwd=repo_root)
     assert f"PIPELINE {name}" in log and outputs["evaluate"]["report"] in log
+
+    # --only register with a gate the model cannot pass: a new candidate version, champion unchanged.
+    fourth = submit(repo_root, name, "--only", "register", "--set", "pipeline.gate_min=1.5")
+    assert wait_for(fourth, timeout=600) == "SUCCEEDED", ray_cli("job", "logs", fourth, cwd=repo_root)
+    gated = summary_of(name, fourth)
+    assert [s["status"] for s in gated["steps"]] == ["skipped"] * 5 + ["ran"] and gated["not_run"] == ["segment"]
+    register = gated["steps"][-1]["outputs"]
+    assert register["champion"] is False and register["version"] != outputs["register"]["version"]
+    assert tracking.resolve_model("models:/geopix-test-pipeline@candidate").version == register["version"]
+    assert tracking.resolve_model("models:/geopix-test-pipeline@champion").version == outputs["register"]["version"]
