@@ -17,6 +17,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from geopix.redaction import (
+    REDACTED,
+    has_credentials,
+    is_secret_key,
+    redact_override,
+    redact_text,
+    redact_tree,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR_ENV = "GEOPIX_CONFIG_DIR"
 STACK_DIR_ENV = "GEOPIX_STACK_DIR"
@@ -39,7 +48,10 @@ class StackConfig(_Section):
     """The embedded local stack: ports, credentials of the local S3 server, where its state lives."""
 
     state_dir: Path = Field(default_factory=default_stack_dir)
+    # Loopback only: the S3 server and MLflow have no authentication (docs/security.md). Another
+    # address is refused unless allow_non_loopback says it is meant.
     host: str = "127.0.0.1"
+    allow_non_loopback: bool = False
     s3_port: int = Field(9100, ge=1, le=65535)
     mlflow_port: int = Field(5050, ge=1, le=65535)
     ray_port: int = Field(6379, ge=1, le=65535)
@@ -254,6 +266,9 @@ class SegmentConfig(_Section):
     forced_answer: str = "Sure, it is {seg}."
     out_uri: str = "s3://geopix-predictions/scenes"  # <out_uri>/<scene id>/<model>/<instruction hash>/
     incoming_uri: str = "s3://geopix-scenes/incoming"  # what the nightly job lists
+    # A scene being segmented is leased (geopix/leases.py): renewed every third of this while its run
+    # lives; a run killed elsewhere frees it after this long (one on the same host at once).
+    lease_ttl_s: float = Field(600.0, ge=10)
     polygon_block: int = Field(2048, ge=256)  # polygons are traced block by block, then merged
     min_polygon_pixels: int = Field(4, ge=1)  # smaller connected components are not written as polygons
 
@@ -270,6 +285,11 @@ class PipelineConfig(_Section):
     # evaluate step's MLflow metrics) reaches gate_min; it is `candidate` either way.
     gate_metric: str = "seg_cIoU"
     gate_min: float = 0.3
+    # ... and only when at most this share of the evaluated records failed (an evaluation that could
+    # answer few records says little, however high its score on the rest).
+    gate_max_failed_share: float = Field(0.05, ge=0, le=1)
+    # Each step runs under a lease (geopix/leases.py); see segment.lease_ttl_s.
+    lease_ttl_s: float = Field(600.0, ge=10)
 
 
 class SweepConfig(_Section):
@@ -306,6 +326,16 @@ class GeoPixConfig(_Section):
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable
         across key order. Tags runs, and lets a flow tell whether a step's outputs are current."""
         return self.section_hash(*(set(type(self).model_fields) - {"name", "stack", "tracking", "pipeline", "sweep"}))
+
+    def for_workers(self) -> dict[str, Any]:
+        """The config as JSON for other processes (Ray Train workers, Tune trials, Ray Data actors).
+        Ray keeps such arguments in its metadata, so no secret goes in: secret values are redacted
+        and a tracking URI that carries credentials is left out (workers then use their own
+        ``MLFLOW_TRACKING_URI``, as they use the cluster's own S3 credentials)."""
+        data = redact_tree(self.model_dump(mode="json"))
+        if has_credentials(self.tracking.tracking_uri):
+            data["tracking"]["tracking_uri"] = None
+        return data
 
     def section_hash(self, *sections: str) -> str:
         """The content hash of some sections only (training's identity: data, model and train)."""
@@ -382,13 +412,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} must look like section.key=value")
+            raise ConfigError(f"override {redact_text(override)!r} must look like section.key=value")
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {redact_override(override)!r}: {part!r} is a value, not a section")
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
@@ -404,7 +434,8 @@ def _describe_errors(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            shown = REDACTED if is_secret_key(key) else redact_text(repr(err.get("input")))
+            lines.append(f"  {key}: {err['msg']} (got {shown})")
     return "\n".join(lines)
 
 
@@ -416,12 +447,10 @@ def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> G
     try:
         return GeoPixConfig.model_validate(data)
     except ValidationError as exc:
-        origin = f"{path}" + (f" with overrides {list(overrides)}" if overrides else "")
+        origin = f"{path}" + (f" with overrides {[redact_override(o) for o in overrides]}" if overrides else "")
         raise ConfigError(f"invalid config {origin}:\n{_describe_errors(exc)}") from None
 
 
-def to_yaml(config: GeoPixConfig, *, reveal_secrets: bool = False) -> str:
-    data = config.model_dump(mode="json")
-    if reveal_secrets:
-        data["stack"]["s3_secret_access_key"] = config.stack.s3_secret_access_key.get_secret_value()
-    return yaml.safe_dump(data, sort_keys=False)
+def to_yaml(config: GeoPixConfig) -> str:
+    """The config as YAML with every secret redacted (geopix/redaction.py): fit to print or log."""
+    return yaml.safe_dump(redact_tree(config.model_dump(mode="json")), sort_keys=False)

@@ -23,3 +23,12 @@ def job_submission_id() -> str | None:
 def run_id() -> str:
     """A name for this execution's outputs: the Ray job id, or a fresh ``local-…`` id."""
     return job_submission_id() or f"local-{uuid.uuid4().hex[:12]}"
+
+
+def connect_ray(**init_kwargs) -> None:
+    """``ray.init`` unless this process is connected already (a flow's ``main`` called from a driver
+    that is: a notebook, a test, another flow)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**init_kwargs)

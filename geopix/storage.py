@@ -87,6 +87,24 @@ def is_s3_uri(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+# Other spellings of S3 that users paste (Hadoop/Spark's s3a://, an upper-case scheme).
+S3_SCHEME_ALIASES = ("s3a://", "s3n://")
+
+
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """``S3://b/k``, ``s3a://b/k`` → ``s3://b/k``; a local path as it is. Any other ``scheme://``
+    (gs://, https://, …) is a :class:`StorageError`: GeoPix would otherwise take it for a local path."""
+    text = str(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep or "/" in scheme:
+        return text
+    if scheme.lower() == "s3" or f"{scheme.lower()}://" in S3_SCHEME_ALIASES:
+        return f"s3://{rest}"
+    if scheme.lower() == "file":
+        return rest
+    raise StorageError(f"{text}: unsupported URI scheme {scheme!r}; use s3://bucket/key or a local path")
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
     if not is_s3_uri(uri):
@@ -228,8 +246,60 @@ def list_files(uri: str, pattern: str = "*", settings: S3Settings | None = None)
     return sorted(str(p) for p in Path(uri).glob(pattern) if p.is_file())
 
 
+def list_objects(uri: str, settings: S3Settings | None = None) -> list[str]:
+    """Every object (file) anywhere under a prefix (directory), as sorted paths relative to it."""
+    if is_s3_uri(uri):
+        fs = s3_filesystem(settings)
+        root = uri.removeprefix("s3://").rstrip("/")
+        fs.invalidate_cache(root)
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            k[len(root) + 1 :] for k, v in found.items()
+            if k.startswith(root + "/") and v.get("type") != "directory" and not k.endswith("/")
+        )  # fmt: skip
+    root = Path(uri)
+    if root.is_file():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def delete_objects(uri: str, relative: list[str], settings: S3Settings | None = None) -> None:
+    """Delete exactly these objects under a prefix (paths relative to it), nothing else."""
+    if not relative:
+        return
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        client = boto3_client(settings)
+        keys = [f"{key.rstrip('/')}/{r}" if key else r for r in relative]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys per call
+            client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]],
+                                                         "Quiet": True})  # fmt: skip
+        s3_filesystem(settings).invalidate_cache(uri.removeprefix("s3://"))
+        return
+    for rel in relative:
+        Path(uri, rel).unlink(missing_ok=True)
+    for directory in sorted({Path(uri, r).parent for r in relative}, key=lambda p: len(p.parts), reverse=True):
+        while directory != Path(uri) and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+            directory = directory.parent
+
+
+def is_container_root(uri: str) -> bool:
+    """A bucket root (``s3://b``, ``s3://b/``) or a filesystem root: never a prefix to empty."""
+    if is_s3_uri(uri):
+        return not split_s3_uri(uri)[1].strip("/")
+    return Path(uri).absolute() == Path(Path(uri).absolute().anchor)
+
+
 def remove_prefix(uri: str, settings: S3Settings | None = None) -> None:
-    """Delete everything under an S3 prefix or a local directory (nothing there is fine)."""
+    """Delete everything under an S3 prefix or a local directory (nothing there is fine). Never a
+    bucket root or a filesystem root. For outputs, :func:`geopix.outputs.prepare_output` decides
+    what may go; this is for the places the caller itself created (tests, scratch directories)."""
+    if is_container_root(uri):
+        raise StorageError(f"refusing to delete everything in {uri}: a bucket or filesystem root")
     if is_s3_uri(uri):
         fs = s3_filesystem(settings)
         if fs.exists(uri):
@@ -287,8 +357,88 @@ def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) ->
         with s3_filesystem(settings).open(uri, "wb") as fh:
             fh.write(payload)
     else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        Path(uri).write_bytes(payload)
+        write_local_atomic(Path(uri), payload)
+
+
+def write_local_atomic(path: Path, payload: bytes, mode: int = 0o644) -> None:
+    """Write a local file whole or not at all: a temporary file beside it (created with ``mode``, so
+    a private file is never readable by others, not even for an instant), then a rename. A reader
+    sees the old content or the new, never half; a killed writer leaves the old file intact."""
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def read_object(uri: str, settings: S3Settings | None = None) -> tuple[bytes, str] | None:
+    """(content, ETag) of one object, or None when there is none. Local files: a content hash."""
+    import hashlib
+
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            response = boto3_client(settings).get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        return response["Body"].read(), response["ETag"].strip('"')
+    try:
+        payload = Path(uri).read_bytes()
+    except FileNotFoundError:
+        return None
+    return payload, hashlib.md5(payload).hexdigest()  # an identity, not a security hash
+
+
+def put_object_if(
+    uri: str, payload: bytes, *, absent: bool = False, etag: str | None = None, settings: S3Settings | None = None
+) -> str | None:
+    """A conditional write: only if no object is there (``absent``) or only if the one there still
+    has ``etag``. Returns the new ETag, or None when the condition did not hold (someone else won).
+
+    S3: ``If-None-Match: *`` / ``If-Match``, decided by the server. Local files: the same under an
+    exclusive ``flock`` on a lock file beside the object (one machine)."""
+    import hashlib
+
+    if absent == (etag is not None):
+        raise ValueError("give exactly one condition: absent=True or etag=…")
+    if is_s3_uri(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        condition = {"IfNoneMatch": "*"} if absent else {"IfMatch": f'"{etag}"'}
+        try:
+            response = boto3_client(settings).put_object(Bucket=bucket, Key=key, Body=payload, **condition)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412):
+                return None
+            raise
+        return response["ETag"].strip('"')
+    import fcntl
+
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_object(uri)
+        if (absent and current is not None) or (etag is not None and (current is None or current[1] != etag)):
+            return None
+        write_local_atomic(path, payload)
+    return hashlib.md5(payload).hexdigest()
 
 
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:

@@ -1,7 +1,7 @@
 """One place for MLflow: a parent run per flow, a child run per step.
 
 Every run is tagged with the git commit and the config hash; params are the config flattened to
-dotted keys with anything secret-looking removed; system metrics (CPU, memory, GPU when present)
+dotted keys with secrets redacted (geopix/redaction.py); system metrics (CPU, memory, GPU when present)
 are sampled while a run is open.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,19 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from pydantic import SecretStr
 
 from geopix import __version__
 from geopix.config import GeoPixConfig, TrackingConfig, to_yaml
+from geopix.redaction import redact_text, redact_value
 
-REDACTED = "<redacted>"
-# Keys whose values must never reach MLflow, whatever section they sit in.
-SECRET_KEY_PATTERN = re.compile(
-    r"(secret|password|passwd|pwd|token|api[_-]?key|access[_-]?key|private[_-]?key|credential|auth)",
-    re.IGNORECASE,
-)
-# user:password@ inside URIs (database URLs, http URLs with basic auth).
-URI_PASSWORD_PATTERN = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@/\s]+@", re.IGNORECASE)
 MLFLOW_PARAM_LIMIT = 6000
 
 TAG_FLOW = "geopix.flow"
@@ -39,14 +30,6 @@ TAG_COMMIT = "mlflow.source.git.commit"
 TAG_DIRTY = "geopix.git_dirty"
 TAG_CONFIG_HASH = "geopix.config_hash"
 TAG_VERSION = "geopix.version"
-
-
-def redact(key: str, value: Any) -> Any:
-    if isinstance(value, SecretStr) or (SECRET_KEY_PATTERN.search(key) and value not in (None, "")):
-        return REDACTED
-    if isinstance(value, str):
-        return URI_PASSWORD_PATTERN.sub(rf"\g<head>{REDACTED}@", value)
-    return value
 
 
 def flatten_params(data: Mapping[str, Any] | GeoPixConfig, prefix: str = "") -> dict[str, str]:
@@ -59,22 +42,10 @@ def flatten_params(data: Mapping[str, Any] | GeoPixConfig, prefix: str = "") -> 
         if isinstance(value, Mapping):
             flat.update(flatten_params(value, prefix=f"{name}."))
             continue
-        value = redact(name, value)
+        value = redact_value(name, value)
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         flat[name] = text[:MLFLOW_PARAM_LIMIT]
     return flat
-
-
-def redacted_config_yaml(config: GeoPixConfig) -> str:
-    """The config as YAML with secrets replaced, fit to store as an artifact."""
-    import yaml
-
-    def scrub(node: Any, path: str = "") -> Any:
-        if isinstance(node, dict):
-            return {k: scrub(v, f"{path}{k}.") for k, v in node.items()}
-        return redact(path.rstrip("."), node)
-
-    return yaml.safe_dump(scrub(yaml.safe_load(to_yaml(config))), sort_keys=False)
 
 
 def git_state(repo: Path | None = None) -> tuple[str | None, bool]:
@@ -158,9 +129,10 @@ def model_version_exists(model: str) -> bool:
 
 
 def run_url(run_id: str) -> str:
-    """The MLflow UI page of a run (the tracking server's address + experiment + run)."""
+    """The MLflow UI page of a run (the tracking server's address + experiment + run), fit to print:
+    credentials in the tracking URI are redacted."""
     run = mlflow.get_run(run_id)
-    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return redact_text(f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
 
 
 def run_tags(config: GeoPixConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -183,7 +155,7 @@ def flow_run(
         log_system_metrics=config.tracking.system_metrics,
     ) as run:
         mlflow.log_params(flatten_params(config))
-        mlflow.log_text(redacted_config_yaml(config), "config.yaml")
+        mlflow.log_text(to_yaml(config), "config.yaml")
         yield run
 
 

@@ -99,3 +99,58 @@ def test_a_config_can_change_a_base_config(tmp_path):
 
 def test_configs_dir_is_in_the_repo():
     assert (Path(__file__).parents[1] / "configs" / "tiny.yaml").exists()
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG-example"
+
+
+def test_config_errors_never_echo_a_secret():
+    # A secret key with a wrong type, beside another error: the key is named, its value is not.
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [f"stack.s3_secret_access_key=[{SECRET}]", "train.lrr=1",
+                             f"tracking.tracking_uri=https://bob:{SECRET}@mlflow.example.org"])  # fmt: skip
+    text = str(err.value)
+    assert SECRET not in text
+    assert "stack.s3_secret_access_key" in text and "train.lrr: unknown key" in text
+    assert "https://bob:<redacted>@mlflow.example.org" in text
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [f"stack.s3_secret_access_key.x={SECRET}"])
+    assert SECRET not in str(err.value)
+
+
+def test_redaction_hides_secrets_by_key_and_by_value_shape_and_nothing_else():
+    from geopix.redaction import REDACTED, is_secret_key, redact_text, redact_value, shareable_env
+
+    # By key: a precise list, not every key that mentions "token".
+    for key in ("stack.s3_secret_access_key", "db.password", "a.token", "api_key", "ray_auth_token",
+                "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "client_secret"):  # fmt: skip
+        assert is_secret_key(key), key
+        assert redact_value(key, "x1") == REDACTED
+    for key in ("model.seg_token_num", "evaluate.max_new_tokens", "train.tokenizer_vocab_size",
+                "stack.s3_access_key_id", "segment.keep_classes", "tracking.tracking_uri"):  # fmt: skip
+        assert not is_secret_key(key), key
+        assert redact_value(key, 6) == 6
+    # By value shape: URI passwords (with "/" in them too) and credential query parameters.
+    assert redact_text(f"https://bob:{SECRET}@mlflow.example.org/x") == f"https://bob:{REDACTED}@mlflow.example.org/x"
+    assert redact_text("postgresql://u:p@ss/w@db/x") == f"postgresql://u:{REDACTED}@db/x"
+    assert redact_text("https://h/run?token=abc123&page=2") == f"https://h/run?token={REDACTED}&page=2"
+    assert redact_text("s3://b/k?X-Amz-Signature=deadbeef") == f"s3://b/k?X-Amz-Signature={REDACTED}"
+    assert redact_text("s3://geopix-data/shards/synthetic and 127.0.0.1:9100") == (
+        "s3://geopix-data/shards/synthetic and 127.0.0.1:9100")  # fmt: skip
+    # Workers get settings, never credentials.
+    env = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SESSION_TOKEN": "t0ken-xyz",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9100", "AWS_REGION": "us-east-1",
+           "MLFLOW_TRACKING_URI": f"https://bob:{SECRET}@mlflow", "MLFLOW_TRACKING_PASSWORD": SECRET,
+           "GEOPIX_CACHE_DIR": "/tmp/c"}  # fmt: skip
+    assert shareable_env(env, ("AWS_", "MLFLOW_", "GEOPIX_")) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9100", "AWS_REGION": "us-east-1", "GEOPIX_CACHE_DIR": "/tmp/c"}  # fmt: skip
+
+
+def test_what_workers_are_handed_holds_no_secret():
+    cfg = load_config("tiny", [f"stack.s3_secret_access_key={SECRET}",
+                               f"tracking.tracking_uri=https://bob:{SECRET}@mlflow.example.org"])  # fmt: skip
+    shared = cfg.for_workers()
+    assert SECRET not in repr(shared)
+    assert shared["tracking"]["tracking_uri"] is None  # workers use their own MLFLOW_TRACKING_URI
+    assert shared["model"]["seg_token_num"] == 3 and shared["evaluate"]["max_new_tokens"] == 80
+    assert GeoPixConfig.model_validate(shared).model == cfg.model  # still a config they can use

@@ -75,7 +75,8 @@ def test_missing_bucket_is_named(stack):
         storage.read_bytes("s3://geopix-data/tests/absent.json")
 
 
-def test_unreachable_endpoint_is_named():
+def test_unreachable_endpoint_is_named(monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would only delay the same answer
     dead = S3Settings(endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         storage.require_bucket("s3://geopix-data/x", dead)
@@ -131,3 +132,13 @@ def test_fingerprint_changes_with_content(stack, tmp_path):
     assert len({first, second, storage.fingerprint(prefix)}) == 3
     (tmp_path / "x.txt").write_text("local")
     assert storage.fingerprint(str(tmp_path)) == storage.fingerprint(str(tmp_path))
+
+
+def test_uri_spellings_of_s3_are_read_as_s3_and_others_are_refused():
+    assert storage.normalize_uri("S3://b/k.tif") == "s3://b/k.tif"
+    assert storage.normalize_uri("s3a://b/k.tif") == storage.normalize_uri("s3n://b/k.tif") == "s3://b/k.tif"
+    assert storage.normalize_uri("file:///tmp/x.tif") == "/tmp/x.tif"
+    assert storage.normalize_uri("relative/dir") == "relative/dir"
+    for uri in ("gs://b/k.tif", "https://example.org/k.tif", "az://c/k"):
+        with pytest.raises(StorageError, match="unsupported URI scheme"):
+            storage.normalize_uri(uri)

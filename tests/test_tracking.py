@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from geopix import tracking
 from geopix.config import REPO_ROOT, load_config
+from geopix.redaction import REDACTED
 from geopix.storage import boto3_client
 
 SECRET = "s3cr3t-value-7f1d"
@@ -38,7 +39,7 @@ def test_flow_run_logs_params_metrics_artifacts_children(stack):
     parent_run = client.get_run(parent.info.run_id)
     params = parent_run.data.params
     assert params["train.stage1.lr"] == "0.001" and params["model.vision_encoder"] == "efficientnet_lite0"
-    assert params["stack.s3_secret_access_key"] == tracking.REDACTED
+    assert params["stack.s3_secret_access_key"] == REDACTED
     assert parent_run.data.tags[tracking.TAG_CONFIG_HASH] == config.config_hash()
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT, capture_output=True, text=True
@@ -49,8 +50,8 @@ def test_flow_run_logs_params_metrics_artifacts_children(stack):
     child_run = client.get_run(child.info.run_id)
     assert child_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child_run.data.tags[tracking.TAG_STEP] == "step-a"
-    assert child_run.data.params["db.password"] == tracking.REDACTED
-    assert child_run.data.params["uri"] == f"postgresql://u:{tracking.REDACTED}@h/db"
+    assert child_run.data.params["db.password"] == REDACTED
+    assert child_run.data.params["uri"] == f"postgresql://u:{REDACTED}@h/db"
     assert [m.value for m in client.get_metric_history(child.info.run_id, "loss")] == [
         1.0,
         0.5,
@@ -65,7 +66,7 @@ def test_flow_run_logs_params_metrics_artifacts_children(stack):
     assert SECRET not in every_param
     config_text = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/config.yaml")
     assert SECRET not in config_text
-    assert f"s3_secret_access_key: {tracking.REDACTED}" in config_text and "memory_len: 8" in config_text
+    assert f"s3_secret_access_key: {REDACTED}" in config_text and "memory_len: 8" in config_text
 
     # Artifacts are proxied by the server into the S3 bucket.
     assert mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/notes/hello.txt") == "hello artifact"
@@ -83,10 +84,27 @@ def test_flatten_params_redacts_by_key_and_in_uris():
         }
     )
     assert flat == {
-        "a.api_key": tracking.REDACTED,
-        "a.token": tracking.REDACTED,
+        "a.api_key": REDACTED,
+        "a.token": REDACTED,
         "a.n": "3",
         "a.none_secret": "null",
-        "url": f"https://user:{tracking.REDACTED}@host/x",
+        "url": f"https://user:{REDACTED}@host/x",
         "list": "[1, 2]",
     }
+
+
+def test_params_keep_harmless_token_keys_and_the_summary_url_hides_credentials(stack):
+    # A tracking URI with credentials in it (basic auth; the local server ignores them).
+    with_password = stack.url("mlflow").replace("http://", "http://bob:s3cr3t-pw@")
+    config = load_config("tiny", ["tracking.experiment=geopix-tests", "tracking.system_metrics=false",
+                                  f"tracking.tracking_uri={with_password}"])  # fmt: skip
+    params = tracking.flatten_params(config)
+    assert params["model.seg_token_num"] == "3" and params["evaluate.max_new_tokens"] == "80"
+    assert params["train.tokenizer_vocab_size"] == "2000"
+    assert params["tracking.tracking_uri"] == stack.url("mlflow").replace("http://", f"http://bob:{REDACTED}@")
+    try:
+        with tracking.flow_run("unit-url", config) as run:
+            url = tracking.run_url(run.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(stack.url("mlflow"))
+    assert "s3cr3t" not in url and url.startswith(stack.url("mlflow").replace("http://", f"http://bob:{REDACTED}@"))
