@@ -130,3 +130,36 @@ def test_bad_coco_input_names_the_file(stack, tmp_path):
     partial.write_text('{"images": []}')
     with pytest.raises(CocoImportError, match="key 'annotations' is missing"):
         import_coco(str(partial), str(tmp_path), str(tmp_path / "out"))
+
+
+def test_malformed_entries_name_the_file_the_entry_and_the_field(tmp_path):
+    """A category without a name is an error; an image without a width, an annotation without a
+    category or an unknown refCOCO split are skipped and counted, the first ones named (file, entry,
+    field); an annotation without a bbox takes its mask's box."""
+    square = [[2, 2, 10, 2, 10, 10, 2, 10]]
+    instances = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 16, "height": 16},
+                   {"id": 2, "file_name": "b.png", "height": 16}],
+        "categories": [{"id": 3, "name": "ship"}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 3, "segmentation": square},  # no bbox
+                        {"id": 11, "image_id": 1, "segmentation": square, "bbox": [2, 2, 8, 8]},
+                        {"id": 12, "image_id": 2, "category_id": 3, "segmentation": square, "bbox": [2, 2, 8, 8]}],
+    }  # fmt: skip
+    refs = [{"ref_id": 5, "ann_id": 10, "image_id": 1, "split": "testD", "sentences": [{"sent": "the ship"}]}]
+    path, refs_path = tmp_path / "instances.json", tmp_path / "refs.json"
+    path.write_text(json.dumps(instances))
+    refs_path.write_text(json.dumps(refs))
+    stats = import_coco(str(path), str(tmp_path), str(tmp_path / "out"), refs_uri=str(refs_path))
+    assert stats.skipped == {"image without 'width'": 1, "annotation without 'category_id'": 1,
+                             "referring expression of an unknown split": 1}  # fmt: skip
+    assert stats.examples["image without 'width'"] == [f"{path}: images[1] (id 2) has no 'width'"]
+    assert stats.examples["annotation without 'category_id'"] == [f"{path}: annotations[1] (id 11) has no 'category_id'"]
+    assert "refs[0] (id 5): split 'testD' is none of train, val, test" in stats.examples[
+        "referring expression of an unknown split"][0]
+    [record] = iter_records(str(tmp_path / "out"))
+    assert record["targets"][0]["box"] == [2.0, 2.0, 10.0, 10.0] and stats.boxes_from_masks == 1
+
+    instances["categories"].append({"id": 4})
+    path.write_text(json.dumps(instances))
+    with pytest.raises(CocoImportError, match=r"instances.json: categories\[1\] \(id 4\) has no 'name'"):
+        import_coco(str(path), str(tmp_path), str(tmp_path / "out2"))

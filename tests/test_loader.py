@@ -374,11 +374,15 @@ def write_shards(shards_uri: str, split: str, records: list[dict], per_shard: in
         else:
             storage.write_bytes(uri, b"")  # creates the folder
             pq.write_table(table, uri)
+    storage.write_bytes(storage.join_uri(shards_uri, storage.SUCCESS_MARKER), b"")  # finished, as sharding leaves it
 
 
 def test_missing_or_unreadable_shards_fail_with_their_names(tmp_path):
-    with pytest.raises(ShardError, match=f"split 'train'.*{tmp_path}/nothing/train"):
+    with pytest.raises(ShardError, match=f"{tmp_path}/nothing holds no finished shard set"):
         shard_dataset(str(tmp_path / "nothing"), "train")
+    storage.write_bytes(str(tmp_path / "empty" / storage.SUCCESS_MARKER), b"")
+    with pytest.raises(ShardError, match=f"split 'train'.*{tmp_path}/empty/train"):
+        shard_dataset(str(tmp_path / "empty"), "train")
     write_shards(str(tmp_path / "shards"), "train", mixed_records(2), per_shard=2)
     (tmp_path / "shards" / "train" / "shard-00001.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(ShardError, match="shard-00001.parquet is not readable Parquet"):
@@ -435,5 +439,5 @@ def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer,
         )
     )
     assert sorted(batch["record_ids"]) == sorted(r["record_id"] for r in records[:5])
-    with pytest.raises(ShardError, match="s3://geopix-data/tests/loader/val"):
+    with pytest.raises(ShardError, match="no shards for split 'val'.*s3://geopix-data/tests/loader/val"):
         shard_dataset(uri, "val")

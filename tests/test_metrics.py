@@ -155,3 +155,12 @@ def test_matching_pairs_masks_with_targets_by_best_total_iou(seed):
     assert sum(s.iou for s in in_order) < 4
     fewer, _ = score_sample(truths[:2], truths, record_id="r", class_ids=[0] * 4, phrase_type="x", cfg=MATCHED)
     assert [s.predicted for s in fewer].count(True) == 2 and sorted(s.iou for s in fewer) == [0, 0, 1, 1]
+
+
+def test_the_generator_and_the_evaluation_bucket_every_area_alike():
+    """One definition (schema.size_bucket): at exactly 32² and 96² px too."""
+    from geopix.data import synth
+
+    for area in (0, 1023, 1024, 1025, 9215, 9216, 9217, 10**6):
+        assert synth.size_bucket(area) == size_bucket(area, CFG), area
+    assert [synth.size_bucket(a) for a in (1023, 1024, 9215, 9216)] == ["small", "medium", "medium", "large"]

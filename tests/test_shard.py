@@ -12,6 +12,7 @@ from geopix.config import DataConfig
 from geopix.data.schema import validate_record
 from geopix.data.shard import ShardError, assign_split, read_manifest, shard_sources
 from geopix.data.source import SourceWriter
+from geopix.outputs import OWNER_FILE
 from tests.records import CATALOG, make_record
 
 DATA = DataConfig(shard_target_mb=0.05, train_fraction=0.6, val_fraction=0.2)
@@ -39,7 +40,7 @@ def planted_bad_records() -> dict[str, dict]:
 
 
 def write_source(uri: str, records) -> None:
-    with SourceWriter(uri, CATALOG, rows_per_part=25) as writer:
+    with SourceWriter(uri, CATALOG, rows_per_part=64) as writer:  # 3 parts: 3 files read side by side
         for record in records:
             writer.write(record)
 
@@ -105,29 +106,60 @@ def test_shard_reconciles_and_reports_every_reject(source):
     assert split_of_image["img-00500"] == assign_split("img-00500", DATA)
 
 
-def test_same_input_gives_byte_identical_shards_and_manifest(source):
-    first = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/again-1", DATA, workers=2)
-    second = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/again-2", DATA, workers=2)
-    assert first.manifest == second.manifest
-    for out in ("again-1", "again-2"):
-        assert storage.read_bytes(f"s3://geopix-data/tests/shard/{out}/manifest.json") == storage.read_bytes(
-            "s3://geopix-data/tests/shard/again-1/manifest.json"
-        )
-    shards = [s for info in first.manifest["splits"].values() for s in info["shards"]]
-    for shard in shards:
-        assert storage.read_bytes(
-            f"s3://geopix-data/tests/shard/again-1/{shard['path']}"
-        ) == storage.read_bytes(f"s3://geopix-data/tests/shard/again-2/{shard['path']}")
+def test_overwrite_replaces_a_shard_set_with_byte_identical_shards_for_the_same_input(source):
+    out = "s3://geopix-data/tests/shard/out"  # the first test's shard set
+    before = {o: storage.read_bytes(f"{out}/{o}") for o in storage.list_objects(out) if o != OWNER_FILE}
+    again = shard_sources([source["uri"]], out, DATA, workers=2, overwrite=True)
+    after = {o: storage.read_bytes(f"{out}/{o}") for o in storage.list_objects(out) if o != OWNER_FILE}
+    shards = [s["path"] for info in again.manifest["splits"].values() for s in info["shards"]]
+    assert {"manifest.json", storage.SUCCESS_MARKER, *shards} <= set(after)
+    assert after == before  # the same sources and config: the same bytes, manifest included
 
 
 def test_existing_output_and_missing_source_are_clear_errors(source):
-    shard_sources([source["uri"]], "s3://geopix-data/tests/shard/once", DATA)
-    with pytest.raises(ShardError, match="already holds shards"):
-        shard_sources([source["uri"]], "s3://geopix-data/tests/shard/once", DATA)
-    with pytest.raises(ShardError, match="has no classes.json"):
+    out = "s3://geopix-data/tests/shard/out"  # the first test's finished shard set
+    with pytest.raises(ShardError, match="already holds a finished shard set; pass --overwrite"):
+        shard_sources([source["uri"]], out, DATA)
+    with pytest.raises(ShardError, match="source s3://geopix-data/tests/shard/nothing-here does not exist"):
         shard_sources(["s3://geopix-data/tests/shard/nothing-here"], "s3://geopix-data/tests/shard/x", DATA)
     with pytest.raises(storage.StorageError, match="bucket 'no-bucket'"):
         shard_sources([source["uri"]], "s3://no-bucket/out", DATA)
+
+
+def test_nothing_geopix_did_not_write_is_ever_deleted(source, tmp_path, monkeypatch):
+    """Refused, before any source is read or anything removed: a directory of yours (with or
+    without --overwrite, with a missing source too), a bucket root, the working directory, a prefix
+    that is, holds or lies inside a source, and a shard set of ours holding a file of yours."""
+    yours = tmp_path / "yours"
+    (yours / "photos").mkdir(parents=True)
+    (yours / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8 memories")
+    for sources in ([source["uri"]], [str(tmp_path / "no-such-source")]):
+        for overwrite in (False, True):
+            with pytest.raises(ShardError, match=r"GeoPix did not write \(photos/holiday.jpg\)|does not exist"):
+                shard_sources(sources, str(yours), DATA, overwrite=overwrite)
+    assert (yours / "photos" / "holiday.jpg").read_bytes() == b"\xff\xd8 memories"
+    monkeypatch.chdir(tmp_path)
+    for out, why in [("s3://geopix-data", "bucket root"), (str(tmp_path), "the working directory"),
+                     (source["uri"], "is the input"), ("s3://geopix-data/tests/shard", "holds the input"),
+                     (source["uri"] + "/shards", "lies inside the input")]:  # fmt: skip
+        with pytest.raises(ShardError, match=why):
+            shard_sources([source["uri"]], out, DATA, overwrite=True)
+    # A file of yours put into a shard set of ours: --overwrite refuses to replace the set.
+    storage.write_bytes("s3://geopix-data/tests/shard/out/notes.txt", b"mine")
+    with pytest.raises(ShardError, match=r"not part of one \(notes.txt\)"):
+        shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, overwrite=True)
+    assert storage.read_bytes("s3://geopix-data/tests/shard/out/notes.txt") == b"mine"
+    assert storage.exists(f"s3://geopix-data/tests/shard/out/{storage.SUCCESS_MARKER}")  # the set untouched
+
+
+def test_a_source_is_read_only_once_finished(source):
+    half = "s3://geopix-data/tests/shard/half-written"
+    for part in storage.list_objects(source["uri"]):
+        if part != storage.SUCCESS_MARKER:  # everything but the marker its writer writes last
+            storage.copy(f"{source['uri']}/{part}", f"{half}/{part}")
+    with pytest.raises(ShardError, match="half-written is unfinished: no _SUCCESS"):
+        shard_sources([half], "s3://geopix-data/tests/shard/from-half", DATA)
+    assert not storage.list_objects("s3://geopix-data/tests/shard/from-half")
 
 
 def test_split_assignment_is_by_image_id_only():

@@ -57,6 +57,18 @@ class ImportStats:
     images: int = 0
     records: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason → count, never silently dropped
+    # reason → the first few entries it hit, each naming the file, the entry and the field
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    boxes_from_masks: int = 0  # annotations without a bbox: the box is the mask's
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < MAX_EXAMPLES:
+            shown.append(example)
+
+
+MAX_EXAMPLES = 5
 
 
 def _load_json(uri: str) -> Any:
@@ -66,6 +78,35 @@ def _load_json(uri: str) -> Any:
         raise CocoImportError(f"{uri} does not exist") from None
     except json.JSONDecodeError as exc:
         raise CocoImportError(f"{uri} is not valid JSON: {exc}") from None
+
+
+def _entry(key: str, index: int, entry: Any) -> str:
+    """``annotations[4] (id 17)``: where an entry sits in its file."""
+    ident = entry.get("id", entry.get("ref_id")) if isinstance(entry, Mapping) else None
+    return f"{key}[{index}]" + (f" (id {ident})" if ident is not None else "")
+
+
+def _missing(entry: Any, fields: tuple[str, ...]) -> list[str]:
+    if not isinstance(entry, Mapping):
+        return ["(not an object)"]
+    return [f for f in fields if entry.get(f) is None]
+
+
+def _names(fields: list[str]) -> str:
+    return ", ".join(repr(f) for f in fields)
+
+
+def _complete(
+    entries: list, key: str, fields: tuple[str, ...], what: str, uri: str, stats: ImportStats
+) -> Iterator[tuple[int, dict]]:
+    """(index, entry) of the entries that have every field; the others are skipped and counted,
+    each named by file, entry and the fields it lacks."""
+    for index, entry in enumerate(entries):
+        missing = _missing(entry, fields)
+        if missing:
+            stats.skip(f"{what} without {_names(missing)}", f"{uri}: {_entry(key, index, entry)} has no {_names(missing)}")
+            continue
+        yield index, entry
 
 
 def _segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -93,29 +134,61 @@ def coco_records(
     source: str = "coco",
     run_length: int = 6,
 ) -> tuple[ClassCatalog, Iterator[dict[str, Any]], ImportStats]:
-    """The catalog, a record iterator and the stats it fills while it runs."""
+    """The catalog, a record iterator and the stats it fills while it runs.
+
+    The class list must be whole (a category without ``id`` or ``name`` is an error naming the file
+    and the entry). An image, annotation or referring expression that lacks what it needs is skipped
+    and counted by reason, with the first few named (file, entry, field) in ``stats.examples``; an
+    annotation without ``bbox`` takes its mask's box (counted too)."""
     coco = _load_json(instances_uri)
+    if not isinstance(coco, Mapping):
+        raise CocoImportError(f"{instances_uri}: expected a COCO object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise CocoImportError(f"{instances_uri}: key {key!r} is missing or not a list")
-    catalog = ClassCatalog({int(c["id"]): str(c["name"]) for c in coco["categories"]})
+    names: dict[int, str] = {}
+    for index, category in enumerate(coco["categories"]):
+        missing = _missing(category, ("id", "name"))
+        if missing:
+            raise CocoImportError(
+                f"{instances_uri}: {_entry('categories', index, category)} has no {_names(missing)}: "
+                "every category needs an id and a name"
+            )
+        names[int(category["id"])] = str(category["name"])
+    catalog = ClassCatalog(names)
     refs = _load_json(refs_uri) if refs_uri else []
     if not isinstance(refs, list):
         raise CocoImportError(f"{refs_uri}: expected a list of referring expressions")
     stats = ImportStats()
-    return catalog, _records(coco, refs, catalog, images_uri, source, run_length, stats), stats
+    files = {"instances": instances_uri, "refs": refs_uri or ""}
+    return catalog, _records(coco, refs, catalog, images_uri, source, run_length, stats, files), stats
 
 
-def _records(coco, refs, catalog, images_uri, source, run_length, stats) -> Iterator[dict[str, Any]]:
-    anns_by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in coco["annotations"]:
-        anns_by_image[ann["image_id"]].append(ann)
-    refs_by_image: dict[int, list[dict]] = defaultdict(list)
-    for ref in refs:
-        refs_by_image[ref["image_id"]].append(ref)
+def _records(coco, refs, catalog, images_uri, source, run_length, stats, files) -> Iterator[dict[str, Any]]:
+    instances_uri, refs_uri = files["instances"], files["refs"]
+    anns_by_image: dict[Any, list[tuple[int, dict]]] = defaultdict(list)
+    fields = ("id", "image_id", "category_id", "segmentation")
+    for index, ann in _complete(coco["annotations"], "annotations", fields, "annotation", instances_uri, stats):
+        if int(ann["category_id"]) not in catalog.names:
+            stats.skip("annotation of an unknown category",
+                       f"{instances_uri}: {_entry('annotations', index, ann)}: category_id {ann['category_id']} "
+                       "is not in categories")  # fmt: skip
+            continue
+        anns_by_image[ann["image_id"]].append((index, ann))
+    refs_by_image: dict[Any, list[tuple[int, dict]]] = defaultdict(list)
+    for index, ref in _complete(refs, "refs", ("ann_id", "image_id"), "referring expression", refs_uri, stats):
+        split = ref.get("split")
+        if split is not None and split not in REFCOCO_SPLITS:
+            stats.skip("referring expression of an unknown split",
+                       f"{refs_uri}: {_entry('refs', index, ref)}: split {split!r} is none of "
+                       f"{', '.join(REFCOCO_SPLITS)}")  # fmt: skip
+            continue
+        refs_by_image[ref["image_id"]].append((index, ref))
     run = seg_run(run_length // 2, 2) if run_length % 2 == 0 else seg_run(run_length, 1)
 
-    for image in sorted(coco["images"], key=lambda i: i["id"]):
+    fields = ("id", "file_name", "width", "height")
+    images = [image for _, image in _complete(coco["images"], "images", fields, "image", instances_uri, stats)]
+    for image in sorted(images, key=lambda i: i["id"]):
         width, height = int(image["width"]), int(image["height"])
         image_id = f"{source}-{image['id']}"
         base = {
@@ -127,22 +200,32 @@ def _records(coco, refs, catalog, images_uri, source, run_length, stats) -> Iter
             "source": source,
         }
         targets: dict[int, dict] = {}
-        for ann in anns_by_image.get(image["id"], []):
+        for index, ann in anns_by_image.get(image["id"], []):
             if ann.get("iscrowd"):
                 stats.skipped["crowd annotation"] += 1
                 continue
             try:
                 mask = _segmentation_to_mask(ann["segmentation"], height, width)
             except Exception as exc:  # noqa: BLE001 - pycocotools raises plain Exceptions on bad input
-                stats.skipped[f"annotation with unreadable segmentation ({type(exc).__name__})"] += 1
+                stats.skip(f"annotation with unreadable segmentation ({type(exc).__name__})",
+                           f"{instances_uri}: {_entry('annotations', index, ann)}: segmentation: {exc}")  # fmt: skip
                 continue
-            x, y, w, h = ann["bbox"]
+            if ann.get("bbox") is None:
+                box = mask_box(mask)
+                if box is None:
+                    stats.skip("annotation without 'bbox' and with an empty mask",
+                               f"{instances_uri}: {_entry('annotations', index, ann)} has no 'bbox' and an empty mask")  # fmt: skip
+                    continue
+                stats.boxes_from_masks += 1
+            else:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                box = [x, y, x + w, y + h]
             class_id = int(ann["category_id"])
             targets[ann["id"]] = {
                 "instance_id": int(ann["id"]),
                 "class_id": class_id,
-                "class_name": catalog.names.get(class_id, f"unknown-{class_id}"),
-                "box": [float(x), float(y), float(x + w), float(y + h)],
+                "class_name": catalog.names[class_id],
+                "box": box,
                 "mask": encode_mask(mask),
                 "description": "",
             }
@@ -170,16 +253,18 @@ def _records(coco, refs, catalog, images_uri, source, run_length, stats) -> Iter
                 ],
                 "targets": [t | {"description": f"all {name}"} for t in members],
             }
-        for ref in refs_by_image.get(image["id"], []):
+        for index, ref in refs_by_image.get(image["id"], []):
             target = targets.get(ref.get("ann_id"))
             if target is None:
-                stats.skipped["referring expression whose annotation is missing or skipped"] += 1
+                stats.skip("referring expression whose annotation is missing or skipped",
+                           f"{refs_uri}: {_entry('refs', index, ref)}: ann_id {ref.get('ann_id')} is not an imported "
+                           "annotation of its image")  # fmt: skip
                 continue
-            split = REFCOCO_SPLITS.get(ref.get("split"))
+            split = REFCOCO_SPLITS.get(ref.get("split"))  # None (no split given): assigned by sharding
             for k, sentence in enumerate(ref.get("sentences") or []):
                 phrase = (sentence.get("sent") or sentence.get("raw") or "").strip()
                 if not phrase:
-                    stats.skipped["empty referring sentence"] += 1
+                    stats.skip("empty referring sentence", f"{refs_uri}: {_entry('refs', index, ref)}: sentences[{k}] is empty")
                     continue
                 described = target | {"description": phrase}
                 ref_id = f"{image_id}-{ref.get('ref_id', ref['ann_id'])}-{k}"
@@ -225,3 +310,11 @@ def import_coco(
         for record in records:
             writer.write(record)
     return stats
+
+
+def mask_box(mask: np.ndarray) -> list[float] | None:
+    """[x1, y1, x2, y2] of a mask's pixels (None when it is empty)."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]

@@ -609,11 +609,17 @@ def shard_dataset(shards_uri: str, split: str) -> ray.data.Dataset:
 
 
 def check_shards(shards_uri: str, split: str) -> tuple[Any, list[str]]:
-    """:func:`shard_files`, with every shard's Parquet footer read and its columns checked, so a
-    missing or unreadable shard fails at once with its name instead of deep inside a worker."""
+    """:func:`shard_files` of a finished shard set (its ``_SUCCESS`` written), with every shard's
+    Parquet footer read and its columns checked, so an unfinished set or a missing or unreadable
+    shard fails at once with its name instead of deep inside a worker."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not storage.exists(storage.join_uri(shards_uri, storage.SUCCESS_MARKER)):
+        raise ShardError(
+            f"{shards_uri} holds no finished shard set (no {storage.SUCCESS_MARKER}): its sharding did not "
+            "finish or is still writing; rerun `geopix data shard` for it"
+        )
     fs, files = shard_files(shards_uri, split)
     for path in files:
         try:

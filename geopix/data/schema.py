@@ -34,6 +34,18 @@ ROLES = ("user", "assistant")
 PHRASE_TYPES = ("class", "colour", "size_rank", "position", "relation", "all_of_class")
 SEG_TASKS = ("segment", "refer")  # answers carry one seg run per target
 
+# Size buckets on mask area in pixels, COCO's convention as half-open ranges, so every area has
+# exactly one bucket: small < 32², medium 32² to < 96², large ≥ 96². The generator's statistics and
+# the evaluation both bucket through size_bucket (evaluation with its configurable bounds).
+SIZE_BUCKETS = ("small", "medium", "large")
+SMALL_MAX_AREA, MEDIUM_MAX_AREA = 32 * 32, 96 * 96
+
+
+def size_bucket(area: int, small_max_area: int = SMALL_MAX_AREA, medium_max_area: int = MEDIUM_MAX_AREA) -> str:
+    if area < small_max_area:
+        return "small"
+    return "medium" if area < medium_max_area else "large"
+
 IMAGE_TOKEN = "<image>"
 TASK_TAGS = {
     "segment": "[segment]",

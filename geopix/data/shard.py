@@ -11,6 +11,12 @@ Output layout under ``out_uri``::
     rejects/rejects.parquet       record_id, image_id, origin, reason
     manifest.json                 counts per split/task/class, shard checksums, schema version
     _SUCCESS                      written last: readers trust a shard set only once it exists
+    _GEOPIX_OUTPUT.json           written first: this prefix is a GeoPix shard set (geopix/outputs.py)
+
+Sources are read only once they carry their own ``_SUCCESS``; the output prefix must be empty, or a
+GeoPix shard set that ``overwrite`` replaces (an unfinished one, from a killed run, always is).
+Nothing else is ever deleted: not a prefix holding anything GeoPix did not write, not a bucket root,
+not a prefix that is, holds or lies inside a source.
 
 The same sources and config give byte-identical shards and manifest: rows are sorted by
 record_id before they are cut into shards, file names depend only on the shard index, and the
@@ -48,10 +54,14 @@ from geopix.data.schema import (
     ClassCatalog,
     validate_record,
 )
-from geopix.data.source import SUCCESS_MARKER, SourceError, read_catalog, record_files
+from geopix.data.source import SUCCESS_MARKER, SourceError, read_catalog, record_files, require_finished
+from geopix.outputs import OutputRefused, prepare_output
 
 MANIFEST_FILE = "manifest.json"
 REJECTS_FILE = "rejects/rejects.parquet"
+SHARDS_KIND = "shard set"
+# Every object a shard set holds (geopix/outputs.py): only these are ever replaced by --overwrite.
+SHARDS_LAYOUT = (*(f"{split}/shard-*.parquet" for split in SPLITS), REJECTS_FILE, MANIFEST_FILE)
 HELPER_COLUMNS = ("_reason", "_origin", "_worker")
 
 
@@ -191,16 +201,20 @@ def shard_sources(
 ) -> ShardResult:
     """Validate, split and shard ``sources`` into ``out_uri``; see the module docstring."""
     started = time.perf_counter()
-    out_uri = out_uri.rstrip("/")
-    _prepare_output(out_uri, overwrite)
-
+    out_uri = storage.normalize_uri(out_uri).rstrip("/")
+    sources = [storage.normalize_uri(s).rstrip("/") for s in sources]
     catalogs, files = {}, []
-    for source in sources:
+    for source in sources:  # every source whole and readable before anything is written or removed
         try:
+            require_finished(source)
             catalogs[source] = read_catalog(source)
             files += record_files(source)
         except SourceError as exc:
             raise ShardError(str(exc)) from None
+    try:
+        prepare_output(out_uri, SHARDS_KIND, SHARDS_LAYOUT, replace=overwrite, inputs=sources)
+    except OutputRefused as exc:
+        raise ShardError(str(exc)) from None
     catalog = merge_catalogs(catalogs)
     readable, unreadable = _check_files(files)
     if not readable:
@@ -270,17 +284,6 @@ def shard_sources(
     )
 
 
-def _prepare_output(out_uri: str, overwrite: bool) -> None:
-    storage.require_bucket(out_uri)
-    manifest = storage.join_uri(out_uri, MANIFEST_FILE)
-    exists = (
-        storage.s3_filesystem().exists(manifest) if storage.is_s3_uri(out_uri) else os.path.exists(manifest)
-    )
-    if exists and not overwrite:
-        raise ShardError(f"{out_uri} already holds shards ({MANIFEST_FILE}); pass overwrite to replace them")
-    storage.remove_prefix(out_uri)
-
-
 def _cross_record_rejects(info: pa.Table) -> dict[str, str]:
     """Reasons that need all records at once: duplicate record ids, an image in two splits."""
     reasons: dict[str, str] = {}
@@ -318,7 +321,15 @@ def _write_splits(valid, out_uri: str, data: DataConfig, fs) -> dict[str, list[d
         n_shards = max(1, math.ceil(split_bytes / (data.shard_target_mb * 2**20)))
         target = storage.join_uri(out_uri, split)
         _, path = storage.arrow_filesystem(target)
-        part.sort("record_id").repartition(n_shards).write_parquet(
+        if n_shards == 1:
+            # A split that fits one shard (at most shard_target_mb): sorted in one place. Ray Data's
+            # distributed sort (sample, map, reduce) costs seconds of fixed overhead per split and
+            # buys nothing when every row ends up in the same file.
+            table = pa.concat_tables(ray.get(part.to_arrow_refs())).sort_by("record_id")
+            part = ray.data.from_arrow(table)
+        else:
+            part = part.sort("record_id").repartition(n_shards)
+        part.write_parquet(
             path, filesystem=fs, filename_provider=_ShardNames(), mode=SaveMode.OVERWRITE, compression="zstd"
         )
         shards[split] = []

@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 
 from geopix import storage
 from geopix.data.schema import RECORD_SCHEMA, ClassCatalog
+from geopix.outputs import prepare_output
 
 CLASSES_FILE = "classes.json"
 RECORDS_DIR = "records"
-SUCCESS_MARKER = "_SUCCESS"
+SUCCESS_MARKER = storage.SUCCESS_MARKER
 
 
 class SourceError(ValueError):
@@ -41,11 +42,20 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+SOURCE_KIND = "record source"
+SOURCE_LAYOUT = (f"{RECORDS_DIR}/part-*.parquet", CLASSES_FILE)
+
+
 class SourceWriter:
-    """Writes records in parts of ``rows_per_part``; call :meth:`close` (or use ``with``)."""
+    """Writes records in parts of ``rows_per_part``; call :meth:`close` (or use ``with``).
+
+    The prefix must be empty or an earlier GeoPix source, which is replaced (its ``_SUCCESS`` goes
+    first, so no reader takes the half-written new one for the old); anything else is refused
+    (geopix/outputs.py)."""
 
     def __init__(self, uri: str, catalog: ClassCatalog, rows_per_part: int = 512):
-        self.uri = uri.rstrip("/")
+        self.uri = storage.normalize_uri(uri).rstrip("/")
+        prepare_output(self.uri, SOURCE_KIND, SOURCE_LAYOUT, replace=True)
         self.catalog = catalog
         self.rows_per_part = rows_per_part
         self._pending: list[Mapping[str, Any]] = []
@@ -78,6 +88,17 @@ class SourceWriter:
         storage.write_bytes(storage.join_uri(self.uri, CLASSES_FILE), self.catalog.to_json().encode())
         marker = {"parts": len(self.parts), "rows": self.rows}
         storage.write_bytes(storage.join_uri(self.uri, SUCCESS_MARKER), json.dumps(marker).encode())
+
+
+def require_finished(uri: str) -> None:
+    """A source is read only once its writer finished it (``_SUCCESS`` written after every part)."""
+    if not storage.exists(storage.join_uri(uri, SUCCESS_MARKER)):
+        if not storage.list_objects(uri):
+            raise SourceError(f"source {uri} does not exist (nothing there)")
+        raise SourceError(
+            f"source {uri} is unfinished: no {SUCCESS_MARKER} (its writer did not finish, or is still writing); "
+            "rerun the import or generation that writes it"
+        )
 
 
 def read_catalog(uri: str) -> ClassCatalog:

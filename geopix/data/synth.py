@@ -99,8 +99,8 @@ HALL_ROOFS = ("grey", "white", "red", "blue")  # big flat roofs are sheet metal 
 SCENE_STREAM = 7
 HELD_OUT_VARIANT_P = 0.4  # how often a test instance takes a held-out appearance
 
-# COCO size buckets on visible mask area (GEOPIX.md §3).
-SMALL_MAX, MEDIUM_MAX = 32 * 32, 96 * 96
+# COCO size buckets on visible mask area (GEOPIX.md §3): the one definition, schema.size_bucket.
+size_bucket = schema.size_bucket
 MIN_VISIBLE_PX = 12  # a chip instance with fewer visible pixels is not painted
 MIN_VISIBLE_FRACTION = 0.3  # ... or with less than this share of its in-chip area visible
 NEIGHBOUR_PX = 4  # instances this close count as "next to" each other
@@ -109,10 +109,6 @@ NEIGHBOUR_PX = 4  # instances this close count as "next to" each other
 LAND, WATER, ROAD, PAVED, PIER = range(5)
 FEATURE_RANK = {WATER: 0, PAVED: 1, ROAD: 2, PIER: 3}  # paint order of features
 FEATURE_CELL = 256  # px cells of the feature lookup used while planning
-
-
-def size_bucket(area: int) -> str:
-    return "small" if area < SMALL_MAX else "medium" if area <= MEDIUM_MAX else "large"
 
 
 # ---------------------------------------------------------------------------------------------

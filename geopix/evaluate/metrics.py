@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from geopix.config import EvalConfig
+from geopix.data import schema
 from geopix.data.schema import parse_box_text
 
 BUCKETS = ("small", "medium", "large")
@@ -58,9 +59,8 @@ class TargetScore:
 
 
 def size_bucket(area: int, cfg: EvalConfig) -> str:
-    if area < cfg.small_max_area:
-        return "small"
-    return "medium" if area < cfg.medium_max_area else "large"
+    """The target's bucket with the evaluation's bounds (schema.size_bucket: the one definition)."""
+    return schema.size_bucket(area, cfg.small_max_area, cfg.medium_max_area)
 
 
 def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, float]:
