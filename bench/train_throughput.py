@@ -136,7 +136,7 @@ def ray_train(cfg, steps: int, records: int) -> dict:
 
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "steps": steps, "records": records},
+        train_loop_config={"config": cfg.for_workers(), "steps": steps, "records": records},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name=f"bench-zero{cfg.train.zero_stage}-{time.time_ns()}",

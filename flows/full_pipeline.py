@@ -20,11 +20,11 @@ import logging
 import sys
 
 import mlflow
-import ray
 
 from geopix import runtime, storage, tracking
 from geopix.config import GeoPixConfig, load_config
-from geopix.pipeline import Context, Pipeline, PipelineError, Step
+from geopix.pipeline import Context, Pipeline, Step
+from geopix.redaction import redact_text
 
 STEPS = ("source", "shard", "stage1", "stage2", "evaluate", "register", "segment")
 
@@ -115,28 +115,27 @@ def evaluate_step(cfg: GeoPixConfig, name: str) -> Step:
 
 
 def register_step(cfg: GeoPixConfig) -> Step:
-    from geopix.train.run import promote, register_model
+    from geopix.train.run import promote, promotion_gate, register_model
 
     p = cfg.pipeline
 
     def run(ctx: Context) -> dict:
         metrics, stage2 = ctx.outputs["evaluate"]["metrics"], ctx.outputs["stage2"]
-        if p.gate_metric not in metrics:
-            raise PipelineError(f"pipeline.gate_metric {p.gate_metric!r} is not an evaluation metric; "
-                                f"have {', '.join(sorted(metrics))}")  # fmt: skip
-        value = metrics[p.gate_metric]
-        passed = value >= p.gate_min
-        with tracking.step_run("register", params={"gate": f"{p.gate_metric} >= {p.gate_min}"}, config=cfg) as child:
+        gate = promotion_gate(metrics, p)
+        with tracking.step_run("register", params={"gate": gate["rule"]}, config=cfg) as child:
+            # The same model again (a rerun after a kill, --only register) gets its existing version.
             version = register_model(cfg, stage2["mlflow_run_id"], stage2["model_uri"], 2)
-            if passed:
+            if gate["passed"]:
                 promote(cfg, version, "champion")
-            mlflow.log_metrics({"gate_value": value, "gate_passed": float(passed)})
+            mlflow.log_metrics({"gate_value": gate["value"], "gate_failed_share": gate["failed_share"],
+                                "gate_passed": float(gate["passed"])})  # fmt: skip
         ref = f"models:/{cfg.train.registered_model}/{version}"
-        return {"model": ref, "version": version, "champion": passed, "gate_metric": p.gate_metric,
-                "gate_value": value, "gate_min": p.gate_min, "mlflow_run_id": child.info.run_id}  # fmt: skip
+        return {"model": ref, "version": version, "champion": gate["passed"], "gate_metric": p.gate_metric,
+                "gate_value": gate["value"], "gate_min": p.gate_min, "failed_share": gate["failed_share"],
+                "gate_max_failed_share": p.gate_max_failed_share, "mlflow_run_id": child.info.run_id}  # fmt: skip
 
-    return Step("register", lambda ctx: (p.gate_metric, p.gate_min, cfg.train.registered_model), run,
-                exists=lambda out: tracking.model_version_exists(out["model"]))  # fmt: skip
+    return Step("register", lambda ctx: (p.gate_metric, p.gate_min, p.gate_max_failed_share, cfg.train.registered_model),
+                run, exists=lambda out: tracking.model_version_exists(out["model"]))  # fmt: skip
 
 
 def segment_step(cfg: GeoPixConfig) -> Step:
@@ -170,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or cfg.name
-    pipeline = Pipeline(name, cfg.pipeline.state_uri, STEPS, from_step=args.from_step, only=args.only)
+    pipeline = Pipeline(name, cfg.pipeline.state_uri, STEPS, from_step=args.from_step, only=args.only,
+                        lease_ttl_s=cfg.pipeline.lease_ttl_s)
     steps = [source_step(cfg, name), shard_step(cfg), train_step(cfg, name, 1), train_step(cfg, name, 2),
              evaluate_step(cfg, name), register_step(cfg), segment_step(cfg)]  # fmt: skip
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     job = runtime.run_id()
     error = None
     with tracking.flow_run("full_pipeline", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "job": job, "mlflow_run_id": parent.info.run_id,
             "mlflow_ui": tracking.run_url(parent.info.run_id),
             "failed_step": None if error is None else STEPS[len(pipeline.outcomes)],
-            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "error": None if error is None else redact_text(f"{type(error).__name__}: {error}"),
         }  # fmt: skip
         mlflow.log_dict(summary, "pipeline_summary.json")
         storage.write_bytes(storage.join_uri(pipeline.root, "runs", f"{job}.json"), json.dumps(summary, indent=1).encode())

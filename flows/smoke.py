@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.overrides)
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     job_id = runtime.run_id()
     out_uri = storage.join_uri(f"s3://{config.storage.buckets.data}", "smoke", job_id, "report.json")
 

@@ -6,8 +6,9 @@
 Trials: sweep.memory_len × sweep.memory_dim (K = 0 is the ablation); each trains stage 1, is
 evaluated on sweep.split (ASHA's rung), then stage 2 and evaluated again (geopix/train/sweep.py).
 The shards are --shards, else those the full pipeline named --pipeline (default: the config's
-name) recorded, else data.shards_uri. Submitting the same --name again restores the sweep
-(Tuner.restore): finished trials are kept, an interrupted one resumes from its checkpoint.
+name) recorded, else data.shards_uri. Submitting the same --name again resumes the sweep from its
+trials' own records (Ray Tune's pickled state is never restored, geopix/train/sweep.py): finished
+trials are not trained again, an interrupted one resumes from its checkpoint.
 Results (table, best config, plot of the metric against K per size bucket) go to
 <sweep.out_uri>/<name>/ and to the MLflow parent run, each trial a nested run under it.
 """
@@ -20,7 +21,6 @@ import logging
 import sys
 
 import mlflow
-import ray
 
 from geopix import runtime, storage, tracking
 from geopix.config import GeoPixConfig, load_config
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"memory-{cfg.name}"
     shards = shards_for(cfg, args.shards, args.pipeline or cfg.name)
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     job = runtime.run_id()
     with tracking.flow_run("tune_memory", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
         mlflow.log_params({"sweep_name": name, "shards_uri": shards})
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.best:
             mlflow.log_metrics({"best_memory_len": result.best["memory_len"], "best_memory_dim": result.best["memory_dim"],
                                 f"best_{cfg.sweep.metric}": result.best[cfg.sweep.metric]})  # fmt: skip
-    print(f"SWEEP {name} ({'restored' if result.restored else 'new'}): {len(result.rows)} trials on {shards}; "
+    print(f"SWEEP {name} ({'resumed' if result.resumed else 'new'}): {len(result.rows)} trials on {shards}; "
           f"results in {result.out_uri}/ ; MLflow {tracking.run_url(parent.info.run_id)}", flush=True)  # fmt: skip
     print(results_table(result.rows, cfg.sweep.metric), flush=True)
     if result.best:

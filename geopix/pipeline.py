@@ -3,8 +3,11 @@
 A flow is a list of :class:`Step` s run in order. Each step has a *key*: a content hash of what
 shapes its outputs (the config sections it reads, the content of external inputs such as a source
 prefix, and the key of the step before it, so a change reaches every step downstream). When a step
-finishes, the flow writes ``<state>/steps/<step>.json`` — one object PUT, so a reader sees the old
-record or the new one, never half of one — with the key and where the outputs went. A later
+finishes, the flow writes ``<state>/steps/<step>.json`` — one object PUT (locally a write-then-rename),
+so a reader sees the old record or the new one, never half of one — with the key and where the
+outputs went. A step runs under a lease (``<state>/leases/<step>.json``, geopix/leases.py), so two
+submissions of one pipeline at once never run the same step together: the second stops, naming
+the run that holds it. A later
 submission with the same key finds the record, checks that the outputs still exist and skips the
 step. Outputs are named from the key, so two configs never share or overwrite them, and a step that
 was killed half-way (a training run) finds its own partial outputs and resumes them.
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from geopix import storage
+from geopix.leases import DEFAULT_TTL_S, Lease
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class Pipeline:
 
     def __init__(
         self, name: str, state_uri: str, step_names: Sequence[str], *,
-        from_step: str | None = None, only: str | None = None,
+        from_step: str | None = None, only: str | None = None, lease_ttl_s: float = DEFAULT_TTL_S,
     ):  # fmt: skip
         for flag, value in (("--from-step", from_step), ("--only", only)):
             if value is not None and value not in step_names:
@@ -106,15 +110,25 @@ class Pipeline:
         self.first_forced = self.step_names.index(from_step or only) if (from_step or only) else None
         self.last = self.step_names.index(only) if only else len(step_names) - 1
         self.outcomes: list[StepOutcome] = []
+        self.lease_ttl_s = lease_ttl_s
 
     def record_uri(self, step: str) -> str:
         return storage.join_uri(self.root, "steps", f"{step}.json")
 
     def record(self, step: str) -> StepRecord | None:
+        """The step's record, or None when there is none — or none that can be read (a record cut
+        short by a crash is reported and the step reruns, instead of every later run failing)."""
+        uri = self.record_uri(step)
         try:
-            return StepRecord(**json.loads(storage.read_bytes(self.record_uri(step))))
+            return StepRecord(**json.loads(storage.read_bytes(uri)))
         except (storage.StorageError, FileNotFoundError):
             return None
+        except (ValueError, TypeError) as exc:
+            log.warning("step %s: its record %s is unreadable (%s); the step runs again", step, uri, exc)
+            return None
+
+    def lease_uri(self, step: str) -> str:
+        return storage.join_uri(self.root, "leases", f"{step}.json")
 
     def run(self, steps: Sequence[Step]) -> list[StepOutcome]:
         if [s.name for s in steps] != self.step_names:
@@ -145,19 +159,42 @@ class Pipeline:
                 )
             else:
                 context.key, context.fresh = key, forced
-                log.info("step %s: running (key %s%s)", step.name, key, ", fresh" if forced else "")
-                started = time.perf_counter()
-                outputs = step.run(context)
-                seconds = round(time.perf_counter() - started, 1)
-                record = StepRecord(
-                    step.name, key, outputs, seconds, outputs.get("mlflow_run_id"),
-                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                )  # fmt: skip
-                storage.write_bytes(self.record_uri(step.name), json.dumps(asdict(record), indent=1).encode())
-                self.outcomes.append(StepOutcome(step.name, "ran", seconds, key, outputs))
+                record, ran = self._run_leased(step, context, key)
+                self.outcomes.append(StepOutcome(step.name, "ran" if ran else "skipped", record.seconds if ran else 0.0,
+                                                 key, record.outputs))  # fmt: skip
             context.outputs[step.name] = record.outputs
             previous_key = key
         return self.outcomes
+
+    def _run_leased(self, step: Step, context: Context, key: str) -> tuple[StepRecord, bool]:
+        """Run one step under its lease: a second submission of the same pipeline (a retry beside a
+        running job) stops here, naming the run that holds the step, instead of doing it twice.
+        Returns the step's record and whether this run did the work (not when another run finished
+        it between our look at its record and our lease)."""
+        lease = Lease(self.lease_uri(step.name), ttl_s=self.lease_ttl_s)
+        if not lease.acquire():
+            raise PipelineError(
+                f"step {step.name} of pipeline {self.name} is being run by {lease.describe_holder()}; "
+                "wait for that run to end (a killed run's lease is freed at once on its host, else when it expires)"
+            )
+        try:
+            done = self.record(step.name)
+            if not context.fresh and done is not None and done.key == key and step.exists(done.outputs):
+                log.info("step %s: finished by another run meanwhile (key %s), skipped", step.name, key)
+                return done, False
+            log.info("step %s: running (key %s%s)", step.name, key, ", fresh" if context.fresh else "")
+            started = time.perf_counter()
+            outputs = step.run(context)
+            seconds = round(time.perf_counter() - started, 1)
+            lease.check()  # another run took the step over: its record, not ours, stands
+            record = StepRecord(
+                step.name, key, outputs, seconds, outputs.get("mlflow_run_id"),
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )  # fmt: skip
+            storage.write_bytes(self.record_uri(step.name), json.dumps(asdict(record), indent=1).encode())
+            return record, True
+        finally:
+            lease.release()
 
     def summary(self) -> dict[str, Any]:
         return {

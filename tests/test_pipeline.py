@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from geopix import storage, tracking
-from geopix.config import load_config
+from geopix.config import REPO_ROOT, load_config
 from geopix.pipeline import SKIPPED_TAG, Context, Pipeline, PipelineError, Step
 from tests.test_jobs import job_status, ray_cli, wait_for
 
@@ -75,6 +75,57 @@ def test_steps_rerun_only_when_their_inputs_or_outputs_change(tracked):
     assert calls == ["a"] and [o.step for o in outcomes] == ["a"]
 
 
+def test_a_step_record_cut_short_reruns_the_step_instead_of_breaking_every_run(tracked):
+    name, prefix = f"torn-{uuid.uuid4().hex[:8]}", f"s3://geopix-data/tests/pipeline/{uuid.uuid4().hex[:8]}"
+    settings = {"a": "1", "b": "1", "c": "1"}
+    run_once(name, settings, prefix)
+    pipeline = Pipeline(name, STATE, STEP_NAMES)
+    storage.write_bytes(pipeline.record_uri("b"), b'{"step": "b", "key": "12')  # a crash mid-write, elsewhere
+    assert run_once(name, settings, prefix)[0] == ["b"]  # c's inputs did not change
+    assert pipeline.record("b") is not None
+
+
+def test_two_submissions_at_once_never_run_one_step_twice(tracked):
+    """A step runs under its lease: a second submission finds the step held and stops, naming the
+    holder; one finding it finished meanwhile skips it."""
+    import threading
+
+    from geopix.leases import Lease
+
+    name, prefix = f"twice-{uuid.uuid4().hex[:8]}", f"s3://geopix-data/tests/pipeline/{uuid.uuid4().hex[:8]}"
+    settings = {"a": "1", "b": "1", "c": "1"}
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(step: Step) -> Step:  # holds step b until the other submission has tried it
+        def run(ctx):
+            started.set()
+            release.wait(60)
+            return step.run(ctx)
+
+        return Step(step.name, step.inputs, run, step.exists)
+
+    first_outcome: dict = {}
+
+    def first():
+        with mlflow.start_run(run_name=name):
+            steps = counting_steps(settings, calls, prefix)
+            first_outcome["outcomes"] = Pipeline(name, STATE, STEP_NAMES).run([steps[0], slow(steps[1]), steps[2]])
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(60)
+    holder = Lease(Pipeline(name, STATE, STEP_NAMES).lease_uri("b"))
+    assert not holder.acquire(renew=False)
+    with pytest.raises(PipelineError, match=r"step b of pipeline twice-\w+ is being run by run .*lease"):
+        run_once(name, settings, prefix)
+    release.set()
+    thread.join(60)
+    assert [o.status for o in first_outcome["outcomes"]] == ["ran", "ran", "ran"]
+    assert calls.count("b") == 1  # the second submission never ran b
+    assert run_once(name, settings, prefix)[0] == []  # and once the first is done, everything is current
+
+
 def test_step_flags_are_checked(tracked):
     name, prefix = f"flags-{uuid.uuid4().hex[:8]}", f"s3://geopix-data/tests/pipeline/{uuid.uuid4().hex[:8]}"
     with pytest.raises(PipelineError, match="'train' is not a step; steps: a, b, c"):
@@ -93,7 +144,7 @@ SMALL = [
     "train.runs_uri=s3://geopix-checkpoints/tests/pipeline/runs",
     "train.models_uri=s3://geopix-checkpoints/tests/pipeline/models",
     "train.registered_model=geopix-test-pipeline",
-    "data.train_images=40", "data.val_images=4", "data.test_images=6", "data.scene_size=512",
+    "data.train_images=40", "data.val_images=4", "data.test_images=6", "data.scene_size=256",
     "data.source_uri=s3://geopix-data/tests/pipeline/source", "data.shards_uri=s3://geopix-data/tests/pipeline/shards",
     "evaluate.out_uri=s3://geopix-checkpoints/tests/pipeline/evals",
     "segment.out_uri=s3://geopix-predictions/tests/pipeline", "segment.overlap=16", f"pipeline.state_uri={STATE}",
@@ -107,6 +158,21 @@ def submit(repo_root, name: str, *extra: str) -> str:
     out = ray_cli("job", "submit", "--no-wait", "--working-dir", ".", "--", "python", "flows/full_pipeline.py",
                   "--config", "tiny", "--name", name, *sets, *extra, cwd=repo_root)  # fmt: skip
     return re.search(r"Job '(raysubmit_\w+)' submitted successfully", out).group(1)
+
+
+def run_in_process(name: str, *extra: str) -> tuple[str, str]:
+    """flows/full_pipeline.py's main in this process (already connected to the stack's Ray):
+    (its run id, what it printed)."""
+    import contextlib
+    import io
+    import runpy
+
+    flow = runpy.run_path(str(REPO_ROOT / "flows" / "full_pipeline.py"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert flow["main"](["--config", "tiny", "--name", name, *[a for o in SMALL for a in ("--set", o)], *extra]) == 0
+    job = re.search(rf"PIPELINE {name} \(job (\S+)\)", printed.getvalue()).group(1)
+    return job, printed.getvalue()
 
 
 def summary_of(name: str, job: str) -> dict:
@@ -126,7 +192,7 @@ def wait_for_checkpoint(run_uri: str, timeout: float = 600) -> None:
     raise TimeoutError(f"no checkpoint under {run_uri} in {timeout} s")
 
 
-def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skips_all(stack, repo_root):
+def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skips_all(stack, ray_cluster, repo_root):
     name = f"flow-{uuid.uuid4().hex[:8]}"
     first = submit(repo_root, name)
     # Kill the job once stage 1 has a checkpoint: source and shard are recorded, stage 1 is not.
@@ -138,6 +204,10 @@ def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skip
     while not storage.list_files(runs, f"{name}-stage1-*"):
         assert time.monotonic() < deadline and job_status(first) in ("PENDING", "RUNNING"), ray_cli("job", "logs", first, cwd=repo_root)
         time.sleep(1)
+    # A second submission while the first trains (a scheduler's retry): it stops at stage 1, which
+    # the first holds, and names it; it never trains beside it.
+    with pytest.raises(PipelineError, match=f"step stage1 of pipeline {name} is being run by run {first}"):
+        run_in_process(name)
     wait_for_checkpoint(storage.list_files(runs, f"{name}-stage1-*")[0])
     ray_cli("job", "stop", first, cwd=repo_root)
     assert wait_for(first) == "STOPPED"
@@ -167,20 +237,36 @@ def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skip
     assert {c.data.tags["geopix.step"] for c in children} >= {"source", "shard", "train-stage1", "train-stage2",
                                                               "evaluate", "register", "segment"}  # fmt: skip
 
-    third = submit(repo_root, name)
-    assert wait_for(third, timeout=600) == "SUCCEEDED", ray_cli("job", "logs", third, cwd=repo_root)
+    # Submitted again (the flow itself, in this process: the job path is the one above): every step
+    # skipped, the summary printed.
+    third, log = run_in_process(name)
     again = summary_of(name, third)
     assert [s["status"] for s in again["steps"]] == ["skipped"] * 7
     assert {s["step"]: s["outputs"] for s in again["steps"]} == outputs
-    log = ray_cli("job", "logs", third, cwd=repo_root)
     assert f"PIPELINE {name}" in log and outputs["evaluate"]["report"] in log
 
-    # --only register with a gate the model cannot pass: a new candidate version, champion unchanged.
-    fourth = submit(repo_root, name, "--only", "register", "--set", "pipeline.gate_min=1.5")
-    assert wait_for(fourth, timeout=600) == "SUCCEEDED", ray_cli("job", "logs", fourth, cwd=repo_root)
+    # --only register with a gate the model cannot pass: registration is idempotent (the same model
+    # keeps its version, no second one), the gate says no, champion unchanged.
+    fourth, _ = run_in_process(name, "--only", "register", "--set", "pipeline.gate_min=1.5")
     gated = summary_of(name, fourth)
     assert [s["status"] for s in gated["steps"]] == ["skipped"] * 5 + ["ran"] and gated["not_run"] == ["segment"]
     register = gated["steps"][-1]["outputs"]
-    assert register["champion"] is False and register["version"] != outputs["register"]["version"]
-    assert tracking.resolve_model("models:/geopix-test-pipeline@candidate").version == register["version"]
+    assert register["champion"] is False and register["version"] == outputs["register"]["version"]
+    versions = MlflowClient().search_model_versions("name = 'geopix-test-pipeline'")
+    assert [v.version for v in versions if v.source == outputs["stage2"]["model_uri"]] == [register["version"]]
     assert tracking.resolve_model("models:/geopix-test-pipeline@champion").version == outputs["register"]["version"]
+
+
+def test_the_promotion_gate_wants_the_metric_and_few_failed_records():
+    from geopix.config import PipelineConfig
+    from geopix.train.run import TrainError, promotion_gate
+
+    gate = PipelineConfig(gate_metric="seg_cIoU", gate_min=0.3, gate_max_failed_share=0.05)
+    assert promotion_gate({"seg_cIoU": 0.5, "records": 100, "failed_records": 5}, gate)["passed"]
+    assert not promotion_gate({"seg_cIoU": 0.2, "records": 100, "failed_records": 0}, gate)["passed"]
+    # A high score on the few records an evaluation could answer is no reason to promote.
+    mostly_failed = promotion_gate({"seg_cIoU": 0.9, "records": 100, "failed_records": 60}, gate)
+    assert not mostly_failed["passed"] and mostly_failed["failed_share"] == 0.6
+    assert not promotion_gate({"seg_cIoU": 0.9, "records": 0, "failed_records": 0}, gate)["passed"]
+    with pytest.raises(TrainError, match="'seg_cIoU' is not an evaluation metric; have records"):
+        promotion_gate({"records": 3}, gate)

@@ -1,7 +1,7 @@
 """Two-stage training with DeepSpeed ZeRO on Ray Train (2 workers, gloo) against the local stack:
-losses fall, stage 1 feeds stage 2, the model is published, registered and chats; ZeRO-1; a
-killed worker resumes from the last checkpoint; a killed run resumes by name; bad inputs fail
-fast with their names."""
+losses fall, stage 1 feeds stage 2, the model is published, registered and chats; a killed worker
+resumes from the last checkpoint; a killed ZeRO-1 run resumes by name, never from a checkpoint
+planted to run code; bad inputs fail fast with their names; no secret reaches Ray's metadata."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 from geopix import storage, tracking
 from geopix.config import load_config
 from geopix.data.loader import ShardError
+from tests.conftest import SMALL_SHARDS
 
-SOURCE = "s3://geopix-data/tests/train/source"
-SHARDS = "s3://geopix-data/tests/train/shards"
+SHARDS = SMALL_SHARDS
 SMALL = [
     "model.image_size=64",
     "data.chip_size=64",
@@ -45,16 +45,9 @@ def small_config(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def shards(stack, ray_cluster) -> str:
-    from geopix.data.shard import shard_sources
-    from geopix.data.synth import generate_chips
-
-    cfg = small_config()
-    generate_chips(SOURCE, seed=0, chip_size=64, train_images=40, val_images=4, test_images=4,
-                   test_seed_offset=1000, progress=False)
-    shard_sources([SOURCE], SHARDS, cfg.data, overwrite=True)
-    tracking.configure(cfg.tracking)
-    return SHARDS
+def shards(small_shards) -> str:
+    tracking.configure(small_config().tracking)
+    return small_shards
 
 
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -68,11 +61,19 @@ def first_and_last(series: list[tuple[int, float]], n: int = 3) -> tuple[float, 
 
 @pytest.fixture(scope="module")
 def two_stages(shards):
+    """Stage 1 (30 steps) with one of its workers killed after the first checkpoint (FailureConfig
+    restarts the worker group, which resumes there), then stage 2 from stage 1's model."""
     from geopix.train.run import train_stage
 
-    cfg = small_config("train.stage1.max_steps=30", "train.stage1.warmup_steps=3",
-                       "train.stage2.max_steps=10", "train.stage2.warmup_steps=2")
-    first = train_stage(cfg, 1)
+    cfg = small_config("train.stage1.max_steps=30", "train.stage1.warmup_steps=3", "train.checkpoint_every=10",
+                       "train.max_failures=1", "train.stage2.max_steps=10", "train.stage2.warmup_steps=2")  # fmt: skip
+    name = f"two-stages-{time.time_ns()}"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(first=train_stage(cfg, 1, run_name=name)))
+    thread.start()
+    _kill_a_worker_after_checkpoint(cfg, name)
+    thread.join(timeout=600)
+    first = outcome["first"]
     second = train_stage(cfg, 2, init_model_uri=first.model_uri)
     return cfg, first, second
 
@@ -84,16 +85,16 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     client = MlflowClient()
     run = client.get_run(first.mlflow_run_id)
     errors = {k: v for k, v in run.data.tags.items() if k.startswith("geopix.worker_error")}
-    assert first.steps == 30 and second.steps == 10 and first.resumed_from_step is None, errors
+    assert first.steps == 30 and second.steps == 10, errors
     assert run.data.params["world_size"] == "2" and run.data.params["zero_stage"] == "2"
     for key in ("loss/text", "loss/mask_bce", "loss/mask_dice", "loss/class", "lr", "samples_per_s",
                 "tokens_per_s"):
-        assert len(history(first.mlflow_run_id, key)) == 30, key
+        assert {s for s, _ in history(first.mlflow_run_id, key)} == set(range(1, 31)), key
     start, end = first_and_last(history(first.mlflow_run_id, "loss/total"))
     assert end < 0.8 * start, (start, end)
     text_start, text_end = first_and_last(history(first.mlflow_run_id, "loss/text"))
     assert text_end < text_start
-    lrs = [v for _, v in sorted(history(first.mlflow_run_id, "lr"))]
+    lrs = [v for _, v in sorted(dict(history(first.mlflow_run_id, "lr")).items())]  # a redone step once
     assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2 * max(lrs)  # warm-up, then cosine
     artifacts = {a.path for a in client.list_artifacts(first.mlflow_run_id)}
     assert {"config.yaml", "model", "loss_curves_stage1.png", "train_overlays_stage1.png"} <= artifacts
@@ -105,7 +106,8 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     from geopix.data.loader import iter_batches
     from geopix.train.data import RankReader
 
-    record = next(RankReader(SHARDS, "train", rank=0, world=1, seed=0).epoch_records(0))[1]
+    record = next(r for _, r in RankReader(SHARDS, "train", rank=0, world=1, seed=0).epoch_records(0)
+                  if r["task"] == "refer")  # fmt: skip
     answers = model.chat(processor([record["image"]]), ["[refer] the ship"], tokenizer, max_new_tokens=8)
     assert isinstance(answers[0].text, str) and answers[0].masks.dtype.is_floating_point is False
     batch = next(iter(iter_batches([record], tokenizer, image_size=64, batch_size=1, max_length=None,
@@ -124,16 +126,6 @@ def test_finished_run_is_not_trained_again(two_stages):
     cfg, first, _ = two_stages
     again = train_stage(cfg, 1, run_name=first.run_name)
     assert again.model_uri == first.model_uri and again.mlflow_run_id == first.mlflow_run_id
-
-
-def test_zero1_trains(shards):
-    from geopix.train.run import train_stage
-
-    cfg = small_config("train.zero_stage=1", "train.stage1.max_steps=6", "train.stage1.warmup_steps=2")
-    result = train_stage(cfg, 1, register=False)
-    assert result.steps == 6 and result.model_version is None
-    assert MlflowClient().get_run(result.mlflow_run_id).data.params["zero_stage"] == "1"
-    assert storage.list_files(result.model_uri, "_SUCCESS")
 
 
 def _registered_checkpoints(cfg, run_name: str) -> int:
@@ -165,33 +157,43 @@ def _kill_a_worker_after_checkpoint(cfg, run_name: str, timeout: float = 300) ->
     return pid
 
 
-def test_killed_worker_resumes_from_last_checkpoint(shards):
-    """FailureConfig restarts the worker group; it resumes at the checkpoint's step, redoing at
-    most one checkpoint interval, and still finishes all steps."""
-    from geopix.train.run import train_stage
-
-    cfg = small_config("train.stage1.max_steps=25", "train.stage1.warmup_steps=2", "train.max_failures=1")
-    name = f"fault-{time.time_ns()}"
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=train_stage(cfg, 1, run_name=name,
-                                                                               register=False)))
-    thread.start()
-    _kill_a_worker_after_checkpoint(cfg, name)
-    thread.join(timeout=600)
-    result = outcome["result"]
-    assert result.steps == 25
-    steps = [s for s, _ in history(result.mlflow_run_id, "loss/total")]
-    resumed_at = result.resumed_from_step
-    assert resumed_at is not None and resumed_at % cfg.train.checkpoint_every == 0 and 0 < resumed_at < 25
-    assert sorted(set(steps)) == list(range(1, 26))  # every step done, the global step went on
-    redone = len(steps) - 25  # steps logged twice: done before the failure, redone after it
+def test_killed_worker_resumes_from_last_checkpoint(two_stages):
+    """FailureConfig restarted stage 1's worker group: it resumed at the checkpoint's step, redoing
+    at most one checkpoint interval, and still finished all steps."""
+    cfg, first, _ = two_stages
+    steps = [s for s, _ in history(first.mlflow_run_id, "loss/total")]
+    resumed_at = first.resumed_from_step
+    assert resumed_at is not None and resumed_at % cfg.train.checkpoint_every == 0 and 0 < resumed_at < 30
+    assert sorted(set(steps)) == list(range(1, 31))  # every step done, the global step went on
+    redone = len(steps) - 30  # steps logged twice: done before the failure, redone after it
     assert 0 <= redone <= cfg.train.checkpoint_every
 
 
-def test_killed_run_resumes_by_name_and_fresh_runs_never_do(shards):
+class PlantedCode:
+    """Pickles to ``os.system("touch <marker>")``: what a checkpoint planted by someone who can
+    write the checkpoints prefix would run on every worker that loads it with a full unpickler."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_killed_run_resumes_by_name_never_from_a_planted_checkpoint_and_fresh_runs_never_do(shards, tmp_path):
+    """ZeRO-1 here (ZeRO-2 resumes in the tests above): a run killed with no retries left resumes
+    when the same name is given again; a checkpoint file whose pickle would run code is refused and
+    runs nothing; a run without a name never picks up anyone's checkpoint."""
+    import io
+
+    import torch
+
     from geopix.train.run import TrainError, train_stage
 
-    cfg = small_config("train.stage1.max_steps=15", "train.stage1.warmup_steps=2", "train.max_failures=0")
+    cfg = small_config("train.zero_stage=1", "train.stage1.max_steps=15", "train.stage1.warmup_steps=2",
+                       "train.max_failures=0")  # fmt: skip
     name = f"byname-{time.time_ns()}"
     errors: list = []
 
@@ -206,10 +208,29 @@ def test_killed_run_resumes_by_name_and_fresh_runs_never_do(shards):
     _kill_a_worker_after_checkpoint(cfg, name)
     thread.join(timeout=600)
     assert errors, "the run should fail with no retries left"
+
+    # Someone who can write the checkpoints prefix replaces the model states of every checkpoint.
+    run_uri = storage.join_uri(cfg.train.runs_uri, name)
+    states = [storage.join_uri(run_uri, u) for u in storage.list_objects(run_uri) if u.endswith("mp_rank_00_model_states.pt")]
+    genuine = {uri: storage.read_bytes(uri) for uri in states}
+    marker = tmp_path / "planted-code-ran"
+    planted = io.BytesIO()
+    torch.save({"module": PlantedCode(str(marker))}, planted)
+    for uri in states:
+        storage.write_bytes(uri, planted.getvalue())
+    with pytest.raises(TrainError, match="mp_rank_00_model_states.pt was refused.*Nothing of it was run"):
+        train_stage(cfg, 1, run_name=name, register=False)
+    assert not marker.exists()
+
+    for uri, payload in genuine.items():  # the genuine checkpoints back: the run resumes
+        storage.write_bytes(uri, payload)
     resumed = train_stage(cfg, 1, run_name=name, register=False)
     steps = [s for s, _ in history(resumed.mlflow_run_id, "loss/total")]
     assert resumed.steps == 15 and resumed.resumed_from_step in (5, 10)
     assert steps == list(range(resumed.resumed_from_step + 1, 16))  # this run started at the checkpoint
+    assert MlflowClient().get_run(resumed.mlflow_run_id).data.params["zero_stage"] == "1"
+    assert storage.list_files(resumed.model_uri, "_SUCCESS") and resumed.model_version is None
+
     fresh = train_stage(cfg, 1, register=False)  # no name: a new run, whatever exists
     fresh_steps = [s for s, _ in history(fresh.mlflow_run_id, "loss/total")]
     assert fresh.run_name != name and fresh.resumed_from_step is None and fresh_steps == list(range(1, 16))
@@ -221,10 +242,16 @@ def test_bad_inputs_fail_fast_with_names(shards, tmp_path):
     from geopix.train.run import TrainError, train_stage
 
     cfg = small_config()
-    with pytest.raises(ShardError, match="no shards for split 'train'"):
+    with pytest.raises(ShardError, match="nothing-here holds no finished shard set"):
         train_stage(cfg, 1, shards_uri="s3://geopix-data/tests/train/nothing-here")
+    storage.write_bytes(f"s3://geopix-data/tests/train/no-train/{storage.SUCCESS_MARKER}", b"")
+    with pytest.raises(ShardError, match="no shards for split 'train'"):
+        train_stage(cfg, 1, shards_uri="s3://geopix-data/tests/train/no-train")
     corrupt = "s3://geopix-data/tests/train/corrupt"
     storage.write_bytes(f"{corrupt}/train/shard-00000-0.parquet", b"PAR1 this is not parquet")
+    with pytest.raises(ShardError, match="holds no finished shard set"):  # a shard set is read once finished
+        train_stage(cfg, 1, shards_uri=corrupt)
+    storage.write_bytes(f"{corrupt}/{storage.SUCCESS_MARKER}", b"")
     with pytest.raises(ShardError, match="shard-00000-0.parquet is not readable Parquet"):
         train_stage(cfg, 1, shards_uri=corrupt)
     started = time.monotonic()
@@ -234,3 +261,26 @@ def test_bad_inputs_fail_fast_with_names(shards, tmp_path):
         train_stage(cfg, 2)
     assert time.monotonic() - started < 30
     assert mlflow.active_run() is None
+
+
+def test_no_secret_value_reaches_rays_job_actor_or_task_state(stack, two_stages):
+    """Ray keeps every actor's and task's runtime env and the jobs' metadata, and its dashboard hands
+    them to anyone with dashboard access: the S3 secret this process holds must appear in none."""
+    import json
+    import os
+    import urllib.request
+
+    secret = stack.config.s3_secret_access_key.get_secret_value()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the driver has it; the workers ran with it
+    token = stack.ray_token_path.read_text().strip()
+    seen = {}
+    for path in ("/api/v0/actors?detail=1&limit=10000", "/api/v0/tasks?detail=1&limit=10000",
+                 "/api/v0/jobs?detail=1&limit=10000", "/api/jobs/"):  # fmt: skip
+        request = urllib.request.Request(stack.url("ray") + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            seen[path] = response.read().decode()
+        leaked = [line for line in seen[path].replace("}, {", "}\n{").splitlines() if secret in line]
+        assert not leaked, (path, [line[:300] for line in leaked[:3]])
+    actors = json.loads(seen["/api/v0/actors?detail=1&limit=10000"])["data"]["result"]["result"]
+    workers = [a for a in actors if a.get("class_name") == "RayTrainWorker"]
+    assert workers and all("AWS_ENDPOINT_URL" in json.dumps(a.get("runtime_env_info") or a) for a in workers[:1])

@@ -23,6 +23,7 @@ import torch
 
 from geopix.config import GeoPixConfig, StageConfig, TrainConfig
 from geopix.data.loader import LoaderStats, iter_batches
+from geopix.train import checkpoints
 from geopix.train.data import Position, RankReader
 
 log = logging.getLogger("geopix.train")
@@ -167,10 +168,17 @@ def log_overlays(writer: Any, model: Any, batch: dict[str, Any], count: int, dty
         log.warning("no %s: drawing it failed", name, exc_info=True)
 
 
+MODEL_KIND = "model"
+MODEL_LAYOUT = ("model.safetensors", "geopix_config.json", "tokenizer/*", "processor/*")
+
+
 def publish_model(model: Any, tokenizer: Any, uri: str) -> str:
-    """The consolidated model directory, written locally, then uploaded with ``_SUCCESS`` last."""
+    """The consolidated model directory, written locally, then uploaded with ``_SUCCESS`` last, to a
+    prefix that is empty or holds this run's earlier publication (geopix/outputs.py)."""
+    from geopix.outputs import prepare_output
     from geopix.storage import upload_directory
 
+    prepare_output(uri, MODEL_KIND, MODEL_LAYOUT, replace=True)
     with tempfile.TemporaryDirectory() as directory:
         return upload_directory(model.save(Path(directory) / "model", tokenizer), uri)
 
@@ -270,9 +278,15 @@ def _train(loop: dict[str, Any]) -> None:
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=train.weight_decay)
+    if not train.use_gpu:
+        # On CPU DeepSpeed builds its shared-memory all-reduce op when it first starts (a C++ compile,
+        # ~40 s per environment). Only its inference all-reduce uses that op, never ZeRO training,
+        # whose collectives go through gloo: it is marked unavailable, so nothing is compiled.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train, stage, bf16)
     )
+    checkpoints.install(engine)  # resuming never unpickles code from storage (train/checkpoints.py)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     step, position = 0, Position()

@@ -20,16 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from geopix import storage, tracking
-from geopix.config import GeoPixConfig
+from geopix.config import GeoPixConfig, PipelineConfig, to_yaml
 from geopix.data.loader import ShardError, check_shards
 from geopix.data.shard import class_names
+from geopix.redaction import shareable_env
 from geopix.train.data import is_task
 
 log = logging.getLogger("geopix.train")
 RUN_FILE = "geopix_run.json"  # the run's inputs (a reused name must match them)
 DONE_FILE = "geopix_done.json"  # written when the model is published and registered
 TOKENIZER_PREFIX = "tokenizer"
-# Environment the workers need (S3, MLflow, GeoPix settings), passed through Ray's runtime env.
+# Settings the workers need (S3 endpoint and region, MLflow address, GeoPix and GDAL settings), passed
+# through Ray's runtime env. Credentials never are: Ray keeps the runtime env in its job/actor/task
+# state (the dashboard shows it), so workers take credentials from the cluster itself (see
+# redaction.shareable_env and docs/security.md).
 PROPAGATED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "GEOPIX_", "GDAL_", "CPL_")
 
 
@@ -176,15 +180,20 @@ def claim_run(run_uri: str, identity: dict[str, Any]) -> bool:
 
 
 def worker_env(cfg: GeoPixConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    env = shareable_env(os.environ, PROPAGATED_ENV_PREFIXES)
     threads = str(cfg.train.threads_per_worker)
     env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    # DeepSpeed JIT-compiles a small op on first use; a shared cache makes that once per machine.
+    # DeepSpeed JIT-compiles a small op on first use; a shared cache makes that once per machine and
+    # environment (the build embeds the environment's paths: two checkouts would rebuild each other's).
+    import hashlib
+    import sys
+
+    per_env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
     env.setdefault(
         "TORCH_EXTENSIONS_DIR",
-        os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "geopix" / "torch_extensions")),
+        os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "geopix" / "torch_extensions" / per_env)),
     )
     return env
 
@@ -245,9 +254,9 @@ def train_stage(
     ) as run:
         import mlflow
 
-        mlflow.log_text(tracking.redacted_config_yaml(cfg), "config.yaml")
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
         loop = {
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.for_workers(),
             "config_hash": cfg.config_hash(),
             "stage": stage,
             "run_name": run_name,
@@ -349,8 +358,9 @@ def log_model_and_curves(run_id: str, model_uri: str, stage: int) -> None:
 
 
 def register_model(cfg: GeoPixConfig, run_id: str, model_uri: str, stage: int) -> str:
-    """A new version of ``train.registered_model`` pointing at the consolidated model directory,
-    with alias ``candidate`` (the pipeline promotes it to ``champion`` after evaluation)."""
+    """The version of ``train.registered_model`` for this run's consolidated model directory — a new
+    one the first time, the same one when asked again — with alias ``candidate`` (the pipeline
+    promotes it to ``champion`` after evaluation)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -361,13 +371,36 @@ def register_model(cfg: GeoPixConfig, run_id: str, model_uri: str, stage: int) -
     except MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
-    version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags={"geopix.stage": str(stage), "geopix.model_uri": model_uri}
-    )
+    # Idempotent: a registration killed after creating the version, or rerun on purpose, finds it.
+    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                if v.source == model_uri]  # fmt: skip
+    if existing:
+        version = min(existing, key=lambda v: int(v.version))
+    else:
+        version = client.create_model_version(
+            name, source=model_uri, run_id=run_id, tags={"geopix.stage": str(stage), "geopix.model_uri": model_uri}
+        )
     client.set_registered_model_alias(name, "candidate", version.version)
     if stage == 1:
         client.set_registered_model_alias(name, "stage1", version.version)
     return str(version.version)
+
+
+def promotion_gate(metrics: dict[str, float], pipeline: PipelineConfig) -> dict[str, Any]:
+    """Whether an evaluated model may become ``champion``: its ``pipeline.gate_metric`` reaches
+    ``gate_min`` and at most ``gate_max_failed_share`` of the evaluated records failed (a model whose
+    evaluation failed on most records would otherwise pass on the few it answered)."""
+    if pipeline.gate_metric not in metrics:
+        raise TrainError(f"pipeline.gate_metric {pipeline.gate_metric!r} is not an evaluation metric; "
+                         f"have {', '.join(sorted(metrics))}")  # fmt: skip
+    value = float(metrics[pipeline.gate_metric])
+    records, failed = float(metrics.get("records", 0)), float(metrics.get("failed_records", 0))
+    failed_share = failed / records if records else 1.0
+    return {
+        "value": value, "failed_share": failed_share,
+        "passed": value >= pipeline.gate_min and failed_share <= pipeline.gate_max_failed_share,
+        "rule": f"{pipeline.gate_metric} >= {pipeline.gate_min} and failed records <= {pipeline.gate_max_failed_share:.0%}",
+    }  # fmt: skip
 
 
 def promote(cfg: GeoPixConfig, version: str, alias: str = "champion") -> None:

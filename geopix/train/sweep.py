@@ -4,8 +4,16 @@ Trials are the grid ``sweep.memory_len`` × ``sweep.memory_dim`` (K = 0 is the a
 a Tune function that trains stage 1 on Ray Train (its own DeepSpeed worker group), evaluates it on
 ``sweep.split`` and reports — ASHA's one rung — then, unless ASHA stopped it, trains stage 2 and
 reports again. Each trial is an MLflow run nested under the sweep's parent run, its training and
-evaluation runs nested under it. Training runs are named after the sweep and the trial, so a sweep
-restored after a kill (``Tuner.restore``) resumes an interrupted trial from its last checkpoint.
+evaluation runs nested under it.
+
+Resubmitting a sweep of the same name resumes it from GeoPix's own records, never from Ray Tune's
+experiment state: that state is pickled (``Tuner.restore`` unpickles it), and whoever can write
+``sweep.out_uri`` could plant code in it. Each submission runs a fresh Tune experiment under
+``<name>/tune/<submission>/`` and never reads another's. The work itself resumes: a trial's training
+runs are named after the sweep and the trial, so a finished stage is not trained again and an
+interrupted one resumes from its last checkpoint (loaded without unpickling code:
+train/checkpoints.py); an evaluation already published for the same model is reused. With one trial at a time (the default) ASHA sees the same reports in the same order and
+makes the same decisions.
 
 Results: a table (Markdown + CSV), the best config (JSON) and a plot of the metric against K per
 size bucket, under ``<sweep.out_uri>/<name>/`` and in MLflow.
@@ -18,6 +26,8 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,8 @@ log = logging.getLogger(__name__)
 
 BUCKETS = ("overall", "small", "medium", "large")
 RESULT_FILES = ("results.md", "results.csv", "best.json", "memory_sweep.png")
+SWEEP_RECORD = "sweep.json"  # the grid and every submission of this sweep (plain JSON)
+TUNE_DIR = "tune"  # <name>/tune/<submission>/: each submission's own Ray Tune experiment
 
 
 def bucket_metric(bucket: str, kind: str) -> str:
@@ -63,14 +75,30 @@ def memory_trial(params: dict[str, Any]) -> None:
             trained = train_stage(cfg, stage, shards_uri=params["shards_uri"], init_model_uri=model_uri,
                                   run_name=f"{sweep}-{label}-stage{stage}", register=False)  # fmt: skip
             model_uri = trained.model_uri
-            evaluation = evaluate_model(
-                cfg, model_uri, shards_uri=params["shards_uri"], split=cfg.sweep.split, limit=cfg.sweep.eval_limit,
-                name=f"{label}-stage{stage}", out_uri=storage.join_uri(cfg.sweep.out_uri, sweep, "evals"),
-            )  # fmt: skip
-            metrics = flat_metrics(evaluation.summary)
+            evals, eval_name = storage.join_uri(cfg.sweep.out_uri, sweep, "evals"), f"{label}-stage{stage}"
+            summary, eval_uri = published_evaluation(storage.join_uri(evals, eval_name), model_uri)
+            if summary is None:
+                evaluation = evaluate_model(cfg, model_uri, shards_uri=params["shards_uri"], split=cfg.sweep.split,
+                                            limit=cfg.sweep.eval_limit, name=eval_name, out_uri=evals)  # fmt: skip
+                summary, eval_uri = evaluation.summary, evaluation.out_uri
+            metrics = flat_metrics(summary)
             mlflow.log_metrics({k_: v for k_, v in metrics.items() if k_.startswith("seg_")}, step=stage)
             tune.report({**metrics, "stage": stage, "train_seconds": trained.seconds, "model_uri": model_uri,
-                         "eval_uri": evaluation.out_uri})  # fmt: skip
+                         "eval_uri": eval_uri})  # fmt: skip
+
+
+def published_evaluation(eval_uri: str, model_uri: str) -> tuple[dict[str, Any] | None, str]:
+    """The summary of a finished evaluation of ``model_uri`` at ``eval_uri`` (a resumed sweep's
+    trial reuses it), or None."""
+    from geopix.evaluate.job import SUMMARY_FILE
+
+    if not storage.exists(storage.join_uri(eval_uri, storage.SUCCESS_MARKER)):
+        return None, eval_uri
+    try:
+        summary = json.loads(storage.read_bytes(storage.join_uri(eval_uri, SUMMARY_FILE)))
+    except (storage.StorageError, ValueError):
+        return None, eval_uri
+    return (summary if summary.get("model_uri") == model_uri else None), eval_uri
 
 
 @dataclass
@@ -79,7 +107,7 @@ class SweepResult:
     out_uri: str
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
-    restored: bool
+    resumed: bool  # an earlier submission of this sweep's trials was found and built on
 
 
 def sweep_memory(cfg: GeoPixConfig, shards_uri: str, name: str, parent_run_id: str) -> SweepResult:
@@ -87,39 +115,78 @@ def sweep_memory(cfg: GeoPixConfig, shards_uri: str, name: str, parent_run_id: s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from geopix import runtime
+
     sw = cfg.sweep
-    fs, root = storage.arrow_filesystem(sw.out_uri)
-    experiment = f"{root.rstrip('/')}/{name}"
+    out = storage.join_uri(sw.out_uri, name)
+    record_uri = storage.join_uri(out, SWEEP_RECORD)
+    grid_spec = {"memory_len": sw.memory_len, "memory_dim": sw.memory_dim or [cfg.model.memory_dim],
+                 "shards_uri": shards_uri, "training_hash": cfg.section_hash("data", "model", "train")}  # fmt: skip
+    record = _read_record(record_uri)
+    resumed = record is not None
+    if resumed and record.get("grid") != grid_spec:
+        raise ValueError(f"sweep {name} at {out} was started with {record.get('grid')}, not {grid_spec}; "
+                         "give this sweep another --name")  # fmt: skip
+    submission = runtime.run_id()
+    record = {"name": name, "grid": grid_spec, "submissions": [*(record or {}).get("submissions", []), submission]}
+    storage.write_bytes(record_uri, json.dumps(record, indent=1).encode())
+    if resumed:
+        log.info("sweep %s: resuming from its trials' training runs and evaluations under %s", name, out)
+    # A fresh Tune experiment per submission, never restored (module docstring).
+    fs, root = storage.arrow_filesystem(storage.join_uri(out, TUNE_DIR))
     # The trial only coordinates: its Train workers and evaluation actors claim the CPUs/GPUs.
     # (Tune refuses an all-zero request, so it asks for a little memory instead.)
     trainable = tune.with_resources(memory_trial, {"CPU": 0, "memory": 256 * 2**20})
-    restored = tune.Tuner.can_restore(experiment, storage_filesystem=fs)
-    if restored:
-        log.info("sweep %s: restoring from %s", name, experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "config": cfg.model_dump(mode="json"), "shards_uri": shards_uri, "sweep": name,
-                "parent_run_id": parent_run_id, "memory_len": tune.grid_search(sw.memory_len),
-                "memory_dim": tune.grid_search(sw.memory_dim or [cfg.model.memory_dim]),
-            },
-            tune_config=tune.TuneConfig(
-                metric=sw.metric, mode="max", max_concurrent_trials=sw.max_concurrent_trials,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
-                                        reduction_factor=sw.reduction_factor),
-            ),
-            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs),
-        )  # fmt: skip
-    grid = tuner.fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "config": cfg.for_workers(), "shards_uri": shards_uri, "sweep": name,
+            "parent_run_id": parent_run_id, "memory_len": tune.grid_search(grid_spec["memory_len"]),
+            "memory_dim": tune.grid_search(grid_spec["memory_dim"]),
+        },
+        tune_config=tune.TuneConfig(
+            metric=sw.metric, mode="max", max_concurrent_trials=sw.max_concurrent_trials,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
+                                    reduction_factor=sw.reduction_factor),
+        ),
+        run_config=tune.RunConfig(name=submission, storage_path=root, storage_filesystem=fs),
+    )  # fmt: skip
+    with credentials_out_of_tunes_reach():
+        grid = tuner.fit()
     rows = [_row(result, sw.metric) for result in grid]
     rows.sort(key=lambda r: (r["memory_dim"], r["memory_len"]))
     finished = [r for r in rows if r["stage"] == 2 and r.get(sw.metric) is not None]
     best = max(finished, key=lambda r: r[sw.metric], default=None)
-    out = storage.join_uri(sw.out_uri, name)
     write_results(rows, best, sw.metric, out)
-    return SweepResult(name, out, rows, best, restored)
+    return SweepResult(name, out, rows, best, resumed)
+
+
+@contextmanager
+def credentials_out_of_tunes_reach() -> Iterator[None]:
+    """Ray Tune copies ``AWS_ACCESS_KEY_ID``/``SECRET``/``SESSION_TOKEN`` from the driver's environment
+    into every trial actor's runtime env, which Ray's state API shows to anyone with dashboard
+    access. While Tune creates its trials they are out of this process's environment: trials take
+    credentials from the cluster, as training workers do (docs/security.md). The driver's own S3
+    access during the fit goes through the filesystem built before it."""
+    import os
+
+    from geopix.redaction import CREDENTIAL_ENV_VARS
+
+    held = {k: os.environ.pop(k) for k in sorted(CREDENTIAL_ENV_VARS) if k.startswith("AWS_") and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(held)
+
+
+def _read_record(uri: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except (storage.StorageError, FileNotFoundError):
+        return None
+    except ValueError as exc:
+        raise ValueError(f"{uri} is not a sweep record GeoPix wrote ({exc}); give this sweep another --name") from None
+    return record if isinstance(record, dict) else None
 
 
 def _row(result, metric: str) -> dict[str, Any]:
