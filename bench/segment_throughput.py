@@ -146,7 +146,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(seg.threads_per_actor)
-    segmenter = WindowSegmenter(args.model, cfg.model_dump(mode="json"), seg.threads_per_actor, "cpu")
+    segmenter = WindowSegmenter(args.model, cfg.for_workers(), seg.threads_per_actor, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         writer = MaskWriter(info, Path(tmp) / "sequential.tif", list(meta.get("class_names") or []))
         started = time.perf_counter()

@@ -5,7 +5,8 @@
         [--instruction "[segment] all storage tanks" ...] [--overwrite] [--config tiny] [--set key=value]
 
 Scenes already published for this model and request are skipped, failed ones are quarantined with
-their reason (and retried once their file changes); a run summary goes to <out>/_runs/ and MLflow.
+their reason (and retried once their file changes); scenes another run holds the lease of are left
+to it; a run summary goes to <out>/_runs/ and MLflow.
 Exit status 0 when every listed scene is done or skipped, 1 when any failed this run (for cron alerts).
 Scheduling (cron + `ray job submit`, KubeRay CronJob): docs/segmentation.md.
 """
@@ -15,9 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import ray
-
-from geopix import tracking
+from geopix import runtime, tracking
 from geopix.config import load_config
 from geopix.infer.nightly import run_nightly
 
@@ -42,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.instruction:
         cfg.segment.instructions = args.instruction
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     with tracking.flow_run("nightly", cfg, run_name="nightly"):
         result = run_nightly(cfg, args.model, args.incoming, args.out, overwrite=args.overwrite)
     print(
         f"NIGHTLY {result.run_id}: listed {result.listed}, done before {result.already_done}, "
-        f"quarantined before {result.still_quarantined}, processed {result.processed}, failed {len(result.failed)} "
-        f"in {result.seconds:.0f} s; summary {result.summary_uri}",
+        f"quarantined before {result.still_quarantined}, in progress elsewhere {result.in_progress}, "
+        f"processed {result.processed}, failed {len(result.failed)} in {result.seconds:.0f} s; summary {result.summary_uri}",
         flush=True,
     )
     for scene in result.failed:

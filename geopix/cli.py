@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from geopix import __version__
+from geopix import __version__, runtime
 from geopix.config import (
     STACK_DIR_ENV,
     ConfigError,
@@ -182,12 +182,6 @@ def config_presets() -> None:
         typer.echo(name)
 
 
-def _run_id() -> str:
-    from geopix import runtime
-
-    return runtime.run_id()
-
-
 @app.command()
 def train(
     stage: Annotated[int, typer.Option(min=1, max=2, help="1 (pixel alignment) or 2 (instruction tuning).")],
@@ -203,14 +197,13 @@ def train(
     register: Annotated[bool, typer.Option(help="Register the model in MLflow (alias candidate).")] = True,
 ) -> None:
     """Train one stage with DeepSpeed ZeRO on Ray Train workers; prints where the model went."""
-    import ray
 
     from geopix import storage, tracking
     from geopix.data.loader import ShardError
     from geopix.train.run import TrainError, train_stage
 
     cfg = _load(config, overrides)
-    ray.init()
+    runtime.connect_ray()
     try:
         tracking.configure(cfg.tracking)
         result = train_stage(
@@ -242,7 +235,6 @@ def eval_(
 ) -> None:
     """Evaluate model(s) on a split with a Ray Data actor pool: per-record and per-target Parquet,
     summary JSON, report (Markdown + PNGs), MLflow metrics; with two models, their comparison."""
-    import ray
 
     from geopix import storage, tracking
     from geopix.data.loader import ShardError
@@ -252,7 +244,7 @@ def eval_(
     if len(labels) != len(model) or len(set(labels)) != len(labels):
         fail(f"give one distinct --label per --model ({len(model)} models, labels {labels})")
     cfg = _load(config, overrides)
-    ray.init()
+    runtime.connect_ray()
     try:
         tracking.configure(cfg.tracking)
         results, comparison = evaluate_models(
@@ -325,7 +317,6 @@ def segment(
 ) -> None:
     """Segment large scenes window by window (Ray Data actor pool) into COG masks, GeoParquet
     polygons, a preview and run metadata per scene, published atomically (``_SUCCESS`` last)."""
-    import ray
 
     from geopix import tracking
     from geopix.infer.segment import run_segment
@@ -335,7 +326,7 @@ def segment(
         cfg.segment.instructions = list(instruction)
     if keep_class:
         cfg.segment.keep_classes = list(keep_class)
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     try:
         tracking.configure(cfg.tracking)
         results, _ = run_segment(cfg, model, scene, out, scene_ids=scene_id, overwrite=overwrite)
@@ -415,6 +406,10 @@ def data_import_coco(
     )
     for reason, count in sorted(stats.skipped.items()):
         typer.echo(f"  skipped {count}: {reason}")
+        for example in stats.examples.get(reason, []):
+            typer.echo(f"      {example}")
+    if stats.boxes_from_masks:
+        typer.echo(f"  {stats.boxes_from_masks} annotations had no bbox: their boxes were taken from their masks")
 
 
 @data_app.command("shard")
@@ -429,7 +424,6 @@ def data_shard(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
 ) -> None:
     """Validate, split and shard record sources into Parquet shards with a manifest (Ray Data)."""
-    import ray
 
     from geopix import storage, tracking
     from geopix.data.shard import ShardError, log_shard_run, shard_sources
@@ -438,9 +432,9 @@ def data_shard(
     cfg = _load(config, overrides)
     sources = source or [cfg.data.source_uri]
     out = out or cfg.data.shards_uri
-    ray.init(log_to_driver=False)
+    runtime.connect_ray(log_to_driver=False)
     try:
-        with tracking.flow_run("shard", cfg, run_name=f"shard-{_run_id()}"):
+        with tracking.flow_run("shard", cfg, run_name=f"shard-{runtime.run_id()}"):
             result = shard_sources(
                 sources,
                 out,

@@ -544,11 +544,11 @@ def test_model_directory_round_trip_through_s3(stack, cfg, tokenizer, batch, tmp
 def test_chat_command_writes_answer_and_overlay(fitted, records, tokenizer, tmp_path):
     """`geopix chat` on a saved (fitted) model: the answer, one mask line per seg run, a PNG overlay."""
     import json
-    import subprocess
 
     from PIL import Image
+    from typer.testing import CliRunner
 
-    from tests.conftest import geopix_cli
+    from geopix.cli import app
 
     model = fitted[0]
     model.class_names = [f"kind-{k}" for k in range(model.cfg.num_classes)]
@@ -556,24 +556,20 @@ def test_chat_command_writes_answer_and_overlay(fitted, records, tokenizer, tmp_
     record = records[3]  # two targets
     (tmp_path / "chip.png").write_bytes(record["image"])
     instruction = record["conversation"][0]["text"].split("\n", 1)[1]
-    result = subprocess.run(
-        [*geopix_cli(), "chat", "--model", str(saved), "--image", str(tmp_path / "chip.png"),
-         "--instruction", instruction, "--out", str(tmp_path / "overlay.png"),
-         "--answer-json", str(tmp_path / "answer.json")],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    runner = CliRunner()  # the command in this process (the console script itself: test_cli)
+    result = runner.invoke(app, ["chat", "--model", str(saved), "--image", str(tmp_path / "chip.png"),
+                                 "--instruction", instruction, "--out", str(tmp_path / "overlay.png"),
+                                 "--answer-json", str(tmp_path / "answer.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "answer.json").read_text())
     assert summary["answer"] == record["conversation"][1]["text"]
     assert len(summary["masks"]) == 2 and all(m["class"].startswith("kind-") for m in summary["masks"])
     assert result.stdout.count("mask ") == 2
     with Image.open(tmp_path / "overlay.png") as overlay:
         assert overlay.width > 300 and overlay.height > 300
-    missing = subprocess.run(
-        [*geopix_cli(), "chat", "--model", str(tmp_path / "nothing"), "--image", str(tmp_path / "chip.png"),
-         "--instruction", "x"], check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert missing.returncode == 2 and "nothing: no such file or directory" in missing.stderr
+    missing = runner.invoke(app, ["chat", "--model", str(tmp_path / "nothing"), "--image", str(tmp_path / "chip.png"),
+                                  "--instruction", "x"])  # fmt: skip
+    assert missing.exit_code == 2 and "nothing: no such file or directory" in missing.output
 
 
 def test_seg_run_outside_the_sequence_is_named(cfg, tokenizer, batch):

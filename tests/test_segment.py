@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,17 @@ from geopix.data import synth
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.infer import nightly
 from geopix.infer.scene import open_scene, plan_chunks, plan_windows, read_chunk
-from geopix.infer.segment import MASK_FILE, POLYGONS_FILE, RUN_FILE, WindowSegmenter, segment_scenes
+from geopix.infer.segment import (
+    MASK_FILE,
+    POLYGONS_FILE,
+    RUN_FILE,
+    SCENE_OUTPUT_KIND,
+    SCENE_OUTPUT_LAYOUT,
+    WindowSegmenter,
+    segment_scenes,
+)
 from geopix.infer.stitch import NODATA
+from geopix.outputs import OWNER_FILE, prepare_output
 from tests.test_evaluate import eval_records, fitted_model
 from tests.test_model import SMALL
 
@@ -193,6 +203,18 @@ def bad_scenes(scene_uri: str, tmp: Path, prefix: str) -> dict[str, str]:
         f"{prefix}/smaller_than_window.tif", small, tmp, nodata=0, **utm
     )
     uris["missing"] = f"{prefix}/missing.tif"
+    # Two bands are no RGB; which band is which must be said (segment.bands), not guessed.
+    uris["two_bands"] = put_geotiff(f"{prefix}/two_bands.tif", small[:2], tmp, nodata=0, **utm)
+    # float32 with NaN where there is no data, and no nodata declared: NaN is nodata.
+    values = np.random.default_rng(3).uniform(100, 900, (3, 160, 160)).astype(np.float32)
+    values[:, :, :60] = np.nan
+    uris["float_nan"] = put_geotiff(f"{prefix}/float_nan.tif", values, tmp, **utm)
+    # Spellings of S3 users paste, and a scheme GeoPix does not read.
+    put_geotiff(f"{prefix}/upper_scheme.tif", small, tmp, nodata=0, **utm)
+    uris["upper_scheme"] = f"{prefix}/upper_scheme.tif".replace("s3://", "S3://")
+    put_geotiff(f"{prefix}/s3a_scheme.tif", small, tmp, nodata=0, **utm)
+    uris["s3a_scheme"] = f"{prefix}/s3a_scheme.tif".replace("s3://", "s3a://")
+    uris["gs_scheme"] = "gs://geopix-scenes/tests/gs_scheme.tif"
     return uris
 
 
@@ -205,6 +227,11 @@ BAD_INPUTS = {
     "uint16_4band_3857": ("done", None),
     "smaller_than_window": ("done", None),
     "missing": ("failed", "missing"),
+    "two_bands": ("failed", "bad bands"),
+    "float_nan": ("done", None),
+    "upper_scheme": ("done", None),
+    "s3a_scheme": ("done", None),
+    "gs_scheme": ("failed", "unsupported URI"),
 }
 
 
@@ -224,7 +251,17 @@ def test_bad_scenes_fail_one_by_one_and_publish_nothing(setup, tmp_path):
         if status == "failed":
             assert result.detail and result.out_uri is None
             assert not [f for f in storage.s3_filesystem().find(f"{OUT}-bad".removeprefix("s3://"))
-                        if f"/{Path(result.scene_uri).stem}/" in f], case  # fmt: skip
+                        if f"/{Path(str(result.scene_uri)).stem}/" in f], case  # fmt: skip
+    # GDAL's own words survive: not just "Read failed. See previous exception for details."
+    assert "TIFF" in by_case["truncated"].detail or "tile" in by_case["truncated"].detail.lower(), by_case["truncated"]
+    assert "set segment.bands to three of its bands" in by_case["two_bands"].detail
+    assert by_case["upper_scheme"].out_uri.startswith(f"{OUT}-bad/upper_scheme/")
+    floats = json.loads(storage.read_bytes(f"{by_case['float_nan'].out_uri}/{RUN_FILE}"))
+    low, high = floats["scene"]["scaling"]["low"], floats["scene"]["scaling"]["high"]
+    assert all(100 <= v <= 900 for v in [*low, *high]), (low, high)  # NaN took no part in the stretch
+    with storage.rasterio_env(), rasterio.open(f"{by_case['float_nan'].out_uri}/{MASK_FILE}") as mask:
+        classes = mask.read(1)
+    assert (classes[:, :60] == NODATA).all() and (classes[:, 60:] != NODATA).all()
     small = json.loads(storage.read_bytes(f"{by_case['smaller_than_window'].out_uri}/{RUN_FILE}"))
     assert small["windows"] == 1 and (small["scene"]["width"], small["scene"]["height"]) == (40, 30)
     web = json.loads(storage.read_bytes(f"{by_case['uint16_4band_3857'].out_uri}/{RUN_FILE}"))
@@ -255,18 +292,43 @@ def nightly_cli(cfg_overrides: list[str], model_dir: str, incoming: str, out: st
     )
 
 
+def crop_scene(scene_uri: str, size: int, uri: str) -> str:
+    """The top-left ``size``² of a scene, georeferenced like it, as a GeoTIFF at ``uri``."""
+    with storage.rasterio_env(), rasterio.open(scene_uri) as ds:
+        profile, data = ds.profile, ds.read(window=rasterio.windows.Window(0, 0, size, size))
+    return put_geotiff(uri, data, Path(tempfile.mkdtemp()), crs=profile["crs"], transform=profile["transform"],
+                       nodata=profile["nodata"])  # fmt: skip
+
+
+def nightly_main(cfg_overrides: list[str], model_dir: str, incoming: str, out: str) -> str:
+    """flows/nightly.py's main in this process (connected to the stack's Ray): what it printed."""
+    import contextlib
+    import io
+    import runpy
+
+    flow = runpy.run_path(str(REPO_ROOT / "flows" / "nightly.py"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = flow["main"](["--model", model_dir, "--incoming", incoming, "--out", out,
+                             *[a for o in cfg_overrides for a in ("--set", o)]])  # fmt: skip
+    assert code == 0, printed.getvalue()
+    return printed.getvalue()
+
+
 def test_nightly_is_idempotent_quarantines_and_survives_a_kill(setup):
     cfg, model_dir, scene_uri, _, _ = setup
     incoming, out = f"{SCENES}/incoming", f"{OUT}-nightly"
     storage.remove_prefix(incoming)
     storage.remove_prefix(out)
     fs = storage.s3_filesystem()
+    crop = crop_scene(scene_uri, 208, f"{SCENES}/crop-208.tif")  # 4 × 4 windows
     for name in ("a", "b"):
-        fs.copy(scene_uri.removeprefix("s3://"), f"{incoming}/2026-11-27/{name}.tif".removeprefix("s3://"))
+        fs.copy(crop.removeprefix("s3://"), f"{incoming}/2026-11-27/{name}.tif".removeprefix("s3://"))
     storage.write_bytes(f"{incoming}/2026-11-27/broken.tif", b"not a tiff")
     overrides = [*OVERRIDES, f"segment.instructions=['{INSTRUCTION}']"]
 
-    # A run killed while it segments leaves nothing visible; the rerun completes.
+    # A run killed while it segments leaves nothing visible (and its leases to the next run at
+    # once: its process is gone); the rerun completes.
     killed = nightly_cli(overrides, model_dir, incoming, out)
     assert killed.stdout is not None
     for line in killed.stdout:
@@ -274,37 +336,96 @@ def test_nightly_is_idempotent_quarantines_and_survives_a_kill(setup):
             break
     killed.kill()
     killed.wait()
-    # As if a kill had also hit an upload: an object of scene a, with no _SUCCESS.
+    # As if a kill had also hit an upload: half of scene a's outputs staged, no marker, no _SUCCESS.
     prefix_a = nightly.scene_prefix(out, "a", nightly.resolve_model(model_dir),
                                     nightly.request_hash(cfg.segment, 64))  # fmt: skip
-    storage.write_bytes(f"{prefix_a}/{MASK_FILE}", b"half")
+    prepare_output(prefix_a, SCENE_OUTPUT_KIND, SCENE_OUTPUT_LAYOUT, replace=False)
+    storage.write_bytes(f"{prefix_a}/_staging/20261127T000000-1-abcdef/{MASK_FILE}", b"half")
 
     first = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=True)
     assert (first.listed, first.processed, len(first.failed)) == (3, 2, 1)
     assert first.failed[0].scene_id == "broken" and first.failed[0].reason == "unreadable"
     quarantine = json.loads(storage.read_bytes(nightly.quarantine_uri(out, "broken")))
     assert quarantine["reason"] == "unreadable" and quarantine["checksum"]
-    published = sorted(Path(f).name for f in storage.list_files(prefix_a))
-    assert published == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE, storage.SUCCESS_MARKER])
+    published = storage.list_objects(prefix_a)  # the half-staged attempt is gone with the switch
+    assert published == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE, storage.SUCCESS_MARKER,
+                                OWNER_FILE])  # fmt: skip
     assert storage.read_bytes(f"{prefix_a}/{MASK_FILE}") != b"half"
     summary = json.loads(storage.read_bytes(first.summary_uri))
     assert summary["processed"] == 2 and summary["failed"] == 1 and summary["mlflow_run_id"]
 
-    # Second run: nothing processed, no object changed; only its own run summary is new.
+    # Second run (the flow's main, in this process): nothing processed, no object changed; only its
+    # own run summary is new.
     before = object_states(out)
-    second = nightly_cli(overrides, model_dir, incoming, out)
-    output, _ = second.communicate(timeout=600)
-    assert second.returncode == 0, output
-    assert "listed 3, done before 2, quarantined before 1, processed 0, failed 0" in output, output
+    output = nightly_main(overrides, model_dir, incoming, out)
+    assert "listed 3, done before 2, quarantined before 1, in progress elsewhere 0, processed 0, failed 0" in output, output
     after = object_states(out)
     new = set(after) - set(before)
     assert len(new) == 1 and "/_runs/" in new.pop()
     assert {k: after[k] for k in before} == before
 
     # A fixed re-upload of the quarantined scene is retried; --overwrite redoes everything.
-    fs.copy(scene_uri.removeprefix("s3://"), f"{incoming}/2026-11-27/broken.tif".removeprefix("s3://"))
+    fs.copy(crop.removeprefix("s3://"), f"{incoming}/2026-11-27/broken.tif".removeprefix("s3://"))
     third = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=False)
     assert (third.processed, len(third.failed), third.already_done) == (1, 0, 2)
+    assert not storage.list_files(f"{out}/_quarantine")
+
+
+def test_two_nightly_runs_at_once_never_segment_a_scene_twice(setup):
+    """A scheduler's retry beside a running job: the two runs split the scenes between them by
+    lease; every scene is segmented once, and neither deletes or rewrites what the other wrote."""
+    import threading
+
+    cfg, model_dir, scene_uri, _, _ = setup
+    incoming, out = f"{SCENES}/incoming-twice", f"{OUT}-twice"
+    for name in ("p", "q", "r"):
+        crop_scene(scene_uri, 112, f"{incoming}/{name}.tif")
+    results: dict[str, nightly.NightlyResult] = {}
+    barrier = threading.Barrier(2)
+
+    def run(label: str) -> None:
+        barrier.wait()
+        results[label] = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=False)
+
+    threads = [threading.Thread(target=run, args=(label,)) for label in ("A", "B")]
+    [t.start() for t in threads]
+    [t.join(600) for t in threads]
+    done = [r.scene_id for night in results.values() for r in night.results if r.status == "done"]
+    assert sorted(done) == ["p", "q", "r"], {k: v.as_dict() for k, v in results.items()}  # each exactly once
+    for night in results.values():  # every scene is done by this run, before it, or by the other
+        assert night.processed + night.already_done + night.in_progress == 3 and not night.failed
+    ref = nightly.resolve_model(model_dir)
+    for name in ("p", "q", "r"):
+        prefix = nightly.scene_prefix(out, name, ref, nightly.request_hash(cfg.segment, 64))
+        assert storage.list_objects(prefix) == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE,
+                                                       storage.SUCCESS_MARKER, OWNER_FILE])  # fmt: skip
+    assert not storage.list_objects(f"{out}/_leases")  # every lease released
+
+
+def test_a_model_that_raises_fails_its_scenes_one_by_one_with_the_cause(setup, tmp_path):
+    """A model that raises on its windows (here: a processor config with four channel means) fails
+    each scene with reason `model error` and the model's own error, counted and quarantined for this
+    model; the rest of the run goes on."""
+    import shutil
+
+    cfg, model_dir, scene_uri, _, _ = setup
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    processor = broken / "processor" / "processor_config.json"
+    processor.write_text(json.dumps(json.loads(processor.read_text()) | {"image_mean": [0.5, 0.5, 0.5, 0.5]}))
+    incoming, out = f"{SCENES}/incoming-model-error", f"{OUT}-model-error"
+    for name in ("m1", "m2"):
+        crop_scene(scene_uri, 100, f"{incoming}/{name}.tif")
+    night = nightly.run_nightly(cfg, str(broken), incoming, out, log_to_mlflow=False)
+    assert sorted(r.scene_id for r in night.failed) == ["m1", "m2"] and night.processed == 0
+    for scene in night.failed:
+        assert scene.reason == "model error" and "the model failed on window" in scene.detail, scene
+        assert "shape" in scene.detail  # the model's own error, not a generic one
+        record = json.loads(storage.read_bytes(nightly.quarantine_uri(out, scene.scene_id)))
+        assert record["reason"] == "model error" and record["model"] == nightly.resolve_model(str(broken)).label
+    # Held back for this model only: the working model retries the scenes at once.
+    fixed = nightly.run_nightly(cfg, model_dir, incoming, out, log_to_mlflow=False)
+    assert fixed.processed == 2 and fixed.still_quarantined == 0
     assert not storage.list_files(f"{out}/_quarantine")
 
 
@@ -394,18 +515,21 @@ def test_wrong_credentials_fail_the_scene_with_a_clear_reason(setup, s3_with_aut
 
 
 def test_geopix_segment_cli(setup):
-    _, model_dir, scene_uri, _, _ = setup
-    from tests.conftest import geopix_cli
+    """`geopix segment` as typed (in this process: the console script itself is test_cli's)."""
+    from typer.testing import CliRunner
 
+    from geopix.cli import app
+
+    _, model_dir, scene_uri, _, _ = setup
     out = f"{OUT}-cli"
+    crop = crop_scene(scene_uri, 256, f"{SCENES}/crop-256.tif")
     overrides = [a for o in [*OVERRIDES, "segment.overlap=0"] for a in ("--set", o)]
-    command = [*geopix_cli(), "segment", "--model", model_dir, "--scene", scene_uri, "--scene-id", "cli-scene",
+    command = ["segment", "--model", model_dir, "--scene", crop, "--scene-id", "cli-scene",
                "--instruction", INSTRUCTION, "--out", out, *overrides]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "cli-scene: done, 64 windows" in done.stdout, done.stdout  # 512² in 64-px windows, no overlap
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 0, done.output
+    assert "cli-scene: done, 16 windows" in done.stdout, done.stdout  # 256² in 64-px windows, no overlap
     [prefix] = [line.split("→ ")[1].strip() for line in done.stdout.splitlines() if "cli-scene: done" in line]
     assert prefix.startswith(f"{out}/cli-scene/m-") and storage.list_files(prefix, storage.SUCCESS_MARKER)
-    bad = subprocess.run([*command[:-len(overrides)], *overrides, "--keep-class", "lighthouse"],
-                         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)  # fmt: skip
-    assert bad.returncode == 2 and "keep_classes ['lighthouse']" in bad.stderr, bad.stderr
+    bad = CliRunner().invoke(app, [*command, "--keep-class", "lighthouse"])
+    assert bad.exit_code == 2 and "keep_classes ['lighthouse']" in bad.output, bad.output

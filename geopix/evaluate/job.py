@@ -27,6 +27,7 @@ from geopix.config import GeoPixConfig
 from geopix.data import schema
 from geopix.data.loader import decode_targets, record_image
 from geopix.evaluate.metrics import BUCKETS, grounding_hit, score_sample, summarize_scores
+from geopix.outputs import prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ RECORDS_DIR = "records"  # per-record rows (Ray Data's Parquet files)
 TARGETS_FILE = "targets.parquet"  # per-target rows
 SUMMARY_FILE = "summary.json"
 REPORT_DIR = "report"
+EVAL_KIND = "evaluation"
+EVAL_LAYOUT = (f"{RECORDS_DIR}/*.parquet", TARGETS_FILE, SUMMARY_FILE, f"{REPORT_DIR}/*")
 
 
 class EvalError(RuntimeError):
@@ -189,18 +192,18 @@ def evaluate_model(
     )
     if not published:
         raise EvalError(f"no published model at {model_uri} (a model directory, or an S3 prefix with _SUCCESS)")
-    fs, files = check_shards(shards_uri, split)
+    fs, files = check_shards(shards_uri, split)  # a finished shard set only (its _SUCCESS)
     try:
         names = shard.class_names(shard.read_manifest(shards_uri), cfg.model.num_classes)
-    except shard.ShardError:  # shards without a finished manifest still evaluate, with class ids
-        names = []
+    except shard.ShardError as exc:
+        raise EvalError(str(exc)) from None
     name = name or f"eval-{split}-{runtime.run_id()}"
     out = storage.join_uri(out_uri or cfg.evaluate.out_uri, name)
     if not ray.is_initialized():
         ray.init()
-    if storage.list_files(out):  # an evaluation of the same name is replaced, never mixed into
-        log.info("replacing the earlier evaluation at %s", out)
-        storage.remove_prefix(out)
+    # An earlier evaluation of the same name is replaced, never mixed into; nothing else is deleted.
+    if prepare_output(out, EVAL_KIND, EVAL_LAYOUT, replace=True, inputs=[shards_uri, model_uri]):
+        log.info("replaced the earlier evaluation at %s", out)
 
     ev = cfg.evaluate
     dataset = ray.data.read_parquet(files, filesystem=fs)
@@ -210,7 +213,7 @@ def evaluate_model(
     answered = dataset.map_batches(
         RecordEvaluator,
         fn_constructor_kwargs={
-            "model_uri": model_uri, "config": cfg.model_dump(mode="json"),
+            "model_uri": model_uri, "config": cfg.for_workers(),
             "threads": ev.threads_per_actor, "device": "cuda" if use_gpu else "cpu",
         },
         batch_size=ev.batch_size,

@@ -4,7 +4,9 @@ A scene is *done* when its output prefix (scene id + model label + request hash)
 ``_SUCCESS``; done scenes are skipped, so a second run processes nothing and writes no scene object.
 A scene that fails is *quarantined*: ``<out>/_quarantine/<scene id>.json`` records the reason, the
 detail and the input's checksum; later runs skip it while the input is unchanged (a re-uploaded,
-fixed file is retried). Inputs are never moved or deleted. Each run writes a summary under
+fixed file is retried; a failure of the model's own making is retried by a new model version).
+Inputs are never moved or deleted. Each scene is segmented under a lease (geopix/leases.py), so two
+runs at once split the scenes between them and none is done twice. Each run writes a summary under
 ``<out>/_runs/<run id>.json`` and logs an MLflow run with the per-scene table.
 """
 
@@ -27,12 +29,19 @@ from geopix.infer.segment import (
     scene_prefix,
     segment_scenes,
 )
+from geopix.leases import Lease
+from geopix.outputs import check_output_location, remove_record
 from geopix.tracking import resolve_model
 
 log = logging.getLogger(__name__)
 
-QUARANTINE_DIR, RUNS_DIR = "_quarantine", "_runs"
+QUARANTINE_DIR, RUNS_DIR, LEASES_DIR = "_quarantine", "_runs", "_leases"
 SCENE_SUFFIXES = (".tif", ".tiff")
+# Failures that say something about the input itself: quarantined until the file changes.
+INPUT_REASONS = frozenset({"missing", "access denied", "unreadable", "no CRS", "no transform", "bad bands",
+                           "all nodata", "unsupported URI", "duplicate scene id"})  # fmt: skip
+# Failures that are no reason to hold the scene back (another run's doing): never quarantined.
+NOT_QUARANTINED = frozenset({"lease lost"})
 
 
 @dataclass
@@ -44,6 +53,7 @@ class NightlyResult:
     listed: int = 0
     already_done: int = 0
     still_quarantined: int = 0
+    in_progress: int = 0  # leased by another run that is segmenting them now
     results: list[SceneResult] = field(default_factory=list)
     summary_uri: str = ""
     mlflow_run_id: str | None = None
@@ -61,6 +71,7 @@ class NightlyResult:
         return {
             "run_id": self.run_id, "incoming": self.incoming, "out": self.out, "model": self.model,
             "listed": self.listed, "already_done": self.already_done, "still_quarantined": self.still_quarantined,
+            "in_progress": self.in_progress,
             "processed": self.processed, "failed": len(self.failed), "seconds": round(self.seconds, 1),
             "scenes": [r.as_dict() | {"metadata": None} for r in self.results],
         }  # fmt: skip
@@ -82,16 +93,27 @@ def quarantine_uri(out: str, scene_id: str) -> str:
     return storage.join_uri(out, QUARANTINE_DIR, f"{scene_id}.json")
 
 
-def _quarantined(out: str, uri: str) -> bool:
-    """True while the scene's quarantine record names the input as it is now."""
+def _quarantined(out: str, uri: str, model_label: str, request: str) -> bool:
+    """True while the scene's quarantine record names the input as it is now. A failure of the
+    model's own making (``model error``, ``finish failed``, …) holds only for the same model and
+    request: a new model version retries the scene."""
     try:
         record = json.loads(storage.read_bytes(quarantine_uri(out, scene_id_of(uri))))
-    except (FileNotFoundError, storage.StorageError):  # no record: not quarantined
+    except (FileNotFoundError, storage.StorageError, ValueError):  # no (readable) record: not quarantined
+        return False
+    if record.get("reason") not in INPUT_REASONS and (record.get("model"), record.get("request_hash")) != (
+        model_label, request
+    ):
         return False
     try:
-        return record.get("checksum") == input_checksum(uri)
+        return record.get("checksum") == input_checksum(storage.normalize_uri(uri))
     except Exception:  # noqa: BLE001 - an input that cannot even be stat'ed stays quarantined
         return True
+
+
+def lease_uri(out: str, scene_id: str, model_label: str, request: str) -> str:
+    """Where the lease of one scene's segmentation (for one model and request) lives."""
+    return storage.join_uri(out, LEASES_DIR, scene_id, model_label, f"{request}.json")
 
 
 def run_nightly(
@@ -103,44 +125,64 @@ def run_nightly(
     overwrite: bool = False,
     log_to_mlflow: bool = True,
 ) -> NightlyResult:
-    """List, skip what is done or quarantined (unless ``overwrite``), segment the rest in one
-    pipeline, quarantine failures, write the run summary, log to MLflow."""
+    """List, skip what is done or quarantined (unless ``overwrite``), take a lease on each scene left,
+    segment the leased ones in one pipeline, quarantine failures, write the run summary, log to MLflow.
+
+    Two runs at once (a scheduler's retry beside a running job) never segment one scene twice: a
+    scene whose lease another run holds is reported as in progress there and left to it."""
     started = time.perf_counter()
-    incoming = (incoming or cfg.segment.incoming_uri).rstrip("/")
-    out = (out or cfg.segment.out_uri).rstrip("/")
+    incoming = storage.normalize_uri(incoming or cfg.segment.incoming_uri).rstrip("/")
+    out = storage.normalize_uri(out or cfg.segment.out_uri).rstrip("/")
+    check_output_location(out, [incoming])  # outputs under the listed prefix would be listed as scenes
     ref = resolve_model(model)
     from geopix.infer.segment import model_meta
 
     window = cfg.segment.window_size or int(model_meta(ref.uri)["model"]["image_size"])
     request = request_hash(cfg.segment, window)
     result = NightlyResult(runtime.run_id(), incoming, out, ref.label)
-    todo, seen, duplicates = [], set(), []
+    todo, seen, skipped = [], set(), []
     for uri in list_scenes(incoming):
         result.listed += 1
         scene_id = scene_id_of(uri)
         if scene_id in seen:  # two files, one output prefix: the first listed wins, the rest fail
-            duplicates.append(SceneResult(uri, scene_id, "failed", reason="duplicate scene id",
-                                          detail=f"another file under {incoming} is also named {scene_id}"))  # fmt: skip
+            skipped.append(SceneResult(uri, scene_id, "failed", reason="duplicate scene id",
+                                       detail=f"another file under {incoming} is also named {scene_id}"))  # fmt: skip
             continue
         seen.add(scene_id)
-        if overwrite:
-            todo.append(uri)
-        elif is_published(scene_prefix(out, scene_id_of(uri), ref, request)):
+        if not overwrite and is_published(scene_prefix(out, scene_id, ref, request)):
             result.already_done += 1
-        elif _quarantined(out, uri):
+        elif not overwrite and _quarantined(out, uri, ref.label, request):
             result.still_quarantined += 1
         else:
             todo.append(uri)
-    log.info("nightly %s: %d scenes listed, %d done before, %d quarantined, %d to process",
-             result.run_id, result.listed, result.already_done, result.still_quarantined, len(todo))  # fmt: skip
-    if todo:
-        result.results = segment_scenes(cfg, ref, todo, out, overwrite=overwrite)
-    result.results += duplicates
+    leases: dict[str, Lease] = {}
+    try:
+        for uri in todo:
+            scene_id = scene_id_of(uri)
+            lease = Lease(lease_uri(out, scene_id, ref.label, request), ttl_s=cfg.segment.lease_ttl_s)
+            if not lease.acquire():
+                result.in_progress += 1
+                skipped.append(SceneResult(uri, scene_id, "in progress", reason="leased",
+                                           detail=f"being segmented by {lease.describe_holder()}"))  # fmt: skip
+            elif not overwrite and is_published(scene_prefix(out, scene_id, ref, request)):
+                lease.release()  # another run finished it between our listing and our lease
+                result.already_done += 1
+            else:
+                leases[uri] = lease
+        log.info("nightly %s: %d scenes listed, %d done before, %d quarantined, %d in progress elsewhere, "
+                 "%d to process", result.run_id, result.listed, result.already_done, result.still_quarantined,
+                 result.in_progress, len(leases))  # fmt: skip
+        if leases:
+            result.results = segment_scenes(cfg, ref, list(leases), out, overwrite=overwrite, leases=leases)
+    finally:
+        for lease in leases.values():
+            lease.release()
+    result.results += skipped
     for scene in result.results:
-        if scene.status == "failed":
-            _quarantine(out, scene, result.run_id)
-        elif scene.status == "done":
-            storage.remove_prefix(quarantine_uri(out, scene.scene_id))  # fixed since an earlier night
+        if scene.status == "failed" and scene.reason not in NOT_QUARANTINED:
+            _quarantine(out, scene, result.run_id, ref.label, request)
+        elif scene.status == "done":  # fixed since an earlier night: its record goes
+            remove_record(quarantine_uri(out, scene.scene_id), {"scene_id": scene.scene_id})
     result.seconds = time.perf_counter() - started
     result.summary_uri = storage.join_uri(out, RUNS_DIR, f"{result.run_id}.json")
     if log_to_mlflow:
@@ -150,13 +192,14 @@ def run_nightly(
     return result
 
 
-def _quarantine(out: str, scene: SceneResult, run_id: str) -> None:
+def _quarantine(out: str, scene: SceneResult, run_id: str, model_label: str, request: str) -> None:
     try:
-        checksum = input_checksum(scene.scene_uri)
+        checksum = input_checksum(storage.normalize_uri(scene.scene_uri))
     except Exception:  # noqa: BLE001 - a missing input has no checksum
         checksum = None
     record = {
         "scene_uri": scene.scene_uri, "scene_id": scene.scene_id, "reason": scene.reason, "detail": scene.detail,
-        "checksum": checksum, "run_id": run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checksum": checksum, "model": model_label, "request_hash": request, "run_id": run_id,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     storage.write_bytes(quarantine_uri(out, scene.scene_id), json.dumps(record, indent=1).encode())

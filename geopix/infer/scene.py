@@ -125,6 +125,11 @@ def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> Sce
     import rasterio
     from rasterio.errors import RasterioIOError
 
+    given = uri
+    try:
+        uri = storage.normalize_uri(uri)  # S3://, s3a:// → s3://; gs://, https:// … are refused
+    except storage.StorageError as exc:
+        raise SceneError(given, "unsupported URI", str(exc)) from None
     try:
         checksum = input_checksum(uri)
     except FileNotFoundError:
@@ -146,8 +151,13 @@ def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> Sce
             if ds.transform.is_identity:
                 raise SceneError(uri, "no transform", "the raster has no georeferencing transform")
             bad = [b for b in cfg.bands if not 1 <= b <= ds.count]
-            if bad and ds.count >= 3:
-                raise SceneError(uri, "bad bands", f"segment.bands {bad} not in 1..{ds.count}")
+            if bad and ds.count != 1:  # two bands are no RGB: which is which must be said, not guessed
+                raise SceneError(
+                    uri, "bad bands",
+                    f"segment.bands {list(cfg.bands)}: band(s) {bad} not in 1..{ds.count} (the scene has {ds.count} "
+                    f"band{'s' if ds.count != 1 else ''}); set segment.bands to three of its bands, e.g. "
+                    f"{[min(b, ds.count) for b in (1, 2, 3)]}",
+                )  # fmt: skip
             bands = tuple(cfg.bands) if not bad else (1, 1, 1)  # one band: grey to R, G and B
             if not _overview_mask(ds).any():
                 raise SceneError(uri, "all nodata", "no valid pixel in the scene (checked on its overview)")
@@ -170,13 +180,29 @@ def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> Sce
     except SceneError:
         raise
     except RasterioIOError as exc:
-        message = str(exc)
+        message = gdal_message(exc)
         reason = "access denied" if "403" in message or "Access Denied" in message else "unreadable"
         if "does not exist" in message or "No such file" in message or "404" in message:
             reason = "missing"
         raise SceneError(uri, reason, message) from None
     except Exception as exc:  # noqa: BLE001
-        raise SceneError(uri, "unreadable", f"{type(exc).__name__}: {exc}") from None
+        raise SceneError(uri, "unreadable", gdal_message(exc)) from None
+
+
+def gdal_message(exc: BaseException) -> str:
+    """An exception with the causes rasterio chains to it: GDAL's own words ("TIFFReadEncodedTile()
+    failed", "… is not a GeoTIFF") sit in ``__cause__``/``__context__``, while the outer message says
+    only "Read failed. See previous exception for details."."""
+    parts, seen = [], set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if text and text not in parts:
+            parts.append(text)
+        error = error.__cause__ or error.__context__
+    head = type(exc).__name__ if not isinstance(exc, OSError) else ""
+    return (f"{head}: " if head else "") + " ← ".join(reversed(parts)) if parts else type(exc).__name__
 
 
 OVERVIEW_SIDE = 512  # px: decimated reads for the validity check and the percentiles
@@ -188,7 +214,10 @@ def _overview_shape(ds: Any) -> tuple[int, int]:
 
 
 def _overview_mask(ds: Any) -> np.ndarray:
-    return ds.dataset_mask(out_shape=_overview_shape(ds)) > 0
+    valid = ds.dataset_mask(out_shape=_overview_shape(ds)) > 0
+    if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating):  # NaN/inf are nodata, declared or not
+        valid &= np.isfinite(ds.read(out_shape=(ds.count, *_overview_shape(ds)))).all(0)
+    return valid
 
 
 def _scaling(ds: Any, bands: tuple[int, ...], cfg: SegmentConfig, uri: str) -> Scaling:
@@ -202,6 +231,7 @@ def _scaling(ds: Any, bands: tuple[int, ...], cfg: SegmentConfig, uri: str) -> S
     lows, highs = [], []
     for band in values:
         valid = band.compressed()
+        valid = valid[np.isfinite(valid)] if np.issubdtype(valid.dtype, np.floating) else valid
         if valid.size == 0:
             raise SceneError(uri, "all nodata", "no valid pixel in the scene")
         low, high = np.percentile(valid.astype(np.float64), cfg.percentiles)
@@ -266,6 +296,8 @@ def read_chunk(scene: SceneInfo, windows: list[Window]) -> Iterator[tuple[Window
         rio_window = RioWindow(left, top, inside_r - left, inside_b - top)
         data = ds.read(list(scene.bands), window=rio_window)
         valid = ds.dataset_mask(window=rio_window) > 0  # valid where any band is
+    if np.issubdtype(data.dtype, np.floating):  # NaN/inf are nodata, declared or not
+        valid &= np.isfinite(data).all(0)
     rgb = np.zeros((3, bottom - top, right - left), np.uint8)
     ok = np.zeros((bottom - top, right - left), bool)
     rgb[:, : data.shape[1], : data.shape[2]] = scene.scaling.apply(data)

@@ -6,7 +6,7 @@
 Several scenes share one pipeline (and one actor pool, each actor loading the model once). No scene
 is ever held in memory: the readers hold one chunk, the actors one batch of windows, the driver one
 window's answer at a time. Each scene is published on its own as soon as its last window is written:
-objects first, ``_SUCCESS`` last, under
+staged beside an earlier run's outputs, then switched in with ``_SUCCESS`` last (geopix/outputs.py), under
 
     <out>/<scene id>/<model label>/<request hash>/{mask.tif, polygons.parquet, preview.png, run.json, _SUCCESS}
 
@@ -35,6 +35,7 @@ from geopix.infer.scene import (
     SceneError,
     SceneInfo,
     Window,
+    gdal_message,
     open_scene,
     plan_chunks,
     plan_windows,
@@ -42,18 +43,22 @@ from geopix.infer.scene import (
     scene_id_of,
 )
 from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
+from geopix.leases import Lease
+from geopix.outputs import finish_staged_switch, publish_staged, staging_id
 from geopix.tracking import ModelRef
 
 log = logging.getLogger(__name__)
 
 MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE = "mask.tif", "polygons.parquet", "preview.png", "run.json"
+SCENE_OUTPUT_KIND = "scene segmentation"
+SCENE_OUTPUT_LAYOUT = (MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE)
 
 
 @dataclass
 class SceneResult:
     scene_uri: str
     scene_id: str
-    status: str  # "done", "skipped" (already published), "failed"
+    status: str  # "done", "skipped" (already published), "failed", "in progress" (leased by another run)
     out_uri: str | None = None
     reason: str | None = None  # failed: short key (missing, no CRS, all nodata, unreadable, …)
     detail: str | None = None
@@ -83,12 +88,11 @@ def scene_prefix(out_uri: str, scene_id: str, model: ModelRef, request: str) -> 
 
 
 def is_published(prefix: str) -> bool:
-    marker = storage.join_uri(prefix, storage.SUCCESS_MARKER)
-    if not storage.is_s3_uri(prefix):
-        return Path(marker).exists()
-    fs = storage.s3_filesystem()
-    fs.invalidate_cache(prefix.removeprefix("s3://"))  # another process may have published since
-    return fs.exists(marker)
+    """Whether a scene's outputs are published at ``prefix``. A switch that a killed run left half
+    done (its staged outputs complete, ``_SUCCESS`` not yet written) is finished here."""
+    if storage.exists(storage.join_uri(prefix, storage.SUCCESS_MARKER)):  # not from a listing cache
+        return True
+    return finish_staged_switch(prefix)
 
 
 def model_meta(model_uri: str) -> dict[str, Any]:
@@ -110,16 +114,15 @@ def read_windows(row: dict[str, Any]) -> list[dict[str, Any]]:
     key, size = row["key"], windows[0].read[2]
     try:
         return [
-            {"key": key, "window": window.index, "image": image, "valid": valid, "error": ""}
+            {"key": key, "window": window.index, "image": image, "valid": valid, "reason": "", "error": ""}
             for window, image, valid in read_chunk(scene, windows)
         ]
     except Exception as exc:  # noqa: BLE001 - a corrupt block fails its scene, not the job
         col, row = min(w.read[0] for w in windows), min(w.read[1] for w in windows)
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        error = f"reading the pixels at column {col}, row {row}: {type(exc).__name__}: {exc}{cause}"
+        error = f"reading the pixels at column {col}, row {row}: {type(exc).__name__}: {gdal_message(exc)}"
         # Same column types as a good row (Ray Data concatenates blocks), flagged by `error`.
         return [{"key": key, "window": -1, "image": np.zeros((size, size, 3), np.uint8),
-                 "valid": np.zeros((size, size), bool), "error": error}]  # fmt: skip
+                 "valid": np.zeros((size, size), bool), "reason": "unreadable", "error": error}]  # fmt: skip
 
 
 def _scaling(data: dict[str, Any]):
@@ -149,17 +152,27 @@ class WindowSegmenter:
         self.keep = None if self.cfg.keep_classes is None else {names.index(n) for n in self.cfg.keep_classes}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        errors, valid = batch["error"], batch["valid"]
+        errors, reasons, valid = list(batch["error"]), list(batch["reason"]), batch["valid"]
         size = valid.shape[1:]
         rasters = np.zeros((len(errors), 2, *size), np.uint8)
         todo = [i for i, error in enumerate(errors) if not error and valid[i].any()]
-        if todo:
-            rasters[todo] = np.stack(
-                self.segment([batch["image"][i] for i in todo], [valid[i] for i in todo])
-            )
         nodata = np.array([not error and i not in todo for i, error in enumerate(errors)])
+        try:
+            if todo:
+                rasters[todo] = np.stack(self.segment([batch["image"][i] for i in todo], [valid[i] for i in todo]))
+        except Exception:  # noqa: BLE001 - one failing window must not fail the whole batch
+            # Answer the batch's windows one by one: only the windows the model fails on (and their
+            # scenes) fail, each with the model's own error.
+            for i in todo:
+                try:
+                    if len(todo) == 1:
+                        raise  # the batch was this one window
+                    rasters[i] = self.segment([batch["image"][i]], [valid[i]])[0]
+                except Exception as exc:  # noqa: BLE001
+                    errors[i] = f"the model failed on window {batch['window'][i]}: {type(exc).__name__}: {exc}"
+                    reasons[i] = "model error"
         return {"key": batch["key"], "window": batch["window"], "raster": rasters, "nodata_window": nodata,
-                "error": errors}  # fmt: skip
+                "reason": np.array(reasons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
 
     def segment(self, images: list[np.ndarray], valid: list[np.ndarray]) -> list[np.ndarray]:
         """[S, S, 3] uint8 windows → [2, S, S] rasters (every instruction's masks merged)."""
@@ -222,10 +235,13 @@ def segment_scenes(
     scene_ids: list[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    leases: dict[str, Lease] | None = None,
 ) -> list[SceneResult]:
     """Segment ``scene_uris`` with ``model`` (a model URI, ``models:/name@alias`` or a ModelRef) and
     publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order.
-    ``scene_ids`` name the scenes in output paths (default: each file name without extension)."""
+    ``scene_ids`` name the scenes in output paths (default: each file name without extension).
+    ``leases`` (scene URI → its held lease, from the nightly job): a scene whose lease another run
+    took over is not published (it fails as ``lease lost``)."""
     import rasterio
     import ray
     import ray.data
@@ -245,7 +261,7 @@ def segment_scenes(
         raise ValueError(f"give one distinct scene id per scene ({len(scene_uris)} scenes, ids {scene_ids})")
     window_size = seg.window_size or int(meta["model"]["image_size"])
     request = request_hash(seg, window_size)
-    out_uri = (out_uri or seg.out_uri).rstrip("/")
+    out_uri = storage.normalize_uri(out_uri or seg.out_uri).rstrip("/")
     results: dict[str, SceneResult] = {}
     opened: dict[str, _Open] = {}
     tasks: list[dict[str, Any]] = []
@@ -290,7 +306,7 @@ def segment_scenes(
             .map_batches(
                 WindowSegmenter,
                 fn_constructor_kwargs={
-                    "model_uri": ref.uri, "config": cfg.model_dump(mode="json"),
+                    "model_uri": ref.uri, "config": cfg.for_workers(),
                     "threads": seg.threads_per_actor, "device": "cuda" if use_gpu else "cpu",
                 },
                 batch_size=seg.batch_size,
@@ -309,7 +325,7 @@ def segment_scenes(
                 if state is None:  # its scene already failed
                     continue
                 if row["error"]:
-                    results[row["key"]] = _fail(state, "unreadable", row["error"])
+                    results[row["key"]] = _fail(state, row["reason"] or "unreadable", row["error"])
                     bar.update(state.remaining)
                     del opened[row["key"]]
                     continue
@@ -320,7 +336,12 @@ def segment_scenes(
                 state.remaining -= 1
                 bar.update(1)
                 if state.remaining == 0:
-                    results[row["key"]] = _finish(state, ref, cfg, class_names, request)
+                    lease = (leases or {}).get(row["key"])
+                    if lease is not None and lease.lost:
+                        results[row["key"]] = _fail(state, "lease lost", "another run took this scene's lease over; "
+                                                    "its outputs were not published")  # fmt: skip
+                    else:
+                        results[row["key"]] = _finish(state, ref, cfg, class_names, request)
                     del opened[row["key"]]
         bar.close()
     for uri, state in opened.items():  # never completed: the stream ended early
@@ -406,16 +427,10 @@ def _outputs(
 
 
 def publish(prefix: str, files: dict[str, Path]) -> None:
-    """Replace whatever ``prefix`` held (a finished or a half-written earlier run) with ``files``,
-    then write ``_SUCCESS``: readers that wait for the marker never see a mix."""
-    storage.remove_prefix(prefix)
-    for name, path in files.items():
-        if storage.is_s3_uri(prefix):
-            storage.s3_filesystem().put(str(path), storage.join_uri(prefix, name))
-        else:
-            Path(prefix).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, Path(prefix, name))
-    storage.write_bytes(storage.join_uri(prefix, storage.SUCCESS_MARKER), b"")
+    """Publish a scene's outputs at ``prefix``: staged beside whatever an earlier run published
+    there, then switched in with ``_SUCCESS`` last (geopix/outputs.py), so a run killed at any point
+    never loses good outputs and a reader that checks the marker never sees a mix."""
+    publish_staged(prefix, files, staging_id(), SCENE_OUTPUT_KIND, SCENE_OUTPUT_LAYOUT)
 
 
 def log_segment_run(cfg: GeoPixConfig, ref: ModelRef, results: list[SceneResult], seconds: float) -> str:
@@ -433,7 +448,8 @@ def log_segment_run(cfg: GeoPixConfig, ref: ModelRef, results: list[SceneResult]
         windows = sum(r.windows - r.windows_nodata for r in done)
         mlflow.log_metrics({
             "scenes_done": len(done), "scenes_failed": sum(r.status == "failed" for r in results),
-            "scenes_skipped": sum(r.status == "skipped" for r in results), "windows": windows,
+            "scenes_skipped": sum(r.status == "skipped" for r in results),
+            "scenes_in_progress_elsewhere": sum(r.status == "in progress" for r in results), "windows": windows,
             "polygons": sum(r.polygons for r in done), "seconds": seconds,
             "windows_per_s": windows / seconds if seconds else 0.0,
         })  # fmt: skip
