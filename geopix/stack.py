@@ -36,10 +36,12 @@ import psutil
 from tqdm import tqdm
 
 from geopix.config import REPO_ROOT, BucketsConfig, StackConfig
-from geopix.storage import S3Settings, boto3_client
+from geopix.storage import S3Settings, boto3_client, write_local_atomic
 
 SERVICES = ("s3", "mlflow", "ray")  # start order; stopped in reverse
 STATE_FILE = "stack.json"
+# stack.json's record of the S3 restore: "running" from before its first object until its last.
+RESTORE_KEY, RESTORE_RUNNING, RESTORE_DONE = "s3_restore", "running", "done"
 MARKER_ENV = "GEOPIX_STACK_SERVICE"
 # Ray puts unix sockets under its temp dir; their paths must stay under the kernel's 107 bytes.
 RAY_TEMP_DIR_MAX_LEN = 40
@@ -178,16 +180,20 @@ class Stack:
         config = self.config.model_dump(mode="json", exclude={"state_dir"})
         config["s3_secret_access_key"] = self.config.s3_secret_access_key.get_secret_value()
         state |= {"config": config, "buckets": self.buckets.model_dump()}
-        path = self.state_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        # It holds the local S3 server's secret: private from its first byte, written whole.
+        write_local_atomic(self.state_dir / STATE_FILE, json.dumps(state, indent=2).encode(), mode=0o600)
+
+    def _make_private_dirs(self) -> None:
+        """The state directory and what it holds (token, S3 snapshot, MLflow database) are the
+        user's alone: 0700, so no file in them is reachable by others whatever its own mode."""
+        for directory in (self.state_dir, *(self.state_dir / d for d in ("logs", "s3/spill", "mlflow", "ray"))):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory.chmod(0o700)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """One `up`/`down` at a time per state directory."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._make_private_dirs()
         with open(self.state_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -319,6 +325,11 @@ class Stack:
             # On SIGTERM Ray drains the node (for Serve proxies) for up to 30 s while any actor
             # lives, e.g. Ray Data's stats actor; a single-node stack has nothing to drain.
             env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+            # Ray Train's controller polls its workers every 2 s by default: a run waits for that
+            # tick to start, at each checkpoint and at its end. On one machine 0.5 s costs nothing.
+            env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+            # A one-machine stack is never preempted: no watcher actor per training run.
+            env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if service == "mlflow":
             # The server's GenAI job runner (a pool of huey consumers, ~1.5 GB) serves nothing GeoPix uses.
             env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -382,6 +393,7 @@ class Stack:
     # ----------------------------------------------------------------------------- up
     def up(self, echo=print) -> list[ServiceStatus]:
         """Start what is not running; a running, answering stack is left as it is."""
+        self._check_host(echo)
         with self._locked():
             state = self._state()
             state.setdefault("stack_id", uuid.uuid4().hex[:12])
@@ -402,20 +414,39 @@ class Stack:
                     records.pop(service)
                 to_start.append(service)
             self._check_ports_free(to_start)
-            for directory in ("logs", "s3/spill", "mlflow", "ray"):
-                (self.state_dir / directory).mkdir(parents=True, exist_ok=True)
             if "ray" in to_start and not self.ray_token_path.exists():
-                self.ray_token_path.write_text(secrets.token_hex(32))
-                self.ray_token_path.chmod(0o600)
+                write_local_atomic(self.ray_token_path, secrets.token_hex(32).encode(), mode=0o600)
             for service in SERVICES:
                 if service in to_start:
                     records[service] = self._start(service, state["stack_id"])
                     self._write_state(state)
                 self._wait_answering(service, records[service])
-                if service == "s3" and service in to_start:
-                    self._create_buckets(echo)
+                # A restore that a killed `up` left half done is finished by the next `up`.
+                if service == "s3" and (service in to_start or state.get(RESTORE_KEY) == RESTORE_RUNNING):
+                    self._create_buckets(echo, state)
             self._write_state(state)
             return self.status()
+
+    def _check_host(self, echo) -> None:
+        """The S3 server and MLflow have no authentication: on a non-loopback address anyone who can
+        reach it reads and changes every bucket and run. Refused unless asked for explicitly."""
+        import ipaddress
+
+        host = self.config.host
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return
+        if not self.config.allow_non_loopback:
+            raise StackError(
+                f"stack.host={host} is not a loopback address: the stack's S3 server and MLflow have no "
+                "authentication, so anyone who can reach that address could read and change every bucket and "
+                "run. Keep 127.0.0.1, or set stack.allow_non_loopback=true on a network you trust"
+            )
+        echo(f"WARNING: the stack listens on {host}, not loopback: its S3 server and MLflow accept anyone "
+             "who can reach it (no authentication); only Ray asks for its token")  # fmt: skip
 
     def _refuse_config_change(self, state: dict) -> None:
         recorded = state.get("config")
@@ -482,39 +513,60 @@ class Stack:
             f"see {self.log_path(service)}:\n{_log_tail(self.log_path(service))}"
         )
 
-    def _create_buckets(self, echo) -> None:
+    def _create_buckets(self, echo, state: dict) -> None:
         client = boto3_client(self.s3_settings())
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         for bucket in self.buckets.all():
             if bucket not in existing:
                 client.create_bucket(Bucket=bucket)
         if self.config.persist_s3 and self.s3_snapshot_dir.exists():
-            self._restore_objects(client, echo)
+            # Recorded before the first object goes up: a `down` after a killed restore must not
+            # save the half-restored server over the whole snapshot.
+            resuming = state.get(RESTORE_KEY) == RESTORE_RUNNING
+            state[RESTORE_KEY] = RESTORE_RUNNING
+            self._write_state(state)
+            self._restore_objects(client, echo, skip_present=resuming)
+        state[RESTORE_KEY] = RESTORE_DONE
+        self._write_state(state)
 
     # ----------------------------------------------------------------------------- S3 persistence
-    def _restore_objects(self, client, echo) -> None:
+    def _restore_objects(self, client, echo, skip_present: bool = False) -> None:
+        """Upload the snapshot saved by the last `down`. ``skip_present``: finishing a restore a
+        killed `up` began, so objects already there (restored, or written since) are kept."""
         files = [p for p in self.s3_snapshot_dir.rglob("*") if p.is_file()]
         buckets = {p.relative_to(self.s3_snapshot_dir).parts[0] for p in files}
         buckets |= {p.name for p in self.s3_snapshot_dir.iterdir() if p.is_dir()}
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         for bucket in sorted(buckets - existing):
             client.create_bucket(Bucket=bucket)
+        present = set()
+        if skip_present:
+            for bucket in sorted(buckets):
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                    present |= {(bucket, o["Key"]) for o in page.get("Contents", [])}
         if files:
-            echo(f"s3: restoring {len(files)} objects saved by the last `down`")
+            echo(f"s3: {'finishing the restore of' if skip_present else 'restoring'} {len(files)} objects "
+                 "saved by the last `down`")  # fmt: skip
         for path in tqdm(files, desc="restore s3 objects", unit="obj", disable=len(files) < 50):
             bucket, *key = path.relative_to(self.s3_snapshot_dir).parts
-            client.upload_file(str(path), bucket, "/".join(key))
+            if (bucket, "/".join(key)) not in present:
+                client.upload_file(str(path), bucket, "/".join(key))
 
-    def _save_objects(self, echo) -> None:
-        """Copy every bucket to ``s3/objects`` (written aside, then swapped in whole)."""
+    def _save_objects(self, echo, restored: bool = True) -> None:
+        """Copy every bucket to ``s3/objects`` (written aside, then swapped in whole). When the last
+        restore did not finish (``restored`` False), the server holds only part of the snapshot: the
+        new snapshot is the old one with the server's objects written over it, never the part alone."""
         client = boto3_client(self.s3_settings())
         target = self.s3_snapshot_dir
         staging = target.with_name("objects.saving")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        if not restored and target.exists():
+            echo("s3: the last restore did not finish; keeping the objects it had not restored yet")
+            shutil.copytree(target, staging, copy_function=os.link)
+        staging.mkdir(parents=True, exist_ok=True)
         keys = []
         for bucket in client.list_buckets().get("Buckets", []):
-            (staging / bucket["Name"]).mkdir()
+            (staging / bucket["Name"]).mkdir(exist_ok=True)
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
                 keys += [(bucket["Name"], obj["Key"]) for obj in page.get("Contents", [])]
         for bucket, key in tqdm(keys, desc="save s3 objects", unit="obj", disable=len(keys) < 50):
@@ -522,6 +574,7 @@ class Stack:
                 continue
             dest = staging / bucket / key
             dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)  # a hard link to the old snapshot's file: replace, never write through
             client.download_file(bucket, key, str(dest))
         old = target.with_name("objects.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -541,13 +594,14 @@ class Stack:
                 return
             records = state.get("services", {})
             if self.config.persist_s3 and self._root_process(records.get("s3")) and self._answering("s3"):
-                self._save_objects(echo)
+                self._save_objects(echo, restored=state.get(RESTORE_KEY, RESTORE_DONE) == RESTORE_DONE)
             for service in reversed(SERVICES):
                 record = records.get(service)
                 if record and self._root_process(record) is None:
                     echo(f"{service}: was not running (pid {record['pid']} had exited)")
                 self._stop_processes(service, state.get("stack_id"), record, echo)
                 records.pop(service, None)
+            state.pop(RESTORE_KEY, None)  # the snapshot is whole again; the next `up` restores it
             self._write_state(state)
             self._wait_ports_released()
 

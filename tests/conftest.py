@@ -25,10 +25,18 @@ SESSION_STACK_DIR = Path(tempfile.mkdtemp(prefix="geopix-stack-"))
 atexit.register(shutil.rmtree, SESSION_STACK_DIR, ignore_errors=True)
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(Stack(StackConfig(state_dir=SESSION_STACK_DIR)).ray_token_path)
+# Models fetched from S3 are cached per session: the tests' prefixes are reused by every run.
+os.environ["GEOPIX_CACHE_DIR"] = str(SESSION_STACK_DIR / "cache")
 
 
 def make_stack_config(state_dir: Path, **overrides) -> StackConfig:
     return config_on_free_ports(state_dir, **({"start_timeout_s": 180} | overrides))
+
+
+# The session's stack: nothing of it outlives the session, so `down` need not save its objects;
+# four logical CPUs on this 2-core machine, so that two flows at once (the lease tests: each holds a
+# model actor and its readers) can both be scheduled.
+SESSION_STACK = {"persist_s3": False, "ray_num_cpus": 4}
 
 
 def geopix_cli() -> list[str]:
@@ -39,7 +47,7 @@ def geopix_cli() -> list[str]:
 @pytest.fixture(scope="session")
 def stack() -> Stack:
     """The session's stack, up; its client environment is exported into os.environ."""
-    stack = Stack(make_stack_config(SESSION_STACK_DIR), BucketsConfig())
+    stack = Stack(make_stack_config(SESSION_STACK_DIR, **SESSION_STACK), BucketsConfig())
     saved = dict(os.environ)
     try:
         stack.up()
@@ -67,3 +75,21 @@ def ray_cluster(stack):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+SMALL_SOURCE = "s3://geopix-data/tests/small/source"
+SMALL_SHARDS = "s3://geopix-data/tests/small/shards"
+
+
+@pytest.fixture(scope="session")
+def small_shards(stack, ray_cluster) -> str:
+    """One small synthetic shard set (64-px chips; 40 train, 6 val, 4 test images) that the
+    training and sweep tests train and evaluate on: generated and sharded once per session."""
+    from geopix.config import DataConfig
+    from geopix.data.shard import shard_sources
+    from geopix.data.synth import generate_chips
+
+    generate_chips(SMALL_SOURCE, seed=0, chip_size=64, train_images=40, val_images=6, test_images=4,
+                   test_seed_offset=1000, progress=False)  # fmt: skip
+    shard_sources([SMALL_SOURCE], SMALL_SHARDS, DataConfig(chip_size=64), overwrite=True)
+    return SMALL_SHARDS

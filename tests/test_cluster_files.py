@@ -46,3 +46,23 @@ def ray_version() -> str:
     import ray
 
     return ray.__version__
+
+
+def test_every_kuberay_cluster_asks_for_rays_token(repo_root):
+    """Dashboards listen on the pod network (0.0.0.0): every Ray cluster we define turns token
+    authentication on, and the nightly submitter reads the token of the cluster it submits to."""
+    job = yaml.safe_load((repo_root / "cluster/kuberay/full-pipeline-rayjob.yaml").read_text())
+    cluster = yaml.safe_load((repo_root / "cluster/kuberay/raycluster.yaml").read_text())
+    for spec in (job["spec"]["rayClusterSpec"], cluster["spec"]):
+        assert spec["authOptions"]["mode"] == "token"
+        assert spec["rayVersion"] == ray_version()
+    docs = list(yaml.safe_load_all((repo_root / "cluster/kuberay/nightly-cronjob.yaml").read_text()))
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": cluster["spec"]["authOptions"]["secretName"],
+                                                                  "key": "auth_token"}  # fmt: skip
+    assert "http://geopix-head-svc:8265" in " ".join(container["args"]) and cluster["metadata"]["name"] == "geopix"
+    for manifest in (job, cluster):  # no credentials in any manifest: S3 through the service account's role
+        assert "AWS_SECRET_ACCESS_KEY" not in yaml.safe_dump(manifest) and "serviceAccountName: geopix" in yaml.safe_dump(manifest)

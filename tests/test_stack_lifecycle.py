@@ -100,9 +100,12 @@ def test_up_status_env_half_up_down(stack_args):
         for s in json.loads(cli("stack", "status", "--state-dir", str(state_dir), "--json").stdout)
     } == pids
 
-    # An object survives down/up (moto is in-memory; the stack saves and restores it).
+    # Objects survive down/up (moto is in-memory; the stack saves and restores them): enough of
+    # them that a restore can be killed half way, below.
     client = boto3_client(stack.s3_settings())
     client.put_object(Bucket="geopix-data", Key="keep/me.txt", Body=b"still here")
+    for i in range(60):
+        client.put_object(Bucket="geopix-data", Key=f"many/{i:04d}.txt", Body=f"object {i}".encode())
 
     # Half up: mlflow's root process dies hard, leaving its worker behind.
     os.kill(pids["mlflow"], signal.SIGKILL)
@@ -129,7 +132,7 @@ def test_up_status_env_half_up_down(stack_args):
 
     stack_id = json.loads((state_dir / "stack.json").read_text())["stack_id"]
     down = cli("stack", "down", "--state-dir", str(state_dir))
-    assert "saved 1 objects" in down.stdout
+    assert "saved 61 objects" in down.stdout
     assert marked_processes(stack_id) == []
     assert {port: port_holder("127.0.0.1", port) for port in ports.values()} == dict.fromkeys(ports.values())
     assert [
@@ -139,10 +142,47 @@ def test_up_status_env_half_up_down(stack_args):
         )
     ] == ["stopped"] * len(SERVICES)
 
+    # A `stack up` killed while it restores leaves the S3 server with part of the snapshot: the
+    # next `down` must not save that part over the whole, and the next `up` finishes the restore.
+    saved = sorted(p.relative_to(state_dir / "s3" / "objects") for p in (state_dir / "s3" / "objects").rglob("*") if p.is_file())
+    assert len(saved) == 61
+    killed = subprocess.Popen([*geopix_cli(), "stack", "up", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+    for line in killed.stdout:
+        if "restoring 61 objects" in line:  # recorded as running before the first object goes up
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(30)
+    assert json.loads((state_dir / "stack.json").read_text())["s3_restore"] == "running"
+    half = len(boto3_client(Stack.at(state_dir).s3_settings()).list_objects_v2(Bucket="geopix-data").get("Contents", []))
+    assert half < 61
+    cli("stack", "down", "--state-dir", str(state_dir))
+    after = sorted(p.relative_to(state_dir / "s3" / "objects") for p in (state_dir / "s3" / "objects").rglob("*") if p.is_file())
+    assert after == saved  # the whole snapshot, not the part the server held
     cli("stack", "up", *args)
-    restored = boto3_client(Stack.at(state_dir).s3_settings()).get_object(
-        Bucket="geopix-data", Key="keep/me.txt"
-    )
-    assert restored["Body"].read() == b"still here"
+    client = boto3_client(Stack.at(state_dir).s3_settings())
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="geopix-data")
+    assert sum(len(p.get("Contents", [])) for p in pages) == 61
+    assert client.get_object(Bucket="geopix-data", Key="keep/me.txt")["Body"].read() == b"still here"
+
+    # Everything the stack keeps is the user's alone, the token and the state file from their first byte.
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+    assert (state_dir / "ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    assert (state_dir / "stack.json").stat().st_mode & 0o777 == 0o600
     cli("stack", "down", "--state-dir", str(state_dir))
     assert marked_processes(stack_id) == []
+
+
+def test_a_non_loopback_host_is_refused_unless_asked_for(stack_args):
+    """The S3 server and MLflow have no authentication: listening beyond loopback needs a flag."""
+    args, _, state_dir = stack_args
+    out = cli("stack", "up", *args, "--set", "stack.host=0.0.0.0", check=False)
+    assert out.returncode == 2 and "stack.host=0.0.0.0 is not a loopback address" in out.stderr
+    assert "stack.allow_non_loopback=true" in out.stderr and not (state_dir / "stack.json").exists()
+    warned = []
+    from geopix.config import StackConfig
+
+    Stack(StackConfig(state_dir=state_dir, host="0.0.0.0", allow_non_loopback=True))._check_host(warned.append)
+    assert warned and "no authentication" in warned[0]
+    Stack(StackConfig(state_dir=state_dir, host="127.0.0.2"))._check_host(warned.append)  # loopback: silent
+    assert len(warned) == 1
