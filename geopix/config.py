@@ -412,7 +412,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {redact_text(override)!r} must look like section.key=value")
+            raise ConfigError(f"override {redact_override(override)!r} must look like section.key=value")
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:

@@ -114,8 +114,7 @@ class Lease:
             return
         current = storage.read_object(self.uri)
         if current is not None and current[1] == self.etag:
-            parent, _, name = self.uri.rstrip("/").rpartition("/")
-            storage.delete_objects(parent, [name])
+            storage.delete_object(self.uri)
         self.etag = None
 
     def describe_holder(self) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -183,7 +182,7 @@ def stage_output(prefix: str, files: dict[str, Path], stage_id: str, kind: str, 
         _write_owner(prefix, kind)
     staging = storage.join_uri(prefix, STAGING_DIR, stage_id)
     for name, path in files.items():
-        _put(path, storage.join_uri(staging, name))
+        storage.upload_file(path, storage.join_uri(staging, name))
     storage.write_bytes(storage.join_uri(staging, STAGED_MARKER), json.dumps(sorted(files)).encode())
     return staging
 
@@ -215,22 +214,13 @@ def _complete_stages(prefix: str) -> list[str]:
     return sorted({o.split("/", 1)[0] for o in objects if o.endswith(f"/{STAGED_MARKER}")})
 
 
-def _put(local: Path, uri: str) -> None:
-    if storage.is_s3_uri(uri):
-        storage.s3_filesystem().put_file(str(local), uri)
-    else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, uri)
-
-
 def remove_record(uri: str, expected: dict) -> bool:
     """Delete one JSON record GeoPix wrote (a quarantine record, a lease), after checking that it is
     one: it parses and holds ``expected``'s items. Returns whether it was deleted."""
     record = read_record(uri)
     if record is None or any(record.get(k) != v for k, v in expected.items()):
         return False
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    storage.delete_objects(parent, [name])
+    storage.delete_object(uri)
     return True
 
 

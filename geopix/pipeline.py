@@ -127,6 +127,11 @@ class Pipeline:
             log.warning("step %s: its record %s is unreadable (%s); the step runs again", step, uri, exc)
             return None
 
+    @staticmethod
+    def is_current(record: StepRecord | None, step: Step, key: str) -> bool:
+        """Whether a step's record stands: made with ``key``, and its outputs still there."""
+        return record is not None and record.key == key and step.exists(record.outputs)
+
     def lease_uri(self, step: str) -> str:
         return storage.join_uri(self.root, "leases", f"{step}.json")
 
@@ -143,8 +148,7 @@ class Pipeline:
             key = content_key(step.name, step.inputs(context), previous_key)
             forced = self.first_forced is not None and index >= self.first_forced
             record = self.record(step.name)
-            current = record is not None and record.key == key and step.exists(record.outputs)
-            if not forced and current:
+            if not forced and self.is_current(record, step, key):
                 log.info("step %s: outputs current (key %s), skipped", step.name, key)
                 with tracking.step_run(step.name, params={"key": key}):
                     mlflow.set_tag(SKIPPED_TAG, "true")
@@ -179,7 +183,7 @@ class Pipeline:
             )
         try:
             done = self.record(step.name)
-            if not context.fresh and done is not None and done.key == key and step.exists(done.outputs):
+            if not context.fresh and self.is_current(done, step, key):
                 log.info("step %s: finished by another run meanwhile (key %s), skipped", step.name, key)
                 return done, False
             log.info("step %s: running (key %s%s)", step.name, key, ", fresh" if context.fresh else "")

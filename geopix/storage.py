@@ -246,20 +246,26 @@ def list_files(uri: str, pattern: str = "*", settings: S3Settings | None = None)
     return sorted(str(p) for p in Path(uri).glob(pattern) if p.is_file())
 
 
+def _s3_objects(uri: str, settings: S3Settings | None = None) -> dict[str, dict]:
+    """Every object under an S3 prefix, freshly listed: its path relative to the prefix → its
+    listing entry (ETag, size)."""
+    fs = s3_filesystem(settings)
+    root = uri.removeprefix("s3://").rstrip("/")
+    fs.invalidate_cache(root)  # another process may have written since
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        k[len(root) + 1 :]: v for k, v in found.items()
+        if k.startswith(root + "/") and v.get("type") != "directory" and not k.endswith("/")
+    }  # fmt: skip
+
+
 def list_objects(uri: str, settings: S3Settings | None = None) -> list[str]:
     """Every object (file) anywhere under a prefix (directory), as sorted paths relative to it."""
     if is_s3_uri(uri):
-        fs = s3_filesystem(settings)
-        root = uri.removeprefix("s3://").rstrip("/")
-        fs.invalidate_cache(root)
-        try:
-            found = fs.find(root, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            k[len(root) + 1 :] for k, v in found.items()
-            if k.startswith(root + "/") and v.get("type") != "directory" and not k.endswith("/")
-        )  # fmt: skip
+        return sorted(_s3_objects(uri, settings))
     root = Path(uri)
     if root.is_file():
         return []
@@ -285,6 +291,18 @@ def delete_objects(uri: str, relative: list[str], settings: S3Settings | None = 
         while directory != Path(uri) and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
             directory = directory.parent
+
+
+def delete_object(uri: str, settings: S3Settings | None = None) -> None:
+    """Delete one object or file (none there is fine)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    delete_objects(parent, [name], settings)
+
+
+def is_finished(uri: str, settings: S3Settings | None = None) -> bool:
+    """Whether the prefix's writer finished it: its ``_SUCCESS`` marker exists (asked of the store,
+    not of a listing cache)."""
+    return exists(join_uri(uri, SUCCESS_MARKER), settings)
 
 
 def is_container_root(uri: str) -> bool:
@@ -452,6 +470,17 @@ def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     return Path(uri).read_bytes()
 
 
+def upload_file(local: str | os.PathLike, uri: str, settings: S3Settings | None = None) -> None:
+    """Copy one local file to ``uri`` (an S3 object or a local path) without reading it into memory."""
+    import shutil
+
+    if is_s3_uri(uri):
+        s3_filesystem(settings).put_file(str(local), uri)
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, uri)
+
+
 def upload_directory(local_dir: str | os.PathLike, uri: str, settings: S3Settings | None = None) -> str:
     """Copy a local directory to ``uri`` (an S3 prefix or a local path); returns ``uri``.
 
@@ -492,27 +521,17 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         return path
     uri = str(uri).rstrip("/")
     fs = s3_filesystem(settings)
-    try:
-        objects = fs.find(uri, detail=True)
-    except FileNotFoundError:
-        objects = {}
-    bucket_prefix = uri.removeprefix("s3://")
-    objects = {
-        k: v
-        for k, v in objects.items()
-        if k.startswith(bucket_prefix + "/") and v.get("type") != "directory" and not k.endswith("/")
-    }
+    objects = _s3_objects(uri, settings)
     if not objects:
         raise StorageError(f"{uri}: no objects under this prefix")
-    if f"{bucket_prefix}/{SUCCESS_MARKER}" not in objects:
+    if SUCCESS_MARKER not in objects:
         raise StorageError(f"{uri}: no {SUCCESS_MARKER} marker (an upload that did not finish?)")
     root = Path(cache_dir or os.environ.get("GEOPIX_CACHE_DIR") or Path.home() / ".cache" / "geopix")
     target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     target.mkdir(parents=True, exist_ok=True)
     index_path = target / ".geopix-etags.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    for key, info in sorted(objects.items()):
-        rel = key[len(bucket_prefix) + 1 :]
+    for rel, info in sorted(objects.items()):
         etag = str(info.get("ETag") or info.get("size"))
         dest = target / rel
         if index.get(rel) == etag and dest.exists():
@@ -521,7 +540,7 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         # Several processes on one machine (Ray Train workers) may fetch the same prefix at once:
         # each downloads under its own name and renames, so a reader sees a whole file or none.
         partial = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        fs.get_file(f"s3://{key}", str(partial))
+        fs.get_file(join_uri(uri, rel), str(partial))
         partial.replace(dest)
         index[rel] = etag
         index_partial = index_path.with_name(f"{index_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -615,7 +615,7 @@ def check_shards(shards_uri: str, split: str) -> tuple[Any, list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not storage.exists(storage.join_uri(shards_uri, storage.SUCCESS_MARKER)):
+    if not storage.is_finished(shards_uri):
         raise ShardError(
             f"{shards_uri} holds no finished shard set (no {storage.SUCCESS_MARKER}): its sharding did not "
             "finish or is still writing; rerun `geopix data shard` for it"

@@ -92,7 +92,7 @@ class SourceWriter:
 
 def require_finished(uri: str) -> None:
     """A source is read only once its writer finished it (``_SUCCESS`` written after every part)."""
-    if not storage.exists(storage.join_uri(uri, SUCCESS_MARKER)):
+    if not storage.is_finished(uri):
         if not storage.list_objects(uri):
             raise SourceError(f"source {uri} does not exist (nothing there)")
         raise SourceError(

@@ -90,7 +90,7 @@ def scene_prefix(out_uri: str, scene_id: str, model: ModelRef, request: str) -> 
 def is_published(prefix: str) -> bool:
     """Whether a scene's outputs are published at ``prefix``. A switch that a killed run left half
     done (its staged outputs complete, ``_SUCCESS`` not yet written) is finished here."""
-    if storage.exists(storage.join_uri(prefix, storage.SUCCESS_MARKER)):  # not from a listing cache
+    if storage.is_finished(prefix):
         return True
     return finish_staged_switch(prefix)
 
@@ -160,17 +160,19 @@ class WindowSegmenter:
         try:
             if todo:
                 rasters[todo] = np.stack(self.segment([batch["image"][i] for i in todo], [valid[i] for i in todo]))
-        except Exception:  # noqa: BLE001 - one failing window must not fail the whole batch
-            # Answer the batch's windows one by one: only the windows the model fails on (and their
-            # scenes) fail, each with the model's own error.
+        except Exception as batch_error:  # noqa: BLE001 - one failing window must not fail the whole batch
+            # Answer the batch's windows one by one (a batch of one already was): only the windows the
+            # model fails on (and their scenes) fail, each with the model's own error.
             for i in todo:
-                try:
-                    if len(todo) == 1:
-                        raise  # the batch was this one window
-                    rasters[i] = self.segment([batch["image"][i]], [valid[i]])[0]
-                except Exception as exc:  # noqa: BLE001
-                    errors[i] = f"the model failed on window {batch['window'][i]}: {type(exc).__name__}: {exc}"
-                    reasons[i] = "model error"
+                error = batch_error
+                if len(todo) > 1:
+                    try:
+                        rasters[i] = self.segment([batch["image"][i]], [valid[i]])[0]
+                        continue
+                    except Exception as exc:  # noqa: BLE001
+                        error = exc
+                errors[i] = f"the model failed on window {batch['window'][i]}: {type(error).__name__}: {error}"
+                reasons[i] = "model error"
         return {"key": batch["key"], "window": batch["window"], "raster": rasters, "nodata_window": nodata,
                 "reason": np.array(reasons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
 

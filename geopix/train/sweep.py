@@ -92,7 +92,7 @@ def published_evaluation(eval_uri: str, model_uri: str) -> tuple[dict[str, Any] 
     trial reuses it), or None."""
     from geopix.evaluate.job import SUMMARY_FILE
 
-    if not storage.exists(storage.join_uri(eval_uri, storage.SUCCESS_MARKER)):
+    if not storage.is_finished(eval_uri):
         return None, eval_uri
     try:
         summary = json.loads(storage.read_bytes(storage.join_uri(eval_uri, SUMMARY_FILE)))
