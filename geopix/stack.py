@@ -539,11 +539,7 @@ class Stack:
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         for bucket in sorted(buckets - existing):
             client.create_bucket(Bucket=bucket)
-        present = set()
-        if skip_present:
-            for bucket in sorted(buckets):
-                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-                    present |= {(bucket, o["Key"]) for o in page.get("Contents", [])}
+        present = set(_object_keys(client, sorted(buckets))) if skip_present else set()
         if files:
             echo(f"s3: {'finishing the restore of' if skip_present else 'restoring'} {len(files)} objects "
                  "saved by the last `down`")  # fmt: skip
@@ -564,11 +560,10 @@ class Stack:
             echo("s3: the last restore did not finish; keeping the objects it had not restored yet")
             shutil.copytree(target, staging, copy_function=os.link)
         staging.mkdir(parents=True, exist_ok=True)
-        keys = []
-        for bucket in client.list_buckets().get("Buckets", []):
-            (staging / bucket["Name"]).mkdir(exist_ok=True)
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
-                keys += [(bucket["Name"], obj["Key"]) for obj in page.get("Contents", [])]
+        buckets = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+        for bucket in buckets:
+            (staging / bucket).mkdir(exist_ok=True)
+        keys = _object_keys(client, buckets)
         for bucket, key in tqdm(keys, desc="save s3 objects", unit="obj", disable=len(keys) < 50):
             if key.endswith("/"):
                 continue
@@ -676,3 +671,12 @@ class Stack:
                 )
             )
         return statuses
+
+
+def _object_keys(client, buckets: list[str]) -> list[tuple[str, str]]:
+    """(bucket, key) of every object in these buckets of the stack's S3 server."""
+    keys = []
+    for bucket in buckets:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys += [(bucket, obj["Key"]) for obj in page.get("Contents", [])]
+    return keys
