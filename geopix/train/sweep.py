@@ -156,7 +156,7 @@ def sweep_memory(cfg: GeoPixConfig, shards_uri: str, name: str, parent_run_id: s
     rows = [_row(result, sw.metric) for result in grid]
     rows.sort(key=lambda r: (r["memory_dim"], r["memory_len"]))
     finished = [r for r in rows if r["stage"] == 2 and r.get(sw.metric) is not None]
-    best = max(finished, key=lambda r: r[sw.metric], default=None)
+    best = max(finished, key=lambda r: r[sw.metric], default=None)  # a tie: the first, the smaller memory
     write_results(rows, best, sw.metric, out)
     return SweepResult(name, out, rows, best, resumed)
 
