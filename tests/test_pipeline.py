@@ -141,6 +141,9 @@ SMALL = [
     "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=5", "train.tokenizer_vocab_size=400",
     "train.overlay_samples=2", "train.stage1.max_steps=20", "train.stage1.warmup_steps=2",
     "train.stage2.max_steps=5", "train.stage2.warmup_steps=1", "train.max_failures=0",
+    # One DeepSpeed worker: what this test checks is the chaining, the job kill and the skips;
+    # two-worker DeepSpeed (and its resume after a kill) is test_train's.
+    "train.num_workers=1",
     "train.runs_uri=s3://geopix-checkpoints/tests/pipeline/runs",
     "train.models_uri=s3://geopix-checkpoints/tests/pipeline/models",
     "train.registered_model=geopix-test-pipeline",

@@ -21,9 +21,9 @@ SMALL = [o for o in PIPELINE_SMALL if not o.startswith(("pipeline.", "tracking.e
     "train.runs_uri=s3://geopix-checkpoints/tests/sweep/runs",
     "train.models_uri=s3://geopix-checkpoints/tests/sweep/models",
     "train.stage1.max_steps=10", "train.stage2.max_steps=4",
-    # One DeepSpeed worker per trial: what this test checks is the sweep (Tune, ASHA, MLflow,
-    # outputs, resuming); two-worker DeepSpeed is test_train's and test_pipeline's.
-    "train.num_workers=1",
+    # One DeepSpeed worker per trial (train.num_workers=1, from the pipeline test's settings): what
+    # this test checks is the sweep (Tune, ASHA, MLflow, outputs, resuming); two-worker DeepSpeed
+    # is test_train's.
     # Both trials at once: ASHA then decides on what was reported first, which the test reads back.
     "sweep.memory_len=[0,2]", "sweep.eval_limit=12", "sweep.max_concurrent_trials=2", f"sweep.out_uri={OUT}",
     "tracking.experiment=geopix-tests-sweep",
