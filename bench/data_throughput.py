@@ -51,15 +51,17 @@ def run(args) -> None:
     from geopix.data.shard import assign_split, class_counts_figure, shard_sources
     from geopix.data.source import iter_records, read_catalog
     from geopix.data.synth import generate_chips
+    from geopix.vocabulary import SegVocabulary
 
     source, out = "s3://geopix-data/bench/source", "s3://geopix-data/bench/shards"
     data = DataConfig(chip_size=args.chip_size, shard_target_mb=16)
     held_out = max(args.images // 10, 1)
+    vocab = SegVocabulary()  # the presets' seg tokens
 
     started = time.perf_counter()
     stats = generate_chips(
         source, seed=0, chip_size=args.chip_size, train_images=args.images, val_images=held_out,
-        test_images=held_out, test_seed_offset=data.test_seed_offset, progress=False,
+        test_images=held_out, test_seed_offset=data.test_seed_offset, seg_vocab=vocab, progress=False,
     )  # fmt: skip
     generate_s = time.perf_counter() - started
     images = args.images + 2 * held_out
@@ -69,13 +71,13 @@ def run(args) -> None:
     catalog = read_catalog(source)
     baseline_records = 0
     for record in iter_records(source):
-        validate_record(record, catalog)
+        validate_record(record, catalog, vocab)
         assign_split(record["image_id"], data)
         baseline_records += 1
     baseline_s = time.perf_counter() - started
 
     ray.init(log_to_driver=False)
-    result = shard_sources([source], out, data, workers=args.workers, overwrite=True)
+    result = shard_sources([source], out, data, seg_vocab=vocab, workers=args.workers, overwrite=True)
     counts = result.counts
     if args.figure:
         class_counts_figure(result.manifest, args.figure)

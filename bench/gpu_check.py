@@ -183,11 +183,11 @@ def make_batch(*, targets: list[int], text_len: int, image_size: int, vocab_size
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def tiny_tokenizer(seg_token_num: int, num_scales: int):
+def tiny_tokenizer(seg_vocab):
     """A small BPE trained on a handful of template conversations (the tiny preset's recipe)."""
-    from geopix.data.tokenizer import chat_text, seg_tokens, train_tokenizer
+    from geopix.data.tokenizer import chat_text, train_tokenizer
 
-    run = "".join(seg_tokens(seg_token_num, num_scales))
+    run = seg_vocab.run
     phrases = ["the small vehicle on the left", "the large building", "all ships", "the storage tank",
                "the plane at the top right", "the harbor", "every tennis court", "the bridge"]
     texts = []
@@ -198,7 +198,7 @@ def tiny_tokenizer(seg_token_num: int, num_scales: int):
             texts.append(chat_text(conversation))
         texts.append(chat_text([{"role": "user", "text": "<image>\n[caption] Describe the image in detail"},
                                 {"role": "assistant", "text": f"An aerial view with {phrase}."}]))
-    return train_tokenizer(texts, vocab_size=400, seg_token_num=seg_token_num, num_scales=num_scales)
+    return train_tokenizer(texts, vocab_size=400, seg_vocab=seg_vocab)
 
 
 def grads_finite(model) -> tuple[bool, int]:
@@ -213,13 +213,13 @@ def check_correctness(args, device, sizes: dict) -> dict:
     import torch
 
     from geopix.config import ModelConfig
-    from geopix.data.tokenizer import prompt_text, seg_tokens
+    from geopix.data.tokenizer import prompt_text
 
     res: dict[str, Any] = {"cases": []}
     cfg = ModelConfig(**sizes["model"])
-    tokenizer = tiny_tokenizer(cfg.seg_token_num, cfg.num_scales)
+    tokenizer = tiny_tokenizer(cfg.seg_vocabulary)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    seg_ids = tokenizer.convert_tokens_to_ids(seg_tokens(cfg.seg_token_num, cfg.num_scales))
+    seg_ids = cfg.seg_vocabulary.token_ids(tokenizer)
     ids = {"vocab_size": len(tokenizer), "image_token_id": image_id, "seg_token_ids": seg_ids,
            "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(0)
@@ -363,7 +363,7 @@ def check_correctness(args, device, sizes: dict) -> dict:
     try:
         prompt = [tokenizer.bos_token_id,
                   *tokenizer.encode(prompt_text("<image>\n[segment] x"), add_special_tokens=False)]
-        run = "".join(seg_tokens(cfg.seg_token_num, cfg.num_scales))
+        run = cfg.seg_vocabulary.run
         answer = tokenizer.encode(f" Sure, {run} and {run}.", add_special_tokens=False)
         result = model.segment_answer(pixels[:1], prompt + answer, len(prompt), tokenizer)
         ok = tuple(result.masks.shape) == (2, S, S) and bool(
@@ -519,7 +519,7 @@ def check_throughput(args, device, sizes: dict, started: float) -> dict:
 
     cfg = ModelConfig(**sizes["model"])
     vocab = sizes["vocab_size"]
-    run = cfg.seg_token_num * cfg.num_scales
+    run = cfg.seg_vocabulary.run_length
     # Like a LLaMA tokenizer grown by GeoPix: <image> and the seg tokens are the last rows.
     ids = {"vocab_size": vocab, "image_token_id": vocab - run - 1,
            "seg_token_ids": list(range(vocab - run, vocab)), "pad_token_id": 0}

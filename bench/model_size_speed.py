@@ -32,8 +32,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config("tiny")
-    records = [r for i in range(32) for r in chip_records(make_chip("train", 0, i, cfg.data.chip_size))]
-    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000)
+    records = [r for i in range(32) for r in chip_records(make_chip("train", 0, i, cfg.data.chip_size), cfg.model.seg_vocabulary)]
+    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000, seg_vocab=cfg.model.seg_vocabulary)
     model = build_model(cfg.model, tokenizer)
     for stage in (1, 2):
         model.set_stage(stage)
@@ -69,6 +69,7 @@ def main() -> None:
                 max_length=None,
                 augment=False,
                 seed=0,
+                seg_vocab=cfg.model.seg_vocabulary,
             )
         )
     )

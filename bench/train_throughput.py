@@ -22,13 +22,13 @@ import time
 WARMUP = 3
 
 
-def make_records(image_size: int, count: int) -> list[dict]:
+def make_records(image_size: int, count: int, seg_vocab) -> list[dict]:
     from geopix.data.synth import chip_records, make_chip
 
     records = []
     index = 0
     while len(records) < count:
-        records += [r for r in chip_records(make_chip("train", 0, index, image_size)) if r["targets"]]
+        records += [r for r in chip_records(make_chip("train", 0, index, image_size), seg_vocab) if r["targets"]]
         index += 1
     return records[:count]
 
@@ -40,8 +40,8 @@ def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
     from geopix.model import build_model
 
-    records = make_records(cfg.model.image_size, count)
-    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000)
+    records = make_records(cfg.model.image_size, count, cfg.model.seg_vocabulary)
+    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000, seg_vocab=cfg.model.seg_vocabulary)
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer)
     model.set_stage(1)
@@ -53,7 +53,8 @@ def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: 
 
     mine = records[rank::world]
     return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,
-                             max_length=None, augment=False, seed=0, drop_last=True))
+                             max_length=None, augment=False, seed=0, seg_vocab=cfg.model.seg_vocabulary,
+                             drop_last=True))
 
 
 def tensor_bytes(tensors) -> int:

@@ -15,6 +15,7 @@ Exit status 0 when every step finished and every scene was segmented, 1 otherwis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -25,6 +26,7 @@ from geopix import runtime, storage, tracking
 from geopix.config import GeoPixConfig, load_config
 from geopix.pipeline import Context, Pipeline, Step
 from geopix.redaction import redact_text
+from geopix.vocabulary import SegVocabulary
 
 STEPS = ("source", "shard", "stage1", "stage2", "evaluate", "register", "segment")
 
@@ -44,8 +46,9 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
 
     def inputs(ctx: Context):
         if p.synthetic:
-            return {"synthetic": d.model_dump(include={"seed", "chip_size", "train_images", "val_images",
-                                                       "test_images", "test_seed_offset", "scene_size", "scene_count"})}  # fmt: skip
+            return with_seg_vocabulary({"synthetic": d.model_dump(include={
+                "seed", "chip_size", "train_images", "val_images", "test_images", "test_seed_offset", "scene_size",
+                "scene_count"})}, cfg)  # fmt: skip
         return {"source": storage.fingerprint(d.source_uri), "scenes": p.scenes_uri or cfg.segment.incoming_uri}
 
     def run(ctx: Context) -> dict:
@@ -57,7 +60,7 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
         with tracking.step_run("source", params={"synthetic": True, "source_uri": source_uri}) as run:
             stats = generate_chips(source_uri, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images,
                                    val_images=d.val_images, test_images=d.test_images,
-                                   test_seed_offset=d.test_seed_offset)  # fmt: skip
+                                   test_seed_offset=d.test_seed_offset, seg_vocab=cfg.model.seg_vocabulary)  # fmt: skip
             mlflow.log_metrics({f"records_{split}": n for split, n in stats["records"].items()} | {"seconds": stats["seconds"]})
             mlflow.log_dict(stats, "synthetic_stats.json")
             incoming, truth = storage.join_uri(scenes_root, "incoming"), storage.join_uri(scenes_root, "truth")
@@ -71,6 +74,16 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
     return Step("source", inputs, run, exists=lambda out: storage.exists(marker(out["source_uri"])))
 
 
+def with_seg_vocabulary(inputs, cfg: GeoPixConfig):
+    """A step's inputs and the seg vocabulary its records are written or checked with; the default
+    vocabulary adds nothing, so the keys of pipelines recorded before it was an input stay."""
+    vocab = cfg.model.seg_vocabulary
+    if vocab == SegVocabulary():
+        return inputs
+    plain = inputs.model_dump(mode="json") if hasattr(inputs, "model_dump") else inputs
+    return {"inputs": plain, "seg_vocabulary": dataclasses.asdict(vocab)}
+
+
 def shard_step(cfg: GeoPixConfig) -> Step:
     from geopix.data.shard import log_shard_run, shard_sources
 
@@ -78,11 +91,12 @@ def shard_step(cfg: GeoPixConfig) -> Step:
         out = f"{cfg.data.shards_uri.rstrip('/')}-{ctx.key[:12]}"
         with tracking.step_run("shard", config=cfg) as child:
             result = shard_sources([ctx.outputs["source"]["source_uri"]], out, cfg.data,
-                                   run_length=cfg.model.seg_token_num * cfg.model.num_scales, overwrite=True)  # fmt: skip
+                                   seg_vocab=cfg.model.seg_vocabulary, overwrite=True)  # fmt: skip
             log_shard_run(result)
         return {"shards_uri": out, **result.counts, "mlflow_run_id": child.info.run_id}
 
-    return Step("shard", lambda ctx: cfg.data, run, exists=lambda out: storage.exists(marker(out["shards_uri"])))
+    return Step("shard", lambda ctx: with_seg_vocabulary(cfg.data, cfg), run,
+                exists=lambda out: storage.exists(marker(out["shards_uri"])))
 
 
 def train_step(cfg: GeoPixConfig, name: str, stage: int) -> Step:

@@ -361,7 +361,7 @@ def data_synth(
     out = out or d.source_uri
     stats = generate_chips(
         out, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images, val_images=d.val_images,
-        test_images=d.test_images, test_seed_offset=d.test_seed_offset,
+        test_images=d.test_images, test_seed_offset=d.test_seed_offset, seg_vocab=cfg.model.seg_vocabulary,
     )  # fmt: skip
     typer.echo(f"wrote {out} in {stats['seconds']:.0f} s ({stats['chips_per_s']:.1f} chips/s)")
     for key in ("images", "records", "records_per_task", "instances_per_class", "instances_per_bucket"):
@@ -393,12 +393,16 @@ def data_import_coco(
         str | None, typer.Option(help="Referring expressions JSON (refCOCO / RRSIS-D style).")
     ] = None,
     source: Annotated[str, typer.Option(help="Source name, prefixed to image ids.")] = "coco",
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
 ) -> None:
-    """Turn COCO instances (+ referring expressions) into a GeoPix record source."""
+    """Turn COCO instances (+ referring expressions) into a GeoPix record source (answers written
+    with the config's seg tokens, model.seg_token_num × model.num_scales)."""
     from geopix.data.coco import CocoImportError, import_coco
 
+    cfg = _load(config, overrides)
     try:
-        stats = import_coco(instances, images, out, refs_uri=refs, source=source)
+        stats = import_coco(instances, images, out, refs_uri=refs, source=source, seg_vocab=cfg.model.seg_vocabulary)
     except CocoImportError as exc:
         fail(str(exc))
     typer.echo(
@@ -439,7 +443,7 @@ def data_shard(
                 sources,
                 out,
                 cfg.data,
-                run_length=cfg.model.seg_token_num * cfg.model.num_scales,
+                seg_vocab=cfg.model.seg_vocabulary,
                 workers=workers,
                 overwrite=overwrite,
             )

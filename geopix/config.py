@@ -25,6 +25,7 @@ from geopix.redaction import (
     redact_text,
     redact_tree,
 )
+from geopix.vocabulary import SegVocabulary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR_ENV = "GEOPIX_CONFIG_DIR"
@@ -137,8 +138,9 @@ class ModelConfig(_Section):
     llm_num_layers: int = Field(3, ge=1)
     llm_num_heads: int = Field(4, ge=1)
     llm_intermediate_size: int = Field(512, ge=16)
-    seg_token_num: int = Field(3, ge=1)
-    num_scales: int = Field(2, ge=1)
+    # One answer's run of seg tokens per target is seg_token_num × num_scales long (seg_vocabulary).
+    seg_token_num: int = Field(SegVocabulary.tokens_per_scale, ge=1)
+    num_scales: int = Field(SegVocabulary.num_scales, ge=1)
     decoder_dim: int = Field(64, ge=8)
     # The mask predictor's coarsest grid is image_size / mask_grid_stride; each further scale doubles
     # it. The finest scale reads the encoder's finer level, which for EfficientNet-lite0 is taken at
@@ -163,6 +165,11 @@ class ModelConfig(_Section):
     new_token_rows_only: bool = True
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
+
+    @property
+    def seg_vocabulary(self) -> SegVocabulary:
+        """The seg tokens this model reads and writes: what its data, tokenizer and answers use."""
+        return SegVocabulary(self.seg_token_num, self.num_scales)
 
 
 class StageConfig(_Section):

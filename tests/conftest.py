@@ -88,8 +88,9 @@ def small_shards(stack, ray_cluster) -> str:
     from geopix.config import DataConfig
     from geopix.data.shard import shard_sources
     from geopix.data.synth import generate_chips
+    from geopix.vocabulary import SegVocabulary
 
     generate_chips(SMALL_SOURCE, seed=0, chip_size=64, train_images=40, val_images=6, test_images=4,
-                   test_seed_offset=1000, progress=False)  # fmt: skip
-    shard_sources([SMALL_SOURCE], SMALL_SHARDS, DataConfig(chip_size=64), overwrite=True)
+                   test_seed_offset=1000, seg_vocab=SegVocabulary(), progress=False)  # fmt: skip
+    shard_sources([SMALL_SOURCE], SMALL_SHARDS, DataConfig(chip_size=64), seg_vocab=SegVocabulary(), overwrite=True)
     return SMALL_SHARDS

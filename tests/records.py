@@ -7,9 +7,11 @@ import io
 import numpy as np
 from PIL import Image
 
-from geopix.data.schema import IMAGE_TOKEN, TASK_TAGS, ClassCatalog, encode_mask, seg_run
+from geopix.data.schema import IMAGE_TOKEN, TASK_TAGS, ClassCatalog, encode_mask
+from geopix.vocabulary import SegVocabulary
 
 CATALOG = ClassCatalog({0: "storage_tank", 1: "ship", 2: "building"})
+SEG_VOCAB = SegVocabulary()  # the presets' seg tokens: 3 per scale × 2 scales
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -43,7 +45,7 @@ def make_record(
         "template_id": "t0",
         "conversation": [
             {"role": "user", "text": f"{IMAGE_TOKEN}\n{TASK_TAGS[task]} the {name}"},
-            {"role": "assistant", "text": f"Sure, it is {seg_run()}."},
+            {"role": "assistant", "text": f"Sure, it is {SEG_VOCAB.run}."},
         ],
         "targets": [
             {

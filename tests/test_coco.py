@@ -11,7 +11,7 @@ from geopix import storage
 from geopix.data.coco import CocoImportError, import_coco
 from geopix.data.schema import decode_mask, parse_box_text, validate_record
 from geopix.data.source import iter_records, read_catalog
-from tests.records import png_bytes
+from tests.records import SEG_VOCAB, png_bytes
 
 PREFIX = "s3://geopix-data/tests/coco"
 
@@ -89,7 +89,7 @@ def coco_files(stack):
 
 def test_import_coco_with_referring_expressions(coco_files):
     stats = import_coco(
-        f"{PREFIX}/instances.json", f"{PREFIX}/images", f"{PREFIX}/source", refs_uri=f"{PREFIX}/refs.json"
+        f"{PREFIX}/instances.json", f"{PREFIX}/images", f"{PREFIX}/source", refs_uri=f"{PREFIX}/refs.json", seg_vocab=SEG_VOCAB
     )
     assert stats.images == 2
     assert dict(stats.records) == {"segment": 2, "refer": 1, "ground": 1}
@@ -102,7 +102,7 @@ def test_import_coco_with_referring_expressions(coco_files):
     assert catalog.names == {3: "ship", 5: "storage_tank"}
     records = {r["record_id"]: r for r in iter_records(f"{PREFIX}/source")}
     for record in records.values():
-        assert validate_record(record, catalog) == [], record["record_id"]
+        assert validate_record(record, catalog, SEG_VOCAB) == [], record["record_id"]
         assert record["image_uri"].startswith(f"{PREFIX}/images/")
 
     ships = records["coco-7-segment-3"]
@@ -121,15 +121,15 @@ def test_import_coco_with_referring_expressions(coco_files):
 
 def test_bad_coco_input_names_the_file(stack, tmp_path):
     with pytest.raises(CocoImportError, match="does not exist"):
-        import_coco(f"{PREFIX}/missing.json", f"{PREFIX}/images", str(tmp_path / "out"))
+        import_coco(f"{PREFIX}/missing.json", f"{PREFIX}/images", str(tmp_path / "out"), seg_vocab=SEG_VOCAB)
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [}')
     with pytest.raises(CocoImportError, match="broken.json is not valid JSON"):
-        import_coco(str(broken), str(tmp_path), str(tmp_path / "out"))
+        import_coco(str(broken), str(tmp_path), str(tmp_path / "out"), seg_vocab=SEG_VOCAB)
     partial = tmp_path / "partial.json"
     partial.write_text('{"images": []}')
     with pytest.raises(CocoImportError, match="key 'annotations' is missing"):
-        import_coco(str(partial), str(tmp_path), str(tmp_path / "out"))
+        import_coco(str(partial), str(tmp_path), str(tmp_path / "out"), seg_vocab=SEG_VOCAB)
 
 
 def test_malformed_entries_name_the_file_the_entry_and_the_field(tmp_path):
@@ -149,7 +149,7 @@ def test_malformed_entries_name_the_file_the_entry_and_the_field(tmp_path):
     path, refs_path = tmp_path / "instances.json", tmp_path / "refs.json"
     path.write_text(json.dumps(instances))
     refs_path.write_text(json.dumps(refs))
-    stats = import_coco(str(path), str(tmp_path), str(tmp_path / "out"), refs_uri=str(refs_path))
+    stats = import_coco(str(path), str(tmp_path), str(tmp_path / "out"), refs_uri=str(refs_path), seg_vocab=SEG_VOCAB)
     assert stats.skipped == {"image without 'width'": 1, "annotation without 'category_id'": 1,
                              "referring expression of an unknown split": 1}  # fmt: skip
     assert stats.examples["image without 'width'"] == [f"{path}: images[1] (id 2) has no 'width'"]
@@ -162,4 +162,4 @@ def test_malformed_entries_name_the_file_the_entry_and_the_field(tmp_path):
     instances["categories"].append({"id": 4})
     path.write_text(json.dumps(instances))
     with pytest.raises(CocoImportError, match=r"instances.json: categories\[1\] \(id 4\) has no 'name'"):
-        import_coco(str(path), str(tmp_path), str(tmp_path / "out2"))
+        import_coco(str(path), str(tmp_path), str(tmp_path / "out2"), seg_vocab=SEG_VOCAB)

@@ -12,6 +12,7 @@ from geopix import storage
 from geopix.cli import app
 from geopix.data.shard import read_manifest
 from geopix.data.synth import SYNTH_CLASSES
+from tests.records import SEG_VOCAB
 
 SOURCE, SHARDS = "s3://geopix-data/tests/job/source", "s3://geopix-data/tests/job/shards"
 SETTINGS = "--set data.train_images=24 --set data.val_images=6 --set data.test_images=6 --set data.shard_target_mb=4"
@@ -58,12 +59,12 @@ def test_synth_then_shard_through_the_cli(stack, ray_cluster):
     from geopix.data.source import iter_records
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
 
-    tokenizer = train_tokenizer(corpus_texts(iter_records(SOURCE)), vocab_size=600)
+    tokenizer = train_tokenizer(corpus_texts(iter_records(SOURCE)), vocab_size=600, seg_vocab=SEG_VOCAB)
     dataset = shard_dataset(SHARDS, "train")
     batch = next(
         iter(
             iter_batches(
-                dataset, tokenizer, image_size=128, batch_size=8, max_length=256, augment=True, seed=0
+                dataset, tokenizer, image_size=128, batch_size=8, max_length=256, augment=True, seed=0, seg_vocab=SEG_VOCAB
             )
         )
     )

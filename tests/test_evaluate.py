@@ -25,7 +25,7 @@ from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.evaluate.captions import caption_scores, caption_tokens
 from geopix.evaluate.job import evaluate_model, evaluate_models, normalise_answer
 from geopix.model import build_model
-from tests.records import CATALOG, make_record
+from tests.records import CATALOG, SEG_VOCAB, make_record
 from tests.test_model import SMALL, two_target_record
 
 SHARDS = "s3://geopix-data/tests/eval/shards"
@@ -152,7 +152,7 @@ def fitted_model(cfg, records, tokenizer, max_steps: int = 1000):
         model = build_model(cfg.model, tokenizer)
         model.set_stage(1)
         batch = next(iter(iter_batches(records, tokenizer, image_size=64, batch_size=len(records),
-                                       max_length=None, augment=False, seed=0)))  # fmt: skip
+                                       max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB)))  # fmt: skip
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
         ciou = 0.0
         for step in range(1, max_steps + 1):
@@ -180,7 +180,7 @@ def setup(stack, ray_cluster, tmp_path_factory):
     classes = [{"id": i, "name": n} for i, n in sorted(CATALOG.names.items())]
     storage.write_bytes(f"{SHARDS}/manifest.json", json.dumps({"classes": classes}).encode())
     storage.write_bytes(f"{SHARDS}/{storage.SUCCESS_MARKER}", b"")
-    tokenizer = train_tokenizer(corpus_texts(rows), vocab_size=300)
+    tokenizer = train_tokenizer(corpus_texts(rows), vocab_size=300, seg_vocab=SEG_VOCAB)
     root = tmp_path_factory.mktemp("models")
     fitted = fitted_model(cfg, good, tokenizer).save(root / "fitted", tokenizer)
     torch.manual_seed(1)

@@ -29,13 +29,13 @@ from geopix.data.loader import (
     find_seg_runs,
     iter_batches,
     rewrite_blocker,
-    seg_token_ids,
     shard_dataset,
 )
 from geopix.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
+from tests.records import SEG_VOCAB
 
 SIZE = 64
-SEG_RUN = schema.seg_run()
+SEG_RUN = SEG_VOCAB.run
 CORNERS = {"upper left": (0, 0), "upper right": (1, 0), "lower left": (0, 1), "lower right": (1, 1)}
 BY_TRANSFORM = {t.name: t for t in TRANSFORMS}
 
@@ -108,12 +108,12 @@ def mixed_records(n: int, prefix: str = "r") -> list[dict]:
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [*corpus_texts(mixed_records(24)), "A two-turn chat: is there more? No, that is all."]
-    return train_tokenizer(texts, vocab_size=400)
+    return train_tokenizer(texts, vocab_size=400, seg_vocab=SEG_VOCAB)
 
 
 # --------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_keeps_seg_tokens_atomic_and_reloads(tokenizer, tmp_path):
-    seg_ids = seg_token_ids(tokenizer)
+    seg_ids = SEG_VOCAB.token_ids(tokenizer)
     assert len(set(seg_ids)) == 6
     ids = tokenizer.encode("it is [SEG0][SEG1].", add_special_tokens=False)
     assert ids.count(seg_ids[0]) == 1 and ids.count(seg_ids[1]) == 1
@@ -129,7 +129,7 @@ def test_tokenizer_keeps_seg_tokens_atomic_and_reloads(tokenizer, tmp_path):
     reloaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / "tok"))
     text = f"USER: {schema.IMAGE_TOKEN}\n[refer] the car ASSISTANT: Sure, it is {SEG_RUN}.</s>"
     assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert seg_token_ids(reloaded) == seg_ids
+    assert SEG_VOCAB.token_ids(reloaded) == seg_ids
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "nothing")
 
@@ -156,7 +156,7 @@ def test_labels_mask_every_prompt_token_and_supervise_answers(tokenizer):
     prompt = tokenizer.decode(input_ids[~supervised])
     assert prompt.startswith("<s>USER: <image>") and "ASSISTANT" in prompt and "Sure" not in prompt
 
-    seg_ids = seg_token_ids(tokenizer)
+    seg_ids = SEG_VOCAB.token_ids(tokenizer)
     positions = find_seg_runs(input_ids, seg_ids)
     assert len(positions) == 1 and input_ids[positions[0]] == seg_ids[0]
     assert list(input_ids[positions[0] : positions[0] + 6]) == seg_ids
@@ -292,7 +292,7 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
     records = mixed_records(7)
     records.insert(3, make_record("broken", image=b"\x89PNG but not really"))
     batches = iter_batches(
-        records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1
+        records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB
     )
     out = list(batches)
     assert [len(b["record_ids"]) for b in out] == [3, 3, 1]
@@ -301,7 +301,7 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
     ]
     assert batches.stats.rows == 8 and batches.stats.samples == 7 and batches.stats.as_dict()["dropped"] == 1
 
-    seg_ids = seg_token_ids(tokenizer)
+    seg_ids = SEG_VOCAB.token_ids(tokenizer)
     for batch in out:
         b, length = batch["input_ids"].shape
         assert batch["pixel_values"].shape == (b, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
@@ -331,19 +331,19 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
 
     # Same seed and epoch → same batches; another epoch → other draws.
     again = list(
-        iter_batches(records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1)
+        iter_batches(records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB)
     )
     assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(out, again, strict=True))
     assert [x["transforms"] for x in out] == [y["transforms"] for y in again]
     other = list(
         iter_batches(
-            records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, epoch=1
+            records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, epoch=1, seg_vocab=SEG_VOCAB
         )
     )
     assert [x["transforms"] for x in out] != [y["transforms"] for y in other]
 
     short = iter_batches(
-        records, tokenizer, image_size=32, batch_size=8, max_length=20, augment=False, seed=1
+        records, tokenizer, image_size=32, batch_size=8, max_length=20, augment=False, seed=1, seg_vocab=SEG_VOCAB
     )
     assert list(short) == [] and short.stats.dropped["too long"] == 7
 
@@ -356,7 +356,7 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
             max_length=128,
             augment=False,
             seed=0,
-            keep_original_masks=True,
+            keep_original_masks=True, seg_vocab=SEG_VOCAB
         )
     )
     assert [m.shape for m in kept["original_masks"]] == [(1, SIZE, SIZE), (0, SIZE, SIZE)]
@@ -402,7 +402,7 @@ def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer,
 
     def worker(rank: int, shard) -> None:  # what a Ray Train worker does with get_dataset_shard("train")
         batches = iter_batches(
-            shard, tokenizer, image_size=32, batch_size=4, max_length=128, augment=True, seed=0
+            shard, tokenizer, image_size=32, batch_size=4, max_length=128, augment=True, seed=0, seg_vocab=SEG_VOCAB
         )
         for batch in batches:
             seen[rank] += batch["record_ids"]
@@ -435,7 +435,7 @@ def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer,
             batch_size=8,
             max_length=128,
             augment=False,
-            seed=0,
+            seed=0, seg_vocab=SEG_VOCAB
         )
     )
     assert sorted(batch["record_ids"]) == sorted(r["record_id"] for r in records[:5])

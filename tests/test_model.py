@@ -11,11 +11,11 @@ import torch
 
 from geopix.config import load_config
 from geopix.data.loader import IGNORE_INDEX, iter_batches
-from geopix.data.schema import IMAGE_TOKEN, encode_mask, seg_run
-from geopix.data.tokenizer import corpus_texts, seg_tokens, train_tokenizer
+from geopix.data.schema import IMAGE_TOKEN, encode_mask
+from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
-from tests.records import make_record
+from tests.records import SEG_VOCAB, make_record
 
 SIZE = 64
 SMALL = [
@@ -41,7 +41,7 @@ def two_target_record(index: int) -> dict:
     record["targets"] = [record["targets"][0], other]
     record["conversation"] = [
         {"role": "user", "text": f"{IMAGE_TOKEN}\n[segment] the ship and the building"},
-        {"role": "assistant", "text": f"Sure, they are {seg_run()} and {seg_run()}."},
+        {"role": "assistant", "text": f"Sure, they are {SEG_VOCAB.run} and {SEG_VOCAB.run}."},
     ]
     record["task"], record["record_id"] = "segment", f"two-{index}"
     return record
@@ -54,7 +54,7 @@ def records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tokenizer(records):
-    return train_tokenizer(corpus_texts(records), vocab_size=300)
+    return train_tokenizer(corpus_texts(records), vocab_size=300, seg_vocab=SEG_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def cfg():
 
 def make_batch(records, tokenizer, batch_size: int) -> dict:
     batches = iter_batches(
-        records, tokenizer, image_size=SIZE, batch_size=batch_size, max_length=None, augment=False, seed=0
+        records, tokenizer, image_size=SIZE, batch_size=batch_size, max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB
     )
     return next(iter(batches))
 
@@ -144,7 +144,7 @@ def test_image_expansion_shifts_seg_positions(cfg, tokenizer, batch):
         assert mask[row].sum() == batch["attention_mask"][row].sum() + n_img - 1  # padding kept
     out = model(**batch)
     table = model.llm.get_input_embeddings().weight
-    seg0 = tokenizer.convert_tokens_to_ids(seg_tokens()[0])
+    seg0 = tokenizer.convert_tokens_to_ids(SEG_VOCAB.tokens[0])
     for pos, sample in zip(out.seg_positions.tolist(), batch["target_sample"].tolist(), strict=True):
         assert torch.equal(embeds[sample, pos], table[seg0])
 
@@ -268,7 +268,7 @@ def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):
         model.chat(pixels, texts[:1], tokenizer)
     # An answer holding two seg runs gives two masks and two class distributions.
     prompt = model.prompt_ids("[segment] x", tokenizer)
-    answer = tokenizer.encode(f" Sure, {seg_run()} and {seg_run()}.", add_special_tokens=False)
+    answer = tokenizer.encode(f" Sure, {SEG_VOCAB.run} and {SEG_VOCAB.run}.", add_special_tokens=False)
     result = model.segment_answer(pixels[:1], prompt + answer, len(prompt), tokenizer)
     assert result.masks.shape == (2, SIZE, SIZE) and result.masks.dtype == torch.bool
     assert "[SEG0]" in result.text

@@ -35,6 +35,7 @@ from geopix.infer.segment import (
 )
 from geopix.infer.stitch import NODATA
 from geopix.outputs import OWNER_FILE, prepare_output
+from tests.records import SEG_VOCAB
 from tests.test_evaluate import eval_records, fitted_model
 from tests.test_model import SMALL
 
@@ -94,7 +95,7 @@ def setup(stack, ray_cluster, tmp_path_factory):
     torch.set_num_threads(1)
     cfg = load_config("tiny", OVERRIDES + [f"segment.instructions=['{INSTRUCTION}']"])
     good, broken, caption = eval_records()
-    tokenizer = train_tokenizer(corpus_texts([*good, broken, caption]), vocab_size=300)
+    tokenizer = train_tokenizer(corpus_texts([*good, broken, caption]), vocab_size=300, seg_vocab=SEG_VOCAB)
     root = tmp_path_factory.mktemp("segment")
     model = fitted_model(cfg, good, tokenizer)
     model.class_names = ["storage_tank", "ship", "small_vehicle"]

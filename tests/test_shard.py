@@ -13,7 +13,7 @@ from geopix.data.schema import validate_record
 from geopix.data.shard import ShardError, assign_split, read_manifest, shard_sources
 from geopix.data.source import SourceWriter
 from geopix.outputs import OWNER_FILE
-from tests.records import CATALOG, make_record
+from tests.records import CATALOG, SEG_VOCAB, make_record
 
 DATA = DataConfig(shard_target_mb=0.05, train_fraction=0.6, val_fraction=0.2)
 
@@ -62,7 +62,7 @@ def source(stack, ray_cluster):
 
 
 def test_shard_reconciles_and_reports_every_reject(source):
-    result = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, workers=2)
+    result = shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, workers=2, seg_vocab=SEG_VOCAB)
     counts = result.counts
     assert counts["read"] == source["total"]
     assert counts["read"] == counts["written"] + counts["rejected"]
@@ -100,7 +100,7 @@ def test_shard_reconciles_and_reports_every_reject(source):
             assert table.num_rows == shard["rows"]
             for row in table.to_pylist():
                 assert row["split"] == split and row["image"]
-                assert validate_record(row, CATALOG) == []
+                assert validate_record(row, CATALOG, SEG_VOCAB) == []
                 assert split_of_image.setdefault(row["image_id"], split) == split
     assert split_of_image["img-00501"] == "test"
     assert split_of_image["img-00500"] == assign_split("img-00500", DATA)
@@ -109,7 +109,7 @@ def test_shard_reconciles_and_reports_every_reject(source):
 def test_overwrite_replaces_a_shard_set_with_byte_identical_shards_for_the_same_input(source):
     out = "s3://geopix-data/tests/shard/out"  # the first test's shard set
     before = {o: storage.read_bytes(f"{out}/{o}") for o in storage.list_objects(out) if o != OWNER_FILE}
-    again = shard_sources([source["uri"]], out, DATA, workers=2, overwrite=True)
+    again = shard_sources([source["uri"]], out, DATA, workers=2, overwrite=True, seg_vocab=SEG_VOCAB)
     after = {o: storage.read_bytes(f"{out}/{o}") for o in storage.list_objects(out) if o != OWNER_FILE}
     shards = [s["path"] for info in again.manifest["splits"].values() for s in info["shards"]]
     assert {"manifest.json", storage.SUCCESS_MARKER, *shards} <= set(after)
@@ -119,11 +119,11 @@ def test_overwrite_replaces_a_shard_set_with_byte_identical_shards_for_the_same_
 def test_existing_output_and_missing_source_are_clear_errors(source):
     out = "s3://geopix-data/tests/shard/out"  # the first test's finished shard set
     with pytest.raises(ShardError, match="already holds a finished shard set; pass --overwrite"):
-        shard_sources([source["uri"]], out, DATA)
+        shard_sources([source["uri"]], out, DATA, seg_vocab=SEG_VOCAB)
     with pytest.raises(ShardError, match="source s3://geopix-data/tests/shard/nothing-here does not exist"):
-        shard_sources(["s3://geopix-data/tests/shard/nothing-here"], "s3://geopix-data/tests/shard/x", DATA)
+        shard_sources(["s3://geopix-data/tests/shard/nothing-here"], "s3://geopix-data/tests/shard/x", DATA, seg_vocab=SEG_VOCAB)
     with pytest.raises(storage.StorageError, match="bucket 'no-bucket'"):
-        shard_sources([source["uri"]], "s3://no-bucket/out", DATA)
+        shard_sources([source["uri"]], "s3://no-bucket/out", DATA, seg_vocab=SEG_VOCAB)
 
 
 def test_nothing_geopix_did_not_write_is_ever_deleted(source, tmp_path, monkeypatch):
@@ -136,18 +136,18 @@ def test_nothing_geopix_did_not_write_is_ever_deleted(source, tmp_path, monkeypa
     for sources in ([source["uri"]], [str(tmp_path / "no-such-source")]):
         for overwrite in (False, True):
             with pytest.raises(ShardError, match=r"GeoPix did not write \(photos/holiday.jpg\)|does not exist"):
-                shard_sources(sources, str(yours), DATA, overwrite=overwrite)
+                shard_sources(sources, str(yours), DATA, overwrite=overwrite, seg_vocab=SEG_VOCAB)
     assert (yours / "photos" / "holiday.jpg").read_bytes() == b"\xff\xd8 memories"
     monkeypatch.chdir(tmp_path)
     for out, why in [("s3://geopix-data", "bucket root"), (str(tmp_path), "the working directory"),
                      (source["uri"], "is the input"), ("s3://geopix-data/tests/shard", "holds the input"),
                      (source["uri"] + "/shards", "lies inside the input")]:  # fmt: skip
         with pytest.raises(ShardError, match=why):
-            shard_sources([source["uri"]], out, DATA, overwrite=True)
+            shard_sources([source["uri"]], out, DATA, overwrite=True, seg_vocab=SEG_VOCAB)
     # A file of yours put into a shard set of ours: --overwrite refuses to replace the set.
     storage.write_bytes("s3://geopix-data/tests/shard/out/notes.txt", b"mine")
     with pytest.raises(ShardError, match=r"not part of one \(notes.txt\)"):
-        shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, overwrite=True)
+        shard_sources([source["uri"]], "s3://geopix-data/tests/shard/out", DATA, overwrite=True, seg_vocab=SEG_VOCAB)
     assert storage.read_bytes("s3://geopix-data/tests/shard/out/notes.txt") == b"mine"
     assert storage.exists(f"s3://geopix-data/tests/shard/out/{storage.SUCCESS_MARKER}")  # the set untouched
 
@@ -158,7 +158,7 @@ def test_a_source_is_read_only_once_finished(source):
         if part != storage.SUCCESS_MARKER:  # everything but the marker its writer writes last
             storage.copy(f"{source['uri']}/{part}", f"{half}/{part}")
     with pytest.raises(ShardError, match="half-written is unfinished: no _SUCCESS"):
-        shard_sources([half], "s3://geopix-data/tests/shard/from-half", DATA)
+        shard_sources([half], "s3://geopix-data/tests/shard/from-half", DATA, seg_vocab=SEG_VOCAB)
     assert not storage.list_objects("s3://geopix-data/tests/shard/from-half")
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from geopix.data import phrases, preview, schema, synth
 from geopix.data.source import iter_records, read_catalog
+from tests.records import SEG_VOCAB
 
 CHIP = 256
 SEED = 3
@@ -20,7 +21,7 @@ OFFSET = 1_000_000
 def _generate(out: Path, train=30, val=10, test=20) -> dict:
     return synth.generate_chips(
         str(out), seed=SEED, chip_size=CHIP, train_images=train, val_images=val, test_images=test,
-        test_seed_offset=OFFSET, progress=False,
+        test_seed_offset=OFFSET, seg_vocab=SEG_VOCAB, progress=False,
     )  # fmt: skip
 
 
@@ -50,7 +51,7 @@ def test_every_record_is_valid_and_all_tasks_and_phrase_types_occur(source):
     out, stats, records = source
     catalog = read_catalog(str(out))
     assert catalog == synth.SYNTH_CLASSES and len(catalog.names) >= 8
-    problems = {r["record_id"]: schema.validate_record(r, catalog) for r in records}
+    problems = {r["record_id"]: schema.validate_record(r, catalog, SEG_VOCAB) for r in records}
     assert {k: v for k, v in problems.items() if v} == {}
     assert len({r["record_id"] for r in records}) == len(records)
     assert {r["task"] for r in records} == set(schema.TASKS)

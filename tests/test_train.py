@@ -16,6 +16,7 @@ from geopix import storage, tracking
 from geopix.config import load_config
 from geopix.data.loader import ShardError
 from tests.conftest import SMALL_SHARDS
+from tests.records import SEG_VOCAB
 
 SHARDS = SMALL_SHARDS
 SMALL = [
@@ -111,7 +112,7 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     answers = model.chat(processor([record["image"]]), ["[refer] the ship"], tokenizer, max_new_tokens=8)
     assert isinstance(answers[0].text, str) and answers[0].masks.dtype.is_floating_point is False
     batch = next(iter(iter_batches([record], tokenizer, image_size=64, batch_size=1, max_length=None,
-                                   augment=False, seed=0)))
+                                   augment=False, seed=0, seg_vocab=SEG_VOCAB)))
     assert model(**batch).mask_logits.shape[-1] == 64
 
     version = client.get_model_version_by_alias(cfg.train.registered_model, "candidate")

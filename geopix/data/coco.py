@@ -34,9 +34,9 @@ from geopix.data.schema import (
     box_to_text,
     decode_mask,
     encode_mask,
-    seg_run,
 )
 from geopix.data.source import SourceWriter
+from geopix.vocabulary import SegVocabulary
 
 REFCOCO_SPLITS = {
     "train": "train",
@@ -132,7 +132,8 @@ def coco_records(
     images_uri: str,
     refs_uri: str | None = None,
     source: str = "coco",
-    run_length: int = 6,
+    *,
+    seg_vocab: SegVocabulary,
 ) -> tuple[ClassCatalog, Iterator[dict[str, Any]], ImportStats]:
     """The catalog, a record iterator and the stats it fills while it runs.
 
@@ -161,10 +162,10 @@ def coco_records(
         raise CocoImportError(f"{refs_uri}: expected a list of referring expressions")
     stats = ImportStats()
     files = {"instances": instances_uri, "refs": refs_uri or ""}
-    return catalog, _records(coco, refs, catalog, images_uri, source, run_length, stats, files), stats
+    return catalog, _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files), stats
 
 
-def _records(coco, refs, catalog, images_uri, source, run_length, stats, files) -> Iterator[dict[str, Any]]:
+def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -> Iterator[dict[str, Any]]:
     instances_uri, refs_uri = files["instances"], files["refs"]
     anns_by_image: dict[Any, list[tuple[int, dict]]] = defaultdict(list)
     fields = ("id", "image_id", "category_id", "segmentation")
@@ -184,7 +185,7 @@ def _records(coco, refs, catalog, images_uri, source, run_length, stats, files) 
                        f"{', '.join(REFCOCO_SPLITS)}")  # fmt: skip
             continue
         refs_by_image[ref["image_id"]].append((index, ref))
-    run = seg_run(run_length // 2, 2) if run_length % 2 == 0 else seg_run(run_length, 1)
+    run = seg_vocab.run
 
     fields = ("id", "file_name", "width", "height")
     images = [image for _, image in _complete(coco["images"], "images", fields, "image", instances_uri, stats)]
@@ -302,10 +303,11 @@ def import_coco(
     out_uri: str,
     refs_uri: str | None = None,
     source: str = "coco",
-    run_length: int = 6,
+    *,
+    seg_vocab: SegVocabulary,
 ) -> ImportStats:
     """Write a record source at ``out_uri`` from COCO instances (+ referring expressions)."""
-    catalog, records, stats = coco_records(instances_uri, images_uri, refs_uri, source, run_length)
+    catalog, records, stats = coco_records(instances_uri, images_uri, refs_uri, source, seg_vocab=seg_vocab)
     with SourceWriter(out_uri, catalog) as writer:
         for record in records:
             writer.write(record)

@@ -6,7 +6,8 @@ streams its share of them and turns rows into batches itself::
 
     shard = ray.train.get_dataset_shard("train")      # from shard_dataset(uri, "train")
     batches = iter_batches(shard, tokenizer, image_size=256, batch_size=16, max_length=256,
-                           augment=True, seed=cfg.data.seed, epoch=epoch)
+                           augment=True, seed=cfg.data.seed, seg_vocab=cfg.model.seg_vocabulary,
+                           epoch=epoch)
     for batch in batches: ...
     log(batches.stats.as_dict())                        # bad and dropped rows, never silent
 
@@ -32,7 +33,8 @@ import torch
 
 from geopix import storage
 from geopix.data import schema
-from geopix.data.tokenizer import answer_text, prompt_text, seg_tokens
+from geopix.data.tokenizer import answer_text, prompt_text
+from geopix.vocabulary import SegVocabulary, seg_run_starts
 
 if TYPE_CHECKING:
     import ray.data
@@ -373,17 +375,6 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(getattr(ids, "ids", ids))
 
 
-def seg_token_ids(tokenizer: Any, seg_token_num: int = 3, num_scales: int = 2) -> list[int]:
-    """Ids of ``[SEG0]…`` in ``tokenizer``; a clear error when it lacks any of them."""
-    tokens = seg_tokens(seg_token_num, num_scales)
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    missing = [t for t, i in zip(tokens, ids, strict=True) if i is None or (unk is not None and i == unk)]
-    if missing:
-        raise ValueError(f"tokenizer lacks the seg tokens {missing}; add them as special tokens first")
-    return ids
-
-
 def encode_conversation(
     tokenizer: Any, conversation: Sequence[Mapping[str, Any]], max_length: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -414,10 +405,8 @@ def encode_conversation(
 
 def find_seg_runs(input_ids: np.ndarray, seg_ids: Sequence[int]) -> list[int]:
     """Index in ``input_ids`` of the first seg token of each complete run ``[SEG0]…[SEG{n-1}]``."""
-    run = np.asarray(seg_ids, dtype=input_ids.dtype)
-    starts = np.flatnonzero(input_ids == run[0])
-    positions = [int(s) for s in starts if np.array_equal(input_ids[s : s + len(run)], run)]
-    if len(positions) * len(run) != int(np.isin(input_ids, run).sum()):
+    positions = seg_run_starts(input_ids.tolist(), seg_ids)
+    if len(positions) * len(seg_ids) != int(np.isin(input_ids, seg_ids).sum()):
         raise BadRecord("broken seg run", "seg tokens outside complete runs")
     return positions
 
@@ -674,8 +663,7 @@ class BatchIterator:
         augment: bool,
         seed: int,
         epoch: int = 0,
-        seg_token_num: int = 3,
-        num_scales: int = 2,
+        seg_vocab: SegVocabulary,
         keep_original_masks: bool = False,
         drop_last: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -697,7 +685,7 @@ class BatchIterator:
         self.prefetch_batches = prefetch_batches
         # Rows are fetched from Ray in bigger blocks than training batches: fewer round trips.
         self.read_batch_size = read_batch_size or max(batch_size, 64)
-        self.seg_ids = seg_token_ids(tokenizer, seg_token_num, num_scales)
+        self.seg_ids = seg_vocab.token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id  # LLaMA has no pad
         self.stats = LoaderStats()
@@ -785,6 +773,7 @@ def iter_batches(
     max_length: int | None,
     augment: bool,
     seed: int,
+    seg_vocab: SegVocabulary,
     epoch: int = 0,
     **options: Any,
 ) -> BatchIterator:
@@ -802,6 +791,7 @@ def iter_batches(
         max_length=max_length,
         augment=augment,
         seed=seed,
+        seg_vocab=seg_vocab,
         epoch=epoch,
         **options,
     )

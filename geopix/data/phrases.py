@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geopix.data import schema
+from geopix.vocabulary import SegVocabulary
 
 # ---------------------------------------------------------------------------------------------
 # Templates
@@ -572,9 +573,11 @@ def image_exchanges(
     rng: np.random.Generator,
     held_out: bool,
     class_names: list[str],
-    run: str = schema.seg_run(),
+    seg_vocab: SegVocabulary,
 ) -> list[Exchange]:
-    """The records of one image: up to 2 segment, 2 refer, 1 ground, 1 vqa and 1 caption."""
+    """The records of one image: up to 2 segment, 2 refer, 1 ground, 1 vqa and 1 caption; each
+    target of a segment or refer answer is one ``seg_vocab`` run."""
+    run = seg_vocab.run
     expressions = referring_expressions(facts, rng, held_out)
     # The description of an instance in a segment record: its first phrase that is not its class.
     best: dict[int, Expression] = {}

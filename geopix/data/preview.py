@@ -8,7 +8,6 @@ grounding answer (dashed), and under the image the task, phrase type, instructio
 from __future__ import annotations
 
 import io
-import re
 import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from geopix.data import schema
+from geopix.vocabulary import ANY_SEG_RUN
 
 TARGET_COLOURS = (
     np.array(
@@ -25,7 +25,6 @@ TARGET_COLOURS = (
     )
     / 255
 )
-SEG_RUN = re.compile(r"(\[SEG\d+\])+")
 COLUMNS = 4
 
 
@@ -78,7 +77,7 @@ def _overlay(image: np.ndarray, targets: list[Mapping[str, Any]]) -> np.ndarray:
 def _text(record: Mapping[str, Any], width: int) -> str:
     turns = record.get("conversation") or []
     prompt = turns[0]["text"].replace(schema.IMAGE_TOKEN, "").strip() if turns else ""
-    answer = SEG_RUN.sub("[SEG]", turns[1]["text"]) if len(turns) > 1 else ""
+    answer = ANY_SEG_RUN.sub("[SEG]", turns[1]["text"]) if len(turns) > 1 else ""
     head = f"{record.get('task')} · {record.get('phrase_type') or '-'} · {record.get('template_id') or '-'}"
     lines = [head] + textwrap.wrap("Q: " + prompt, width)[:3] + textwrap.wrap("A: " + answer, width)[:5]
     return "\n".join(lines)

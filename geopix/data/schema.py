@@ -7,7 +7,8 @@ synthetic generator, the COCO importer) writes them; sharding validates them wit
 Text conventions (GEOPIX.md §3):
 
 * the first user turn starts with ``<image>\\n`` and a task tag (``[segment]``, ``[refer]``, …);
-* an answer holds one seg run per target, ``[SEG0][SEG1]…[SEG5]`` for 3 tokens × 2 scales;
+* an answer holds one seg run per target, ``[SEG0][SEG1]…[SEG5]`` for 3 tokens × 2 scales (the
+  run is the model's :class:`~geopix.vocabulary.SegVocabulary`, which records are checked against);
 * boxes in text are ``{<x1><y1><x2><y2>}``, integers 0–100 of the image width/height;
 * pixel boxes in targets are ``[x1, y1, x2, y2]`` floats in pixels, masks COCO RLE (compressed
   counts as text, ``size = [height, width]``).
@@ -24,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from geopix.vocabulary import SegVocabulary
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"geopix.schema_version"
@@ -116,22 +119,6 @@ class ClassCatalog:
         return class_id in self.names
 
 
-def seg_run(seg_token_num: int = 3, num_scales: int = 2) -> str:
-    """The run of seg tokens that stands for one target: ``[SEG0]…[SEG5]`` by default."""
-    return "".join(f"[SEG{i}]" for i in range(seg_token_num * num_scales))
-
-
-def count_seg_runs(text: str, run_length: int = 6) -> tuple[int, list[str]]:
-    """(complete runs, problems) in ``text``: a broken or partial run is a problem, not a run."""
-    full = "".join(f"[SEG{i}]" for i in range(run_length))
-    problems = []
-    runs = text.count(full)
-    leftover = text.replace(full, "")
-    if re.search(r"\[SEG\d+\]", leftover):
-        problems.append(f"seg tokens outside a complete {full} run")
-    return runs, problems
-
-
 def box_to_text(box: Sequence[float], width: int, height: int) -> str:
     """Pixel box → ``{<x1><y1><x2><y2>}`` with integers 0–100 of the image size."""
     x1, y1, x2, y2 = box
@@ -214,8 +201,8 @@ def _check_image_bytes(data: bytes, width: int | None, height: int | None) -> li
 
 def validate_record(
     record: Mapping[str, Any],
-    catalog: ClassCatalog | None = None,
-    run_length: int = 6,
+    catalog: ClassCatalog | None,
+    seg_vocab: SegVocabulary,
     check_image: bool = True,
 ) -> list[str]:
     """Every problem with ``record``, each naming its field; an empty list means valid."""
@@ -242,7 +229,7 @@ def validate_record(
         problems += _check_image_bytes(image, width, height)
 
     problems += _validate_conversation(
-        record.get("conversation") or [], task, len(record.get("targets") or []), run_length
+        record.get("conversation") or [], task, len(record.get("targets") or []), seg_vocab
     )
     for index, target in enumerate(record.get("targets") or []):
         problems += [f"targets[{index}].{p}" for p in _validate_target(target, width, height, catalog)]
@@ -252,7 +239,7 @@ def validate_record(
 
 
 def _validate_conversation(
-    turns: Sequence[Mapping[str, Any]], task: str | None, n_targets: int, run_length: int
+    turns: Sequence[Mapping[str, Any]], task: str | None, n_targets: int, seg_vocab: SegVocabulary
 ) -> list[str]:
     if len(turns) < 2:
         return ["conversation: needs at least one user turn and one assistant turn"]
@@ -269,7 +256,7 @@ def _validate_conversation(
     if task in TASK_TAGS and TASK_TAGS[task] not in first:
         problems.append(f"conversation[0].text: lacks the task tag {TASK_TAGS[task]} of task {task!r}")
     answers = " ".join(t.get("text") or "" for t in turns if t.get("role") == "assistant")
-    runs, run_problems = count_seg_runs(answers, run_length)
+    runs, run_problems = seg_vocab.count_runs(answers)
     problems += [f"conversation: {p}" for p in run_problems]
     if task in SEG_TASKS and runs != n_targets:
         problems.append(f"conversation: {runs} seg runs in the answers for {n_targets} targets")

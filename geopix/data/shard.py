@@ -26,6 +26,7 @@ manifest holds no timestamps (run times go to MLflow).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -56,6 +57,7 @@ from geopix.data.schema import (
 )
 from geopix.data.source import SUCCESS_MARKER, SourceError, read_catalog, record_files, require_finished
 from geopix.outputs import OutputRefused, prepare_output
+from geopix.vocabulary import SegVocabulary
 
 MANIFEST_FILE = "manifest.json"
 REJECTS_FILE = "rejects/rejects.parquet"
@@ -124,7 +126,7 @@ def _check_files(files: list[str]) -> tuple[list[str], list[dict[str, str]]]:
     return good, bad
 
 
-def _validate_batch(batch: pa.Table, catalog_json: str, data: dict, run_length: int) -> pa.Table:
+def _validate_batch(batch: pa.Table, catalog_json: str, data: dict, seg_vocab: SegVocabulary) -> pa.Table:
     """Ray Data UDF: validate each record, fetch images given by URI, assign splits.
 
     Adds ``_reason`` (null when valid), ``_origin`` (the source file) and ``_worker`` (pid).
@@ -134,7 +136,7 @@ def _validate_batch(batch: pa.Table, catalog_json: str, data: dict, run_length: 
     records = batch.drop_columns(["path"]).to_pylist()
     reasons = []
     for record in records:
-        reasons.append(_problems(record, catalog, run_length))
+        reasons.append(_problems(record, catalog, seg_vocab))
         if not record.get("split"):
             record["split"] = assign_split(record.get("image_id") or "", config)
     table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
@@ -145,13 +147,13 @@ def _validate_batch(batch: pa.Table, catalog_json: str, data: dict, run_length: 
     )
 
 
-def _problems(record: dict, catalog: ClassCatalog, run_length: int) -> str | None:
+def _problems(record: dict, catalog: ClassCatalog, seg_vocab: SegVocabulary) -> str | None:
     if not record.get("image") and record.get("image_uri"):
         try:
             record["image"] = storage.read_bytes(record["image_uri"])
         except (storage.StorageError, FileNotFoundError, OSError) as exc:
             return f"image_uri: cannot read {record['image_uri']} ({exc})"
-    problems = validate_record(record, catalog, run_length)
+    problems = validate_record(record, catalog, seg_vocab)
     return "; ".join(problems) if problems else None
 
 
@@ -195,7 +197,7 @@ def shard_sources(
     out_uri: str,
     data: DataConfig,
     *,
-    run_length: int = 6,
+    seg_vocab: SegVocabulary,
     workers: int = 2,
     overwrite: bool = False,
 ) -> ShardResult:
@@ -232,7 +234,7 @@ def shard_sources(
         fn_kwargs={
             "catalog_json": catalog.to_json(),
             "data": data.model_dump(),
-            "run_length": run_length,
+            "seg_vocab": seg_vocab,
         },
         batch_format="pyarrow",
         batch_size=64,
@@ -263,7 +265,7 @@ def shard_sources(
     shards = _write_splits(valid, out_uri, data, fs)
 
     stats = _gather(valid, ["split", "task", "phrase_type", "image_id", "targets"]) if valid.count() else None
-    manifest = _manifest(sources, catalog, out_uri, info.num_rows, rejected, unreadable, shards, stats, data)
+    manifest = _manifest(sources, catalog, out_uri, info.num_rows, rejected, unreadable, shards, stats, data, seg_vocab)
     storage.write_bytes(
         storage.join_uri(out_uri, REJECTS_FILE),
         _parquet_bytes(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)),
@@ -353,7 +355,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, stats, data) -> dict[str, Any]:
+def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, stats, data, seg_vocab) -> dict[str, Any]:
     per_split: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         per_split[split] = {
@@ -392,6 +394,8 @@ def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, sta
         "geopix_version": __version__,
         "sources": list(sources),
         "classes": [{"id": k, "name": v} for k, v in sorted(catalog.names.items())],
+        # The seg run every record was checked against: a model trained on the set must use it.
+        "seg_vocabulary": dataclasses.asdict(seg_vocab),
         "split_rule": {
             "kept_from_records": True,
             "by_image_id": {"seed": data.split_seed, "train": data.train_fraction, "val": data.val_fraction},

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from geopix import storage
 from geopix.data import phrases, schema
 from geopix.data.source import SourceWriter
+from geopix.vocabulary import SegVocabulary
 
 # ---------------------------------------------------------------------------------------------
 # Classes and their appearance variants
@@ -1645,13 +1646,13 @@ def _image_facts(chip: Chip, instances: list[InstanceData]) -> phrases.ImageFact
     )
 
 
-def chip_records(chip: Chip) -> list[dict[str, Any]]:
+def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
     """The instruction records of one chip (see phrases.image_exchanges for the task mix)."""
     instances = chip_instances(chip)
     facts = _image_facts(chip, instances)
     rng = np.random.default_rng([int(chip.world.salt), 3])
     exchanges = phrases.image_exchanges(
-        facts, rng, held_out=chip.split == "test", class_names=[c.name for c in CLASSES]
+        facts, rng, held_out=chip.split == "test", class_names=[c.name for c in CLASSES], seg_vocab=seg_vocab
     )
     png = chip.png()
     rles: dict[int, dict[str, Any]] = {}
@@ -1755,9 +1756,11 @@ def generate_chips(
     val_images: int,
     test_images: int,
     test_seed_offset: int,
+    seg_vocab: SegVocabulary,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write a synthetic record source (SourceWriter layout) to ``out_uri``; return its statistics."""
+    """Write a synthetic record source (SourceWriter layout) to ``out_uri``, its answers written
+    with ``seg_vocab``'s runs; return its statistics."""
     stats = ChipStats()
     total = train_images + val_images + test_images
     started = time.perf_counter()
@@ -1767,7 +1770,7 @@ def generate_chips(
     )  # fmt: skip
     with SourceWriter(out_uri, SYNTH_CLASSES) as writer:
         for chip in tqdm(chips, total=total, disable=not progress, desc="synthetic chips", unit="chip"):
-            records = chip_records(chip)
+            records = chip_records(chip, seg_vocab)
             for record in records:
                 writer.write(record)
             stats.add(chip, records)

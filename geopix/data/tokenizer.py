@@ -22,6 +22,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from geopix.data.schema import IMAGE_TOKEN
+from geopix.vocabulary import SegVocabulary
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -32,11 +33,6 @@ UNK_TOKEN = "<unk>"
 # answer as ` {text}` + eos, so the prompt of generation is exactly the prompt of training.
 USER_PREFIX = "USER: "
 ASSISTANT_PREFIX = " ASSISTANT:"
-
-
-def seg_tokens(seg_token_num: int = 3, num_scales: int = 2) -> list[str]:
-    """``[SEG0]…[SEG{n-1}]`` with n = seg_token_num × num_scales (one run per target)."""
-    return [f"[SEG{i}]" for i in range(seg_token_num * num_scales)]
 
 
 def prompt_text(user_text: str) -> str:
@@ -71,10 +67,10 @@ def corpus_texts(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 2000,
-    seg_token_num: int = 3,
-    num_scales: int = 2,
+    *,
+    seg_vocab: SegVocabulary,
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on ``texts`` with pad/bos/eos/unk, ``<image>`` and the seg tokens.
+    """A byte-level BPE trained on ``texts`` with pad/bos/eos/unk, ``<image>`` and ``seg_vocab``'s tokens.
 
     The image and seg tokens are special tokens of the ``tokenizers`` model, which are split
     off before byte-level pre-tokenisation: ``"it is [SEG0][SEG1]."`` and ``"a[SEG0]b"`` each give
@@ -83,7 +79,7 @@ def train_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    segs = seg_tokens(seg_token_num, num_scales)
+    segs = seg_vocab.tokens
     specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN, *segs]
     backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -28,6 +28,7 @@ from geopix.data import schema
 from geopix.data.loader import decode_targets, record_image
 from geopix.evaluate.metrics import BUCKETS, grounding_hit, score_sample, summarize_scores
 from geopix.outputs import prepare_output
+from geopix.vocabulary import ANY_SEG_RUN
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,11 @@ def reference_answer(record: dict[str, Any]) -> str:
     return next((t["text"] for t in record.get("conversation") or [] if t["role"] == "assistant"), "")
 
 
-SEG_RUN = re.compile(r"(\[SEG\d+\])+")
 
 
 def normalise_answer(text: str) -> str:
     """Lower case, seg runs and punctuation removed: what VQA's exact match compares."""
-    return " ".join(re.sub(r"[^\w\s]", " ", SEG_RUN.sub(" ", text).lower()).split())
+    return " ".join(re.sub(r"[^\w\s]", " ", ANY_SEG_RUN.sub(" ", text).lower()).split())
 
 
 class RecordEvaluator:

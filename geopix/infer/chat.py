@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from geopix.data.preview import SEG_RUN, TARGET_COLOURS
+from geopix.data.preview import TARGET_COLOURS
 from geopix.model.modeling import ChatAnswer, GeoPixModel
+from geopix.vocabulary import ANY_SEG_RUN
 
 
 @dataclass
@@ -95,7 +96,7 @@ def overlay_png(image: np.ndarray, result: ChatResult, path: str | Path) -> Path
     ax.set_ylim(height, 0)
     ax.set_axis_off()
     runs = itertools.count()
-    answer = SEG_RUN.sub(lambda _: f"⟨mask {next(runs)}⟩", result.answer.text)  # long runs → labels
+    answer = ANY_SEG_RUN.sub(lambda _: f"⟨mask {next(runs)}⟩", result.answer.text)  # long runs → labels
     title = f"Q: {result.instruction}\nA: {answer}"
     ax.set_title(title if len(title) < 240 else title[:237] + "…", fontsize=8, loc="left", wrap=True)
     path = Path(path)

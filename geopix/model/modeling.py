@@ -20,10 +20,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from geopix.config import ModelConfig
 from geopix.data.loader import IGNORE_INDEX
 from geopix.data.schema import IMAGE_TOKEN
-from geopix.data.tokenizer import seg_tokens
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.vision import build_vision_encoder
 from geopix.storage import local_copy
+from geopix.vocabulary import seg_run_starts
 
 LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -90,6 +90,9 @@ class GeoPixModel(nn.Module):
             raise ValueError(
                 "memory_ema_momentum needs memory_dim == decoder_dim (features are written as slots)"
             )
+        if len(seg_token_ids) != cfg.seg_vocabulary.run_length:
+            raise ValueError(f"{len(seg_token_ids)} seg token ids for a run of {cfg.seg_vocabulary.run_length} "
+                             f"(model.seg_token_num × model.num_scales: {cfg.seg_vocabulary.run})")  # fmt: skip
         self.cfg = cfg
         self.image_token_id, self.seg_token_ids, self.pad_token_id = (
             image_token_id,
@@ -634,18 +637,6 @@ def answer_text(tokens: list[int], tokenizer: Any) -> str:
     return text.replace(tokenizer.eos_token or "\0", "").strip()
 
 
-def seg_run_starts(tokens: list[int], run: list[int]) -> list[int]:
-    """Start indices of the complete, non-overlapping seg runs in ``tokens``."""
-    starts, p = [], 0
-    while p <= len(tokens) - len(run):
-        if tokens[p : p + len(run)] == run:
-            starts.append(p)
-            p += len(run)
-        else:
-            p += 1
-    return starts
-
-
 def sample_next(
     logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -700,7 +691,7 @@ def load_projector_weights(projector: nn.Sequential, path: str) -> None:
 
 def add_geopix_tokens(tokenizer: Any, cfg: ModelConfig) -> None:
     """Add ``<image>`` and the seg tokens as special tokens (no-op when present, as in the tiny BPE)."""
-    wanted = [IMAGE_TOKEN, *seg_tokens(cfg.seg_token_num, cfg.num_scales)]
+    wanted = [IMAGE_TOKEN, *cfg.seg_vocabulary.tokens]
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     if missing:
@@ -717,9 +708,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, pretrained: bool = True) -> Ge
         cfg,
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        seg_token_ids=[
-            tokenizer.convert_tokens_to_ids(t) for t in seg_tokens(cfg.seg_token_num, cfg.num_scales)
-        ],
+        seg_token_ids=cfg.seg_vocabulary.token_ids(tokenizer),
         pad_token_id=pad,
         pretrained=pretrained,
     )

@@ -88,8 +88,7 @@ def batch_stream(
             augment=cfg.train.augment,
             seed=cfg.train.seed,
             epoch=epoch,
-            seg_token_num=cfg.model.seg_token_num,
-            num_scales=cfg.model.num_scales,
+            seg_vocab=cfg.model.seg_vocabulary,
             mean=mean,
             std=std,
         )

@@ -25,6 +25,7 @@ from geopix.data.loader import ShardError, check_shards
 from geopix.data.shard import class_names
 from geopix.redaction import shareable_env
 from geopix.train.data import is_task
+from geopix.vocabulary import SegVocabulary
 
 log = logging.getLogger("geopix.train")
 RUN_FILE = "geopix_run.json"  # the run's inputs (a reused name must match them)
@@ -103,6 +104,13 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
         raise TrainError(
             f"{shards_uri}: class id {max(ids)} does not fit model.num_classes={cfg.model.num_classes}"
         )
+    checked = manifest.get("seg_vocabulary")  # absent in shard sets from before it was recorded
+    if checked is not None and SegVocabulary(**checked) != cfg.model.seg_vocabulary:
+        raise TrainError(
+            f"{shards_uri}: its records answer with the seg run {SegVocabulary(**checked).run}, this model with "
+            f"{cfg.model.seg_vocabulary.run} (model.seg_token_num × model.num_scales); set them to "
+            f"{checked['tokens_per_scale']} × {checked['num_scales']} or shard the source again with this config"
+        )
     return manifest
 
 
@@ -149,8 +157,7 @@ def train_corpus_tokenizer(cfg: GeoPixConfig, shards_uri: str):
     return train_tokenizer(
         corpus_texts(records()),
         vocab_size=cfg.train.tokenizer_vocab_size,
-        seg_token_num=cfg.model.seg_token_num,
-        num_scales=cfg.model.num_scales,
+        seg_vocab=cfg.model.seg_vocabulary,
     )
 
 
