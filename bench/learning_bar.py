@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 
-from geopix import runtime, storage, tracking
+from geopix import ray_job, storage, tracking
 from geopix.config import load_config
 from geopix.evaluate.job import evaluate_model, headline
 from geopix.evaluate.report import summary_groups, write_comparison
@@ -43,7 +43,7 @@ def main() -> None:
     base = load_config("tiny", args.overrides)
     tracking.configure(base.tracking)
     sizes = args.memory_len if args.memory_len is not None else [base.model.memory_len, 0]
-    bench = f"learning-bar-{runtime.run_id()}"
+    bench = f"learning-bar-{ray_job.run_id()}"
     out = storage.join_uri(base.evaluate.out_uri, bench)
     runs = []
     for seed in args.seeds:  # seed outermost: every finished seed is a complete K comparison

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from geopix.config import load_config
-from geopix.data.loader import decode_targets, shard_files
+from geopix.data.images import decode_targets
 from geopix.data.schema import SEG_TASKS
+from geopix.data.shard_set import shard_files
 from geopix.evaluate.metrics import size_bucket
 
 

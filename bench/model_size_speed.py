@@ -15,7 +15,7 @@ import time
 import torch
 
 from geopix.config import load_config
-from geopix.data.loader import iter_batches
+from geopix.data.batches import iter_batches
 from geopix.data.synth import chip_records, make_chip
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters

@@ -33,8 +33,8 @@ import psutil
 from geopix import storage
 from geopix.config import load_config
 from geopix.data import synth
-from geopix.evaluate.scene import scene_scores
-from geopix.infer.scene import open_scene, plan_windows, read_chunk
+from geopix.evaluate.scene_scores import scene_scores
+from geopix.infer.scene_reader import open_scene, plan_windows, read_chunk
 from geopix.infer.segment import MASK_FILE, WindowSegmenter, model_meta, segment_scenes
 from geopix.infer.stitch import MaskWriter
 

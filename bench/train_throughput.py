@@ -49,7 +49,7 @@ def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
 
 
 def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
-    from geopix.data.loader import iter_batches
+    from geopix.data.batches import iter_batches
 
     mine = records[rank::world]
     return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,

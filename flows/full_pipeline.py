@@ -5,7 +5,7 @@
 
 source → shard → stage1 → stage2 → evaluate → register → segment. One MLflow parent run per
 submission, a child run per step. A step whose outputs exist for the same inputs and config (a
-content hash, see geopix/pipeline.py) is skipped, so a failed pipeline resubmitted goes on at the
+content hash, see geopix/step_runner.py) is skipped, so a failed pipeline resubmitted goes on at the
 step that failed (a training step resumes from its last checkpoint) and a finished one skips every
 step. `register` gives the stage-2 model the alias `candidate`, and `champion` when
 pipeline.gate_metric ≥ pipeline.gate_min. `segment` is the nightly job over pipeline.scenes_uri.
@@ -22,10 +22,10 @@ import sys
 
 import mlflow
 
-from geopix import runtime, storage, tracking
+from geopix import ray_job, storage, tracking
 from geopix.config import GeoPixConfig, load_config
-from geopix.pipeline import Context, Pipeline, Step
 from geopix.redaction import redact_text
+from geopix.step_runner import Context, Pipeline, Step
 from geopix.vocabulary import SegVocabulary
 
 STEPS = ("source", "shard", "stage1", "stage2", "evaluate", "register", "segment")
@@ -105,7 +105,7 @@ def train_step(cfg: GeoPixConfig, name: str, stage: int) -> Step:
     def run(ctx: Context) -> dict:
         # The run name comes from the key: a killed run is resumed from its last checkpoint by the
         # next submission; --from-step/--only ask for a new run.
-        run_name = f"{name}-stage{stage}-{ctx.key[:12]}" + (f"-{runtime.run_id()}" if ctx.fresh else "")
+        run_name = f"{name}-stage{stage}-{ctx.key[:12]}" + (f"-{ray_job.run_id()}" if ctx.fresh else "")
         init = ctx.outputs["stage1"]["model_uri"] if stage == 2 else None
         result = train_stage(cfg, stage, shards_uri=ctx.outputs["shard"]["shards_uri"], init_model_uri=init,
                              run_name=run_name, register=False)  # fmt: skip
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         lease_ttl_s=cfg.pipeline.lease_ttl_s)
     steps = [source_step(cfg, name), shard_step(cfg), train_step(cfg, name, 1), train_step(cfg, name, 2),
              evaluate_step(cfg, name), register_step(cfg), segment_step(cfg)]  # fmt: skip
-    runtime.connect_ray(log_to_driver=False)
-    job = runtime.run_id()
+    ray_job.connect_ray(log_to_driver=False)
+    job = ray_job.run_id()
     error = None
     with tracking.flow_run("full_pipeline", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from geopix import runtime, tracking
+from geopix import ray_job, tracking
 from geopix.config import load_config
 from geopix.infer.nightly import run_nightly
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.instruction:
         cfg.segment.instructions = args.instruction
-    runtime.connect_ray(log_to_driver=False)
+    ray_job.connect_ray(log_to_driver=False)
     with tracking.flow_run("nightly", cfg, run_name="nightly"):
         result = run_nightly(cfg, args.model, args.incoming, args.out, overwrite=args.overwrite)
     print(

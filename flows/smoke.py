@@ -17,7 +17,7 @@ import time
 import mlflow
 import ray
 
-from geopix import runtime, storage, tracking
+from geopix import ray_job, storage, tracking
 from geopix.config import load_config
 
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.overrides)
-    runtime.connect_ray(log_to_driver=False)
-    job_id = runtime.run_id()
+    ray_job.connect_ray(log_to_driver=False)
+    job_id = ray_job.run_id()
     out_uri = storage.join_uri(f"s3://{config.storage.buckets.data}", "smoke", job_id, "report.json")
 
     with tracking.flow_run(

@@ -22,7 +22,7 @@ import sys
 
 import mlflow
 
-from geopix import runtime, storage, tracking
+from geopix import ray_job, storage, tracking
 from geopix.config import GeoPixConfig, load_config
 from geopix.train.sweep import results_table, sweep_memory
 
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"memory-{cfg.name}"
     shards = shards_for(cfg, args.shards, args.pipeline or cfg.name)
-    runtime.connect_ray(log_to_driver=False)
-    job = runtime.run_id()
+    ray_job.connect_ray(log_to_driver=False)
+    job = ray_job.run_id()
     with tracking.flow_run("tune_memory", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
         mlflow.log_params({"sweep_name": name, "shards_uri": shards})
         result = sweep_memory(cfg, shards, name, parent.info.run_id)

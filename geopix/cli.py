@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from geopix import __version__, runtime
+from geopix import __version__, ray_job
 from geopix.config import (
     STACK_DIR_ENV,
     ConfigError,
@@ -199,11 +199,11 @@ def train(
     """Train one stage with DeepSpeed ZeRO on Ray Train workers; prints where the model went."""
 
     from geopix import storage, tracking
-    from geopix.data.loader import ShardError
+    from geopix.data.shard_set import ShardError
     from geopix.train.run import TrainError, train_stage
 
     cfg = _load(config, overrides)
-    runtime.connect_ray()
+    ray_job.connect_ray()
     try:
         tracking.configure(cfg.tracking)
         result = train_stage(
@@ -237,14 +237,14 @@ def eval_(
     summary JSON, report (Markdown + PNGs), MLflow metrics; with two models, their comparison."""
 
     from geopix import storage, tracking
-    from geopix.data.loader import ShardError
+    from geopix.data.shard_set import ShardError
     from geopix.evaluate.job import EvalError, evaluate_models, headline
 
     labels = label or [f"model-{i + 1}" for i in range(len(model))]
     if len(labels) != len(model) or len(set(labels)) != len(labels):
         fail(f"give one distinct --label per --model ({len(model)} models, labels {labels})")
     cfg = _load(config, overrides)
-    runtime.connect_ray()
+    ray_job.connect_ray()
     try:
         tracking.configure(cfg.tracking)
         results, comparison = evaluate_models(
@@ -326,7 +326,7 @@ def segment(
         cfg.segment.instructions = list(instruction)
     if keep_class:
         cfg.segment.keep_classes = list(keep_class)
-    runtime.connect_ray(log_to_driver=False)
+    ray_job.connect_ray(log_to_driver=False)
     try:
         tracking.configure(cfg.tracking)
         results, _ = run_segment(cfg, model, scene, out, scene_ids=scene_id, overwrite=overwrite)
@@ -379,7 +379,7 @@ def data_preview(
     seed: Annotated[int, typer.Option(help="Which records (sampled across tasks).")] = 0,
 ) -> None:
     """A contact sheet: chips with masks, boxes and descriptions overlaid."""
-    from geopix.data.preview import contact_sheet
+    from geopix.data.contact_sheet import contact_sheet
 
     typer.echo(f"wrote {contact_sheet(source, out, n=n, seed=seed)}")
 
@@ -430,15 +430,16 @@ def data_shard(
     """Validate, split and shard record sources into Parquet shards with a manifest (Ray Data)."""
 
     from geopix import storage, tracking
-    from geopix.data.shard import ShardError, log_shard_run, shard_sources
+    from geopix.data.shard import log_shard_run, shard_sources
+    from geopix.data.shard_set import ShardError
     from geopix.data.source import SourceError
 
     cfg = _load(config, overrides)
     sources = source or [cfg.data.source_uri]
     out = out or cfg.data.shards_uri
-    runtime.connect_ray(log_to_driver=False)
+    ray_job.connect_ray(log_to_driver=False)
     try:
-        with tracking.flow_run("shard", cfg, run_name=f"shard-{runtime.run_id()}"):
+        with tracking.flow_run("shard", cfg, run_name=f"shard-{ray_job.run_id()}"):
             result = shard_sources(
                 sources,
                 out,

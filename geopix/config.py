@@ -86,10 +86,10 @@ class BucketsConfig(_Section):
 
 
 class StorageConfig(_Section):
-    """Where data lives. With no endpoint, the S3 endpoint comes from the environment, else AWS."""
+    """Where data lives: the buckets. The S3 endpoint, region and credentials are the environment's
+    (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_*`` keys or an instance role; see
+    ``storage.S3Settings``), never the config's: a config is logged and shared."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
     buckets: BucketsConfig = Field(default_factory=BucketsConfig)
 
 

@@ -25,7 +25,7 @@ from typing import Self
 
 import psutil
 
-from geopix import runtime, storage
+from geopix import ray_job, storage
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Lease:
 
     uri: str
     ttl_s: float = DEFAULT_TTL_S
-    owner: str = field(default_factory=lambda: f"{runtime.run_id()}-{uuid.uuid4().hex[:8]}")
+    owner: str = field(default_factory=lambda: f"{ray_job.run_id()}-{uuid.uuid4().hex[:8]}")
     etag: str | None = None
     holder: dict | None = None  # the record of whoever holds it, when acquire() failed
     lost: bool = False
@@ -52,7 +52,7 @@ class Lease:
     def _record(self) -> bytes:
         me = psutil.Process()
         return json.dumps({
-            "owner": self.owner, "job": runtime.run_id(), "host": socket.gethostname(), "pid": me.pid,
+            "owner": self.owner, "job": ray_job.run_id(), "host": socket.gethostname(), "pid": me.pid,
             "pid_started": me.create_time(), "ttl_s": self.ttl_s, "expires_at": time.time() + self.ttl_s,
             "renewed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }).encode()  # fmt: skip

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import pyarrow.fs
     import rasterio
     import s3fs
@@ -368,6 +369,17 @@ def copy(src: str, dst: str, settings: S3Settings | None = None) -> None:
         write_bytes(dst, read_bytes(src, settings), settings)
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one zstd-compressed Parquet file (small tables, written whole)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
 def write_bytes(uri: str, payload: bytes, settings: S3Settings | None = None) -> None:
     """Write one object or file; for S3 the bucket is checked first for a clear error."""
     if is_s3_uri(uri):
@@ -471,21 +483,26 @@ def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
 
 
 def upload_file(local: str | os.PathLike, uri: str, settings: S3Settings | None = None) -> None:
-    """Copy one local file to ``uri`` (an S3 object or a local path) without reading it into memory."""
+    """Copy one local file to ``uri`` (an S3 object or a local path) without reading it into memory;
+    a missing or unreachable bucket is a :class:`StorageError` naming it."""
     import shutil
 
     if is_s3_uri(uri):
+        require_bucket(uri, settings)
         s3_filesystem(settings).put_file(str(local), uri)
     else:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, uri)
 
 
-def upload_directory(local_dir: str | os.PathLike, uri: str, settings: S3Settings | None = None) -> str:
+def upload_directory(
+    local_dir: str | os.PathLike, uri: str, settings: S3Settings | None = None, *, marker: bool = True
+) -> str:
     """Copy a local directory to ``uri`` (an S3 prefix or a local path); returns ``uri``.
 
     Files go first and ``_SUCCESS`` last, so a reader that waits for the marker never sees half a
-    directory (:func:`local_copy` refuses a prefix without it).
+    directory (:func:`local_copy` refuses a prefix without it). ``marker=False``: no ``_SUCCESS``,
+    for a part of an output whose writer publishes the marker once the whole output is there.
     """
     import shutil
 
@@ -493,12 +510,14 @@ def upload_directory(local_dir: str | os.PathLike, uri: str, settings: S3Setting
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != SUCCESS_MARKER)
     if not is_s3_uri(uri):
         shutil.copytree(local_dir, uri, dirs_exist_ok=True)
-        Path(uri, SUCCESS_MARKER).write_text("")
+        if marker:
+            Path(uri, SUCCESS_MARKER).write_text("")
         return uri
     fs = s3_filesystem(settings)
     for path in files:
         fs.put_file(str(path), join_uri(uri, path.relative_to(local_dir).as_posix()))
-    fs.pipe_file(join_uri(uri, SUCCESS_MARKER), b"")
+    if marker:
+        fs.pipe_file(join_uri(uri, SUCCESS_MARKER), b"")
     return uri
 
 

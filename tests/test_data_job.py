@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from geopix import storage
 from geopix.cli import app
-from geopix.data.shard import read_manifest
+from geopix.data.shard_set import read_manifest
 from geopix.data.synth import SYNTH_CLASSES
 from tests.records import SEG_VOCAB
 
@@ -55,7 +55,8 @@ def test_synth_then_shard_through_the_cli(stack, ray_cluster):
     assert templates["test"] and not templates["test"] & (templates["train"] | templates["val"])
 
     # The training loader streams what sharding wrote.
-    from geopix.data.loader import iter_batches, shard_dataset
+    from geopix.data.batches import iter_batches
+    from geopix.data.shard_set import shard_dataset
     from geopix.data.source import iter_records
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
 

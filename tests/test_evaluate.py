@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from geopix import storage, tracking
 from geopix.config import load_config
-from geopix.data.loader import iter_batches
+from geopix.data.batches import iter_batches
 from geopix.data.schema import RECORD_SCHEMA
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.evaluate.captions import caption_scores, caption_tokens
@@ -260,7 +260,7 @@ def test_eval_compares_two_models(compared):
 
 
 def test_eval_refuses_a_missing_model_or_split(setup):
-    from geopix.data.loader import ShardError
+    from geopix.data.shard_set import ShardError
     from geopix.evaluate.job import EvalError
 
     cfg, fitted, _, _ = setup
@@ -271,7 +271,7 @@ def test_eval_refuses_a_missing_model_or_split(setup):
 
 
 def test_eval_reads_only_a_finished_shard_set_and_writes_only_where_it_may(setup):
-    from geopix.data.loader import ShardError
+    from geopix.data.shard_set import ShardError
     from geopix.outputs import OutputRefused
 
     cfg, fitted, _, _ = setup

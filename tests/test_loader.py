@@ -16,21 +16,11 @@ from PIL import Image
 
 from geopix import storage
 from geopix.data import schema
-from geopix.data.loader import (
-    IGNORE_INDEX,
-    TRANSFORMS,
-    BadRecord,
-    ShardError,
-    Transform,
-    augment,
-    decode_image,
-    decode_targets,
-    encode_conversation,
-    find_seg_runs,
-    iter_batches,
-    rewrite_blocker,
-    shard_dataset,
-)
+from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
+from geopix.data.batches import IGNORE_INDEX, encode_conversation, find_seg_runs, iter_batches
+from geopix.data.images import decode_image, decode_targets
+from geopix.data.schema import BadRecord
+from geopix.data.shard_set import ShardError, shard_dataset
 from geopix.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from tests.records import SEG_VOCAB
 

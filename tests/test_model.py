@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from geopix.config import load_config
-from geopix.data.loader import IGNORE_INDEX, iter_batches
+from geopix.data.batches import IGNORE_INDEX, iter_batches
 from geopix.data.schema import IMAGE_TOKEN, encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from geopix import storage, tracking
 from geopix.config import REPO_ROOT, load_config
-from geopix.pipeline import SKIPPED_TAG, Context, Pipeline, PipelineError, Step
+from geopix.step_runner import SKIPPED_TAG, Context, Pipeline, PipelineError, Step
 from tests.test_jobs import job_status, ray_cli, wait_for
 
 STATE = "s3://geopix-checkpoints/tests/pipelines"

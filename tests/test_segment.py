@@ -23,7 +23,7 @@ from geopix.config import REPO_ROOT, load_config
 from geopix.data import synth
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.infer import nightly
-from geopix.infer.scene import open_scene, plan_chunks, plan_windows, read_chunk
+from geopix.infer.scene_reader import open_scene, plan_chunks, plan_windows, read_chunk
 from geopix.infer.segment import (
     MASK_FILE,
     POLYGONS_FILE,
@@ -433,7 +433,7 @@ def test_a_model_that_raises_fails_its_scenes_one_by_one_with_the_cause(setup, t
 def test_scene_scores_against_ground_truth(setup, tmp_path):
     """The windowed ground-truth comparison: the truth itself scores 1; one class erased scores 0
     recall for it and leaves the others at 1."""
-    from geopix.evaluate.scene import scene_scores
+    from geopix.evaluate.scene_scores import scene_scores
 
     _, _, scene_uri, meta, _ = setup
     truth_uri = scene_uri.replace("image.tif", "classes.tif")

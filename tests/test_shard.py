@@ -10,7 +10,8 @@ import pytest
 from geopix import storage
 from geopix.config import DataConfig
 from geopix.data.schema import validate_record
-from geopix.data.shard import ShardError, assign_split, read_manifest, shard_sources
+from geopix.data.shard import assign_split, shard_sources
+from geopix.data.shard_set import ShardError, read_manifest
 from geopix.data.source import SourceWriter
 from geopix.outputs import OWNER_FILE
 from tests.records import CATALOG, SEG_VOCAB, make_record

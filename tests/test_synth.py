@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geopix.data import phrases, preview, schema, synth
+from geopix.data import contact_sheet, phrases, schema, synth
 from geopix.data.source import iter_records, read_catalog
 from tests.records import SEG_VOCAB
 
@@ -221,6 +221,6 @@ def test_contact_sheet_draws_records(source, tmp_path):
     from PIL import Image
 
     _, _, records = source
-    out = preview.contact_sheet(records, tmp_path / "sheet.png", n=8, seed=1)
+    out = contact_sheet.contact_sheet(records, tmp_path / "sheet.png", n=8, seed=1)
     with Image.open(out) as image:
         assert image.size[0] > 1000 and image.size[1] > 500

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from geopix import storage, tracking
 from geopix.config import load_config
-from geopix.data.loader import ShardError
+from geopix.data.shard_set import ShardError
 from tests.conftest import SMALL_SHARDS
 from tests.records import SEG_VOCAB
 
@@ -104,8 +104,8 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     model, tokenizer, processor = GeoPixModel.load_pretrained(second.model_uri)
     assert model.lora and model.stage == 2
     assert model.class_names[1] == "ship"  # from the shard set's class catalog
-    from geopix.data.loader import iter_batches
-    from geopix.train.data import RankReader
+    from geopix.data.batches import iter_batches
+    from geopix.train.rank_reader import RankReader
 
     record = next(r for _, r in RankReader(SHARDS, "train", rank=0, world=1, seed=0).epoch_records(0)
                   if r["task"] == "refer")  # fmt: skip

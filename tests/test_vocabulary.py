@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from geopix.config import DataConfig, load_config
-from geopix.data.loader import iter_batches
+from geopix.data.batches import iter_batches
 from geopix.data.schema import SEG_TASKS, validate_record
 from geopix.data.shard import shard_sources
 from geopix.data.source import iter_records, read_catalog
@@ -18,7 +18,7 @@ from geopix.data.synth import generate_chips
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model
 from geopix.model.processor import GeoPixProcessor
-from geopix.train.data import RankReader
+from geopix.train.rank_reader import RankReader
 from geopix.train.run import TrainError, check_data
 from geopix.vocabulary import SegVocabulary
 from tests.test_model import SMALL

@@ -101,6 +101,15 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
+class BadRecord(ValueError):
+    """A record a reader cannot use (undecodable image, inconsistent targets, too long, …): the
+    training input drops it and counts it under ``reason``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ClassCatalog:
     """Class ids and names of one source (written beside it as ``classes.json``)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -55,20 +54,16 @@ from geopix.data.schema import (
     ClassCatalog,
     validate_record,
 )
+from geopix.data.shard_set import MANIFEST_FILE, ShardError
 from geopix.data.source import SUCCESS_MARKER, SourceError, read_catalog, record_files, require_finished
 from geopix.outputs import OutputRefused, prepare_output
 from geopix.vocabulary import SegVocabulary
 
-MANIFEST_FILE = "manifest.json"
 REJECTS_FILE = "rejects/rejects.parquet"
 SHARDS_KIND = "shard set"
 # Every object a shard set holds (geopix/outputs.py): only these are ever replaced by --overwrite.
 SHARDS_LAYOUT = (*(f"{split}/shard-*.parquet" for split in SPLITS), REJECTS_FILE, MANIFEST_FILE)
 HELPER_COLUMNS = ("_reason", "_origin", "_worker")
-
-
-class ShardError(RuntimeError):
-    """Sharding cannot proceed; the message names the source, file or output."""
 
 
 @dataclass
@@ -268,7 +263,7 @@ def shard_sources(
     manifest = _manifest(sources, catalog, out_uri, info.num_rows, rejected, unreadable, shards, stats, data, seg_vocab)
     storage.write_bytes(
         storage.join_uri(out_uri, REJECTS_FILE),
-        _parquet_bytes(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)),
+        storage.parquet_bytes(pa.Table.from_pylist(rejected, schema=REJECT_SCHEMA)),
     )
     storage.write_bytes(
         storage.join_uri(out_uri, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -349,12 +344,6 @@ def _write_splits(valid, out_uri: str, data: DataConfig, fs) -> dict[str, list[d
     return shards
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, stats, data, seg_vocab) -> dict[str, Any]:
     per_split: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
@@ -414,30 +403,11 @@ def _manifest(sources, catalog, out_uri, read, rejected, unreadable, shards, sta
     }
 
 
-def read_manifest(shards_uri: str) -> dict[str, Any]:
-    """The manifest of a finished shard set; a clear error for a missing or unfinished one."""
-    marker = storage.join_uri(shards_uri, SUCCESS_MARKER)
-    try:
-        storage.read_bytes(marker)
-    except (storage.StorageError, FileNotFoundError):
-        raise ShardError(f"{shards_uri} holds no finished shard set (no {SUCCESS_MARKER})") from None
-    return json.loads(storage.read_bytes(storage.join_uri(shards_uri, MANIFEST_FILE)))
-
-
-def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
-    """Class names by id from a shard manifest (``class_<id>`` for ids it does not name)."""
-    names = [f"class_{k}" for k in range(num_classes)]
-    for entry in manifest.get("classes", []):
-        names[entry["id"]] = entry["name"]
-    return names
-
-
 def class_counts_figure(manifest: dict[str, Any], path: str) -> None:
     """A bar chart of instances per class and records per task, by split (for MLflow and docs)."""
-    import matplotlib
+    from geopix.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     splits = [s for s in SPLITS if manifest["splits"][s]["records"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))

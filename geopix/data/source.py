@@ -36,12 +36,6 @@ def records_to_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(records), schema=RECORD_SCHEMA)
 
 
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 SOURCE_KIND = "record source"
 SOURCE_LAYOUT = (f"{RECORDS_DIR}/part-*.parquet", CLASSES_FILE)
 
@@ -78,7 +72,7 @@ class SourceWriter:
         if not self._pending:
             return
         part = storage.join_uri(self.uri, RECORDS_DIR, f"part-{len(self.parts):05d}.parquet")
-        storage.write_bytes(part, table_to_parquet_bytes(records_to_table(self._pending)))
+        storage.write_bytes(part, storage.parquet_bytes(records_to_table(self._pending)))
         self.parts.append(part)
         self.rows += len(self._pending)
         self._pending = []

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -1863,16 +1862,6 @@ def _cog_translate(src: Path, dst: Path, *, nodata: int | None, resampling: str)
     )  # fmt: skip
 
 
-def _upload(local: Path, uri: str) -> None:
-    """Put a finished file at ``uri`` (a local path or s3://) without reading it into memory."""
-    if storage.is_s3_uri(uri):
-        storage.require_bucket(uri)
-        storage.s3_filesystem().put(str(local), uri)
-    else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(local), uri)
-
-
 SCENE_FILES = {
     "image": "image.tif",
     "instances": "instances.tif",
@@ -1945,7 +1934,7 @@ def generate_scene(
             cog = Path(tmp, SCENE_FILES[name])
             _cog_translate(raw[name], cog, nodata=0 if name == "image" else None, resampling=resampling)
             raw[name].unlink()
-            _upload(cog, storage.join_uri(out_uri, scene_id, SCENE_FILES[name]))
+            storage.upload_file(cog, storage.join_uri(out_uri, scene_id, SCENE_FILES[name]))
     seen[0] = False
     visible_classes = Counter(CLASSES[o.class_id].name for o in world.objects if seen[o.uid])
     meta = {

@@ -4,7 +4,7 @@ A real model (LLaVA/Vicuna from a local path) brings its own tokenizer; the mode
 ``<image>`` and the seg tokens to it. The tiny preset has no pretrained LLM, so it trains a small
 byte-level BPE on the instruction corpus here and saves it beside the model (GEOPIX.md §1).
 
-Whatever the tokenizer, the training input (:mod:`geopix.data.loader`) needs only this interface:
+Whatever the tokenizer, the training input (:mod:`geopix.data.batches`) needs only this interface:
 ``encode(text, add_special_tokens=False)`` (or ``__call__``), ``convert_tokens_to_ids``,
 ``pad_token_id``, ``eos_token_id`` and, when it has one, ``bos_token_id``.
 
@@ -40,7 +40,7 @@ def prompt_text(user_text: str) -> str:
     return f"{USER_PREFIX}{user_text}{ASSISTANT_PREFIX}"
 
 
-def answer_text(assistant_text: str) -> str:
+def assistant_turn_text(assistant_text: str) -> str:
     """One assistant turn without its eos (the loader appends the eos id)."""
     return f" {assistant_text}"
 
@@ -52,7 +52,7 @@ def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN) -
         if turn["role"] == "user":
             parts.append(prompt_text(turn["text"]))
         else:
-            parts.append(answer_text(turn["text"]) + eos)
+            parts.append(assistant_turn_text(turn["text"]) + eos)
     return "".join(parts)
 
 

@@ -25,8 +25,9 @@ import numpy as np
 from geopix import storage
 from geopix.config import GeoPixConfig
 from geopix.data import schema
-from geopix.data.loader import decode_targets, record_image
+from geopix.data.images import decode_targets, record_image
 from geopix.evaluate.metrics import BUCKETS, grounding_hit, score_sample, summarize_scores
+from geopix.infer.actor import ModelActor
 from geopix.outputs import prepare_output
 from geopix.vocabulary import ANY_SEG_RUN
 
@@ -76,19 +77,12 @@ def normalise_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", ANY_SEG_RUN.sub(" ", text).lower()).split())
 
 
-class RecordEvaluator:
+class RecordEvaluator(ModelActor):
     """A Ray Data actor: the model is loaded once, then each batch of records is answered together."""
 
     def __init__(self, model_uri: str, config: dict[str, Any], threads: int, device: str):
-        import torch
-
-        from geopix.model.modeling import GeoPixModel
-
-        torch.set_num_threads(threads)
-        self.cfg = GeoPixConfig.model_validate(config)
-        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(model_uri, device=device)
-        self.device = device
-        self.dtype = next(self.model.projector.parameters()).dtype
+        super().__init__(model_uri, config, threads, device)
+        self.cfg = self.config
 
     def __call__(self, batch: Any) -> dict[str, list]:
         records = batch.to_pylist()
@@ -180,9 +174,8 @@ def evaluate_model(
     import ray
     import ray.data
 
-    from geopix import runtime, tracking
-    from geopix.data import shard
-    from geopix.data.loader import check_shards
+    from geopix import ray_job, tracking
+    from geopix.data.shard_set import ShardError, check_shards, class_names, read_manifest
     from geopix.evaluate.report import write_report
 
     started = time.perf_counter()
@@ -194,10 +187,10 @@ def evaluate_model(
         raise EvalError(f"no published model at {model_uri} (a model directory, or an S3 prefix with _SUCCESS)")
     fs, files = check_shards(shards_uri, split)  # a finished shard set only (its _SUCCESS)
     try:
-        names = shard.class_names(shard.read_manifest(shards_uri), cfg.model.num_classes)
-    except shard.ShardError as exc:
+        names = class_names(read_manifest(shards_uri), cfg.model.num_classes)
+    except ShardError as exc:
         raise EvalError(str(exc)) from None
-    name = name or f"eval-{split}-{runtime.run_id()}"
+    name = name or f"eval-{split}-{ray_job.run_id()}"
     out = storage.join_uri(out_uri or cfg.evaluate.out_uri, name)
     if not ray.is_initialized():
         ray.init()
@@ -265,14 +258,9 @@ def _read_rows(records_uri: str) -> list[dict[str, Any]]:
 
 
 def _write_targets(targets: list[dict[str, Any]], uri: str) -> None:
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(targets), buffer)
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_bytes(uri, storage.parquet_bytes(pa.Table.from_pylist(targets)))
 
 
 def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[str]) -> dict[str, Any]:
@@ -356,10 +344,10 @@ def evaluate_models(
     comparison (differences to the first label) under ``<out>/<name>/comparison/``.
 
     Returns (results by label, comparison URI or None)."""
-    from geopix import runtime
+    from geopix import ray_job
     from geopix.evaluate.report import write_comparison
 
-    name = name or f"eval-{runtime.run_id()}"
+    name = name or f"eval-{ray_job.run_id()}"
     if len(models) == 1:
         ((label, uri),) = models.items()
         return {label: evaluate_model(cfg, uri, name=name, out_uri=out_uri, **kwargs)}, None

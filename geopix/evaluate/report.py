@@ -15,6 +15,7 @@ from geopix import storage
 from geopix.config import GeoPixConfig
 from geopix.data import schema
 from geopix.evaluate.metrics import BUCKETS, OUTCOMES
+from geopix.plotting import pyplot
 
 REPORT_FILE = "report.md"
 SCORES_PNG = "scores.png"
@@ -25,14 +26,6 @@ COMPARISON_PNG = "comparison.png"
 TRUTH_COLOUR = (1.0, 0.9, 0.0)  # outline
 PREDICTED_COLOUR = (1.0, 0.0, 0.85)  # fill: magenta stands out on the scenes' reds, greens and blues
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _table(groups: Mapping[str, Mapping[str, Any]], label: str, names: Mapping[str, str] | None = None) -> str:
@@ -45,11 +38,6 @@ def _table(groups: Mapping[str, Mapping[str, Any]], label: str, names: Mapping[s
         ]
         lines.append(f"| {(names or {}).get(group, group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _upload(local: Path, uri: str) -> None:
-    for path in sorted(local.iterdir()):
-        storage.write_bytes(storage.join_uri(uri, path.name), path.read_bytes())
 
 
 def _outcome_table(groups: Mapping[str, Mapping[str, Any]], label: str) -> str:
@@ -123,12 +111,12 @@ def write_report(
     if summary["failures"]:
         parts += ["## Records that failed", *(f"- `{f['record_id']}`: {f['error']}" for f in summary["failures"])]
     (local / REPORT_FILE).write_text("\n\n".join(parts) + "\n")
-    _upload(local, out_uri)
+    storage.upload_directory(local, out_uri, marker=False)  # the evaluation publishes _SUCCESS
     return local
 
 
 def scores_png(seg: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     panels = [("size bucket", seg["by_bucket"]), ("phrase type", seg["by_phrase_type"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2]})
     for ax, (title, groups) in zip(axes, panels, strict=True):
@@ -174,7 +162,8 @@ def _images(shards_uri: str, split: str, record_ids: set[str]) -> dict[str, tupl
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from geopix.data.loader import decode_targets, record_image, shard_files
+    from geopix.data.images import decode_targets, record_image
+    from geopix.data.shard_set import shard_files
 
     if not record_ids:
         return {}
@@ -187,7 +176,7 @@ def _images(shards_uri: str, split: str, record_ids: set[str]) -> dict[str, tupl
 
 
 def cases_png(cases, images: dict[str, tuple[np.ndarray, np.ndarray]], names: Mapping[str, str], path: Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(cases))
     rows = (len(cases) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.9 * rows), squeeze=False)
@@ -254,7 +243,7 @@ def write_comparison(summaries: Mapping[str, dict[str, Any]], out_uri: str) -> P
     text = f"# Comparison\n\n{sources}\n\n" + "\n".join(lines) + f"\n\n![comparison]({COMPARISON_PNG})\n"
     (local / COMPARISON_FILE).write_text(text)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(keys) * len(labels)), 4))
     x = np.arange(len(keys))
     width = 0.8 / len(labels)
@@ -270,5 +259,5 @@ def write_comparison(summaries: Mapping[str, dict[str, Any]], out_uri: str) -> P
     fig.tight_layout()
     fig.savefig(local / COMPARISON_PNG, dpi=110)
     plt.close(fig)
-    _upload(local, out_uri)
+    storage.upload_directory(local, out_uri, marker=False)  # the evaluation publishes _SUCCESS
     return local

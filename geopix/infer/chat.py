@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from geopix.data.preview import TARGET_COLOURS
+from geopix.data.contact_sheet import TARGET_COLOURS
 from geopix.model.modeling import ChatAnswer, GeoPixModel
 from geopix.vocabulary import ANY_SEG_RUN
 
@@ -53,7 +53,7 @@ def chat_image(
     """Answer ``instruction`` about one image (path, s3:// URI, bytes or H×W×3 uint8).
 
     Returns the result and the image as H×W×3 uint8 at its own resolution (for the overlay)."""
-    from geopix.data.loader import decode_image
+    from geopix.data.images import decode_image
     from geopix.storage import read_bytes
 
     if isinstance(image, (str, Path)):
@@ -68,11 +68,11 @@ def chat_image(
 
 def overlay_png(image: np.ndarray, result: ChatResult, path: str | Path) -> Path:
     """Write the image with every mask of ``result`` drawn in (fill, outline, class label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
+
+    from geopix.plotting import pyplot
+
+    plt = pyplot()
 
     height, width = image.shape[:2]
     shown = image.astype(np.float32) / 255

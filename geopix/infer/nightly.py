@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from geopix import runtime, storage
+from geopix import ray_job, storage
 from geopix.config import GeoPixConfig
-from geopix.infer.scene import input_checksum, scene_id_of
+from geopix.infer.scene_reader import input_checksum, scene_id_of
 from geopix.infer.segment import (
     SceneResult,
     is_published,
@@ -139,7 +139,7 @@ def run_nightly(
 
     window = cfg.segment.window_size or int(model_meta(ref.uri)["model"]["image_size"])
     request = request_hash(cfg.segment, window)
-    result = NightlyResult(runtime.run_id(), incoming, out, ref.label)
+    result = NightlyResult(ray_job.run_id(), incoming, out, ref.label)
     todo, seen, skipped = [], set(), []
     for uri in list_scenes(incoming):
         result.listed += 1

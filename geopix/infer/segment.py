@@ -30,7 +30,8 @@ import numpy as np
 
 from geopix import storage
 from geopix.config import GeoPixConfig, SegmentConfig
-from geopix.infer.scene import (
+from geopix.infer.actor import ModelActor
+from geopix.infer.scene_reader import (
     GDAL_CACHE_MB,
     SceneError,
     SceneInfo,
@@ -126,7 +127,7 @@ def read_windows(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _scaling(data: dict[str, Any]):
-    from geopix.infer.scene import Scaling
+    from geopix.infer.scene_reader import Scaling
 
     return Scaling(
         tuple(data["low"]) if data["low"] is not None else None,
@@ -134,20 +135,13 @@ def _scaling(data: dict[str, Any]):
     )
 
 
-class WindowSegmenter:
+class WindowSegmenter(ModelActor):
     """A Ray Data actor: the model is loaded once; each batch of windows is answered for every
     instruction, and the answers become the window's [2, S, S] class/confidence raster."""
 
     def __init__(self, model_uri: str, config: dict[str, Any], threads: int, device: str):
-        import torch
-
-        from geopix.model.modeling import GeoPixModel
-
-        torch.set_num_threads(threads)
-        self.cfg = GeoPixConfig.model_validate(config).segment
-        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(model_uri, device=device)
-        self.device = device
-        self.dtype = next(self.model.projector.parameters()).dtype
+        super().__init__(model_uri, config, threads, device)
+        self.cfg = self.config.segment
         names = self.model.class_names
         self.keep = None if self.cfg.keep_classes is None else {names.index(n) for n in self.cfg.keep_classes}
 
@@ -388,7 +382,7 @@ def _outputs(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str, timings: dict
 ) -> dict[str, Any]:
     """Write the COG, polygons, preview and run.json of a finished scene and publish them."""
-    from geopix.infer.preview import scene_preview
+    from geopix.infer.scene_overlay import scene_preview
     from geopix.infer.vectorize import trace_polygons
 
     scene, work, seg = state.scene, state.workdir, cfg.segment

@@ -3,7 +3,7 @@
 Per pixel the output holds two bands: the class (0 background, ``class id + 1`` for an object,
 ``NODATA`` where the source had no data or the scene was padded) and the confidence (the winning
 mask's probability in percent, 0–100). Where several masks of one window cover a pixel, the most
-probable wins. Each window writes only its keep rectangle (see :mod:`geopix.infer.scene`), so no
+probable wins. Each window writes only its keep rectangle (see :mod:`geopix.infer.scene_reader`), so no
 pixel is written twice and nothing of the scene is held in memory.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from geopix.infer.scene import SceneInfo, Window
+from geopix.infer.scene_reader import SceneInfo, Window
 
 NODATA = 255
 BLOCK = 512

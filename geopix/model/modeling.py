@@ -1,7 +1,7 @@
 """GeoPix: vision encoder → projector → LLaMA, seg-token hidden states → mask predictor.
 
 Built from :class:`~geopix.config.ModelConfig` only (no hub calls). Consumes the batches of
-:mod:`geopix.data.loader` and returns text, mask and class losses separately.
+:mod:`geopix.data.batches` and returns text, mask and class losses separately.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from geopix.config import ModelConfig
-from geopix.data.loader import IGNORE_INDEX
+from geopix.data.batches import IGNORE_INDEX
 from geopix.data.schema import IMAGE_TOKEN
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.vision import build_vision_encoder
@@ -370,7 +370,7 @@ class GeoPixModel(nn.Module):
         tokenizer: Any,
     ) -> ChatAnswer:
         """Text and one mask per complete seg run of one generated answer."""
-        text = answer_text(tokens, tokenizer)
+        text = decoded_answer(tokens, tokenizer)
         starts = seg_run_starts(tokens, self.seg_token_ids)
         run = len(self.seg_token_ids)
         if not starts:
@@ -397,10 +397,10 @@ class GeoPixModel(nn.Module):
         on the tokens before it."""
         was_training = self.training
         self.eval()
-        from geopix.data.tokenizer import answer_text as assistant_turn
+        from geopix.data.tokenizer import assistant_turn_text
 
         run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
-        answer_ids = tokenizer.encode(assistant_turn(answer.replace("{seg}", run_text)), add_special_tokens=False)
+        answer_ids = tokenizer.encode(assistant_turn_text(answer.replace("{seg}", run_text)), add_special_tokens=False)
         prompt = self.prompt_ids(instruction, tokenizer)
         starts = [len(prompt) + p for p in seg_run_starts(answer_ids, self.seg_token_ids)]
         if not starts:
@@ -414,7 +414,7 @@ class GeoPixModel(nn.Module):
             seg_positions=torch.tensor(starts * batch, device=device),
             target_sample=torch.arange(batch, device=device).repeat_interleave(len(starts)),
         )
-        text = answer_text(answer_ids, tokenizer)
+        text = decoded_answer(answer_ids, tokenizer)
         k = len(starts)
         answers = [
             ChatAnswer.from_logits(text, out.mask_logits[i * k : (i + 1) * k], out.class_logits[i * k : (i + 1) * k])
@@ -431,7 +431,7 @@ class GeoPixModel(nn.Module):
         (teacher-forced: one pass over the whole sequence)."""
         run = self.seg_token_ids
         starts = [prompt_len + p for p in seg_run_starts(ids[prompt_len:], run)]
-        text = answer_text(ids[prompt_len:], tokenizer)
+        text = decoded_answer(ids[prompt_len:], tokenizer)
         if not starts:
             return self._answer_without_masks(text)
         input_ids = torch.tensor([ids], device=image.device)
@@ -631,7 +631,7 @@ def add_trainable_tokens(model: GeoPixModel, token_ids: list[int]) -> None:
     model.trainable_token_ids = list(token_ids)
 
 
-def answer_text(tokens: list[int], tokenizer: Any) -> str:
+def decoded_answer(tokens: list[int], tokenizer: Any) -> str:
     """An answer's tokens as text, seg tokens kept, the end-of-sequence token dropped."""
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     return text.replace(tokenizer.eos_token or "\0", "").strip()

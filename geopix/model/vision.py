@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from geopix.config import ModelConfig
-from geopix.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from geopix.data.images import IMAGENET_MEAN, IMAGENET_STD
 from geopix.model.layers import use_float32_batchnorm
 from geopix.storage import local_copy
 

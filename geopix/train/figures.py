@@ -9,16 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from geopix.data.preview import TARGET_COLOURS
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from geopix.data.contact_sheet import TARGET_COLOURS
+from geopix.plotting import pyplot
 
 
 @torch.no_grad()
@@ -26,7 +18,7 @@ def training_overlays(model: Any, batch: Mapping[str, Any], count: int, dtype: t
     """The first ``count`` targets of ``batch``: image, ground truth outline, prediction fill, IoU."""
     from geopix.train.loop import to_device
 
-    plt = _pyplot()
+    plt = pyplot()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -64,7 +56,7 @@ def loss_curves(
     histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path, title: str
 ) -> Path:
     """One panel per loss term (step → value), stages or runs as separate lines."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = sorted({key for series in histories.values() for key in series})
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from geopix.config import GeoPixConfig, StageConfig, TrainConfig
-from geopix.data.loader import LoaderStats, iter_batches
+from geopix.data.batches import LoaderStats, iter_batches
 from geopix.train import checkpoints
-from geopix.train.data import Position, RankReader
+from geopix.train.rank_reader import Position, RankReader
 
 log = logging.getLogger("geopix.train")
 LOSS_KEYS = ("text", "mask_bce", "mask_dice", "class")

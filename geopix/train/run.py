@@ -21,10 +21,9 @@ from typing import Any
 
 from geopix import storage, tracking
 from geopix.config import GeoPixConfig, PipelineConfig, to_yaml
-from geopix.data.loader import ShardError, check_shards
-from geopix.data.shard import class_names
+from geopix.data.shard_set import ShardError, check_shards, class_names
 from geopix.redaction import shareable_env
-from geopix.train.data import is_task
+from geopix.train.rank_reader import is_task
 from geopix.vocabulary import SegVocabulary
 
 log = logging.getLogger("geopix.train")
@@ -84,7 +83,7 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from geopix.data.shard import read_manifest
+    from geopix.data.shard_set import read_manifest
 
     fs, files = check_shards(shards_uri, "train")
     tasks = cfg.train.stage(stage).tasks
@@ -219,7 +218,7 @@ def train_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from geopix import runtime
+    from geopix import ray_job
     from geopix.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
@@ -231,7 +230,7 @@ def train_stage(
         ray.init()
     check_resources(cfg)
     manifest = check_data(cfg, shards_uri, stage)
-    run_name = run_name or f"stage{stage}-{cfg.config_hash()[:8]}-{runtime.run_id()}"
+    run_name = run_name or f"stage{stage}-{cfg.config_hash()[:8]}-{ray_job.run_id()}"
     run_uri = storage.join_uri(cfg.train.runs_uri, run_name)
     existed = claim_run(run_uri, run_identity(cfg, stage, shards_uri, init_model_uri))
     done = finished_run(run_uri)

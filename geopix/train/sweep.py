@@ -115,7 +115,7 @@ def sweep_memory(cfg: GeoPixConfig, shards_uri: str, name: str, parent_run_id: s
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from geopix import runtime
+    from geopix import ray_job
 
     sw = cfg.sweep
     out = storage.join_uri(sw.out_uri, name)
@@ -127,7 +127,7 @@ def sweep_memory(cfg: GeoPixConfig, shards_uri: str, name: str, parent_run_id: s
     if resumed and record.get("grid") != grid_spec:
         raise ValueError(f"sweep {name} at {out} was started with {record.get('grid')}, not {grid_spec}; "
                          "give this sweep another --name")  # fmt: skip
-    submission = runtime.run_id()
+    submission = ray_job.run_id()
     record = {"name": name, "grid": grid_spec, "submissions": [*(record or {}).get("submissions", []), submission]}
     storage.write_bytes(record_uri, json.dumps(record, indent=1).encode())
     if resumed:
@@ -247,10 +247,9 @@ def write_results(rows: list[dict[str, Any]], best: dict[str, Any] | None, metri
 def sweep_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """cIoU and gIoU against K, one line per size bucket (and memory dim); filled markers are
     stage-2 results, hollow ones trials ASHA stopped after stage 1."""
-    import matplotlib
+    from geopix.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = {"overall": "black", "small": "tab:red", "medium": "tab:orange", "large": "tab:blue"}
     dims = sorted({r["memory_dim"] for r in rows})

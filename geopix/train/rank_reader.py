@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from geopix.data.loader import ShardError, shard_files
+from geopix.data.shard_set import ShardError, shard_files
 
 COLUMNS = ("record_id", "image", "task", "conversation", "targets", "width", "height")
 

@@ -87,11 +87,11 @@ def contact_sheet(
     source_uri_or_records: str | Iterable[Mapping[str, Any]], out_png: str | Path, n: int = 12, seed: int = 0
 ) -> Path:
     """Render ``n`` records (sampled with ``seed`` across tasks) into a PNG grid; returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    from geopix.plotting import pyplot
+
+    plt = pyplot()
 
     if isinstance(source_uri_or_records, str):
         from geopix.data.source import iter_records

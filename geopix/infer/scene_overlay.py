@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geopix.infer.scene import SceneInfo, scene_env
+from geopix.infer.scene_reader import SceneInfo, scene_env
 from geopix.infer.stitch import NODATA
 
 # Per class id (cycled): colours rare in imagery (magenta, cyan, …), so masks stand out from red
@@ -23,12 +23,12 @@ def scene_preview(
 ) -> Path:
     """PNG: the scene (as the model saw it, after band selection and scaling) at ≤ ``side`` px with
     each class filled in its colour (70 % opacity), nodata hatched dark, and a legend with counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import rasterio
     from matplotlib.patches import Patch
+
+    from geopix.plotting import pyplot
+
+    plt = pyplot()
 
     scale = max(scene.width, scene.height) / side
     shape = (max(1, round(scene.height / scale)), max(1, round(scene.width / scale))) if scale > 1 else (
