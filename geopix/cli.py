@@ -354,20 +354,15 @@ def data_synth(
     ] = None,
 ) -> None:
     """Generate the synthetic remote-sensing source (chips, all five tasks; optionally large scenes)."""
-    from geopix.data.synth import generate_chips, generate_scene
+    from geopix.data.synth import generate_source
 
     cfg = _load(config, overrides)
-    d = cfg.data
-    out = out or d.source_uri
-    stats = generate_chips(
-        out, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images, val_images=d.val_images,
-        test_images=d.test_images, test_seed_offset=d.test_seed_offset, seg_vocab=cfg.model.seg_vocabulary,
-    )  # fmt: skip
+    out = out or cfg.data.source_uri
+    stats = generate_source(cfg.data, out, seg_vocab=cfg.model.seg_vocabulary, scenes_uri=scenes)
     typer.echo(f"wrote {out} in {stats['seconds']:.0f} s ({stats['chips_per_s']:.1f} chips/s)")
     for key in ("images", "records", "records_per_task", "instances_per_class", "instances_per_bucket"):
         typer.echo(f"  {key}: {json.dumps(stats[key])}")
-    for index in range(d.scene_count if scenes else 0):
-        scene = generate_scene(scenes, f"scene-{d.seed}-{index:03d}", d.scene_size, d.seed + index)
+    for scene in stats["scenes"]:
         typer.echo(f"wrote scene {scene.get('uri', scenes)}: {scene.get('instances', '?')} instances")
 
 
