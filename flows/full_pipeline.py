@@ -14,16 +14,15 @@ Exit status 0 when every step finished and every scene was segmented, 1 otherwis
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
 import sys
 
 import mlflow
 
 from geopix import ray_job, storage, tracking
-from geopix.config import GeoPixConfig, load_config
+from geopix.config import GeoPixConfig
+from geopix.flow import flow_parser, start_flow
 from geopix.redaction import redact_text
 from geopix.step_runner import Context, Pipeline, Step
 from geopix.vocabulary import SegVocabulary
@@ -40,7 +39,7 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
     """Synthetic (pipeline.synthetic): generate chips and scenes under names from the step key.
     Otherwise check that data.source_uri is a readable record source; its content is the key."""
     from geopix.data import source as record_source
-    from geopix.data.synth import generate_chips, generate_scene
+    from geopix.data.synth import generate_source
 
     d, p = cfg.data, cfg.pipeline
 
@@ -57,17 +56,13 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
             return {"source_uri": d.source_uri, "scenes_uri": p.scenes_uri or cfg.segment.incoming_uri}
         source_uri = f"{d.source_uri.rstrip('/')}-{ctx.key[:12]}"
         scenes_root = storage.join_uri(f"s3://{cfg.storage.buckets.scenes}", "pipelines", name, ctx.key[:12])
+        # The scenes to segment under incoming/, each with its ground truth under truth/.
+        incoming, truth = storage.join_uri(scenes_root, "incoming"), storage.join_uri(scenes_root, "truth")
         with tracking.step_run("source", params={"synthetic": True, "source_uri": source_uri}) as run:
-            stats = generate_chips(source_uri, seed=d.seed, chip_size=d.chip_size, train_images=d.train_images,
-                                   val_images=d.val_images, test_images=d.test_images,
-                                   test_seed_offset=d.test_seed_offset, seg_vocab=cfg.model.seg_vocabulary)  # fmt: skip
+            stats = generate_source(d, source_uri, seg_vocab=cfg.model.seg_vocabulary, scenes_uri=truth,
+                                    incoming_uri=incoming)  # fmt: skip
             mlflow.log_metrics({f"records_{split}": n for split, n in stats["records"].items()} | {"seconds": stats["seconds"]})
             mlflow.log_dict(stats, "synthetic_stats.json")
-            incoming, truth = storage.join_uri(scenes_root, "incoming"), storage.join_uri(scenes_root, "truth")
-            for index in range(d.scene_count):  # the scene to segment, and its ground truth beside it
-                scene_id = f"scene-{d.seed}-{index:03d}"
-                generate_scene(truth, scene_id, d.scene_size, d.seed + index)
-                storage.copy(storage.join_uri(truth, scene_id, "image.tif"), storage.join_uri(incoming, f"{scene_id}.tif"))
         return {"source_uri": source_uri, "scenes_uri": incoming, "truth_uri": truth,
                 "mlflow_run_id": run.info.run_id}  # fmt: skip
 
@@ -129,24 +124,15 @@ def evaluate_step(cfg: GeoPixConfig, name: str) -> Step:
 
 
 def register_step(cfg: GeoPixConfig) -> Step:
-    from geopix.train.run import promote, promotion_gate, register_model
+    from geopix.train.run import promotion_gate, register_evaluated
 
     p = cfg.pipeline
 
     def run(ctx: Context) -> dict:
-        metrics, stage2 = ctx.outputs["evaluate"]["metrics"], ctx.outputs["stage2"]
-        gate = promotion_gate(metrics, p)
+        gate = promotion_gate(ctx.outputs["evaluate"]["metrics"], p)
         with tracking.step_run("register", params={"gate": gate["rule"]}, config=cfg) as child:
-            # The same model again (a rerun after a kill, --only register) gets its existing version.
-            version = register_model(cfg, stage2["mlflow_run_id"], stage2["model_uri"], 2)
-            if gate["passed"]:
-                promote(cfg, version, "champion")
-            mlflow.log_metrics({"gate_value": gate["value"], "gate_failed_share": gate["failed_share"],
-                                "gate_passed": float(gate["passed"])})  # fmt: skip
-        ref = f"models:/{cfg.train.registered_model}/{version}"
-        return {"model": ref, "version": version, "champion": gate["passed"], "gate_metric": p.gate_metric,
-                "gate_value": gate["value"], "gate_min": p.gate_min, "failed_share": gate["failed_share"],
-                "gate_max_failed_share": p.gate_max_failed_share, "mlflow_run_id": child.info.run_id}  # fmt: skip
+            registered = register_evaluated(cfg, ctx.outputs["stage2"], gate)
+        return registered | {"mlflow_run_id": child.info.run_id}
 
     return Step("register", lambda ctx: (p.gate_metric, p.gate_min, p.gate_max_failed_share, cfg.train.registered_model),
                 run, exists=lambda out: tracking.model_version_exists(out["model"]))  # fmt: skip
@@ -170,25 +156,19 @@ def segment_step(cfg: GeoPixConfig) -> Step:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value")
+    parser = flow_parser(__doc__)
     parser.add_argument("--name", help="pipeline name: its step records live under pipeline.state_uri/<name> "
                                        "(default: the config's name)")  # fmt: skip
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--from-step", choices=STEPS, help="rerun this step and every later one")
     group.add_argument("--only", choices=STEPS, help="rerun this step only (earlier ones must be current)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    cfg = load_config(args.config, args.overrides)
+    cfg, job = start_flow(args)
     name = args.name or cfg.name
     pipeline = Pipeline(name, cfg.pipeline.state_uri, STEPS, from_step=args.from_step, only=args.only,
                         lease_ttl_s=cfg.pipeline.lease_ttl_s)
     steps = [source_step(cfg, name), shard_step(cfg), train_step(cfg, name, 1), train_step(cfg, name, 2),
              evaluate_step(cfg, name), register_step(cfg), segment_step(cfg)]  # fmt: skip
-    ray_job.connect_ray(log_to_driver=False)
-    job = ray_job.run_id()
     error = None
     with tracking.flow_run("full_pipeline", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
         try:

@@ -13,22 +13,15 @@ Scheduling (cron + `ray job submit`, KubeRay CronJob): docs/segmentation.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from geopix import ray_job, tracking
-from geopix.config import load_config
+from geopix import tracking
+from geopix.flow import flow_parser, start_flow
 from geopix.infer.nightly import run_nightly
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], help="section.key=value"
-    )
+    parser = flow_parser(__doc__)
     parser.add_argument(
         "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a model URI"
     )
@@ -37,11 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruction", action="append", help="repeatable (default: segment.instructions)")
     parser.add_argument("--overwrite", action="store_true", help="redo scenes already done or quarantined")
     args = parser.parse_args(argv)
-
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = start_flow(args)
     if args.instruction:
         cfg.segment.instructions = args.instruction
-    ray_job.connect_ray(log_to_driver=False)
     with tracking.flow_run("nightly", cfg, run_name="nightly"):
         result = run_nightly(cfg, args.model, args.incoming, args.out, overwrite=args.overwrite)
     print(

@@ -8,7 +8,6 @@ logs a parent MLflow run with one child run per step. Two submissions never shar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -17,8 +16,8 @@ import time
 import mlflow
 import ray
 
-from geopix import ray_job, storage, tracking
-from geopix.config import load_config
+from geopix import storage, tracking
+from geopix.flow import flow_parser, start_flow
 
 
 @ray.remote(num_cpus=0.5)
@@ -27,19 +26,10 @@ def square(x: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], help="section.key=value"
-    )
+    parser = flow_parser(__doc__)
     parser.add_argument("--tasks", type=int, default=8)
     args = parser.parse_args(argv)
-
-    config = load_config(args.config, args.overrides)
-    ray_job.connect_ray(log_to_driver=False)
-    job_id = ray_job.run_id()
+    config, job_id = start_flow(args)
     out_uri = storage.join_uri(f"s3://{config.storage.buckets.data}", "smoke", job_id, "report.json")
 
     with tracking.flow_run(

@@ -4,10 +4,10 @@
         [--name NAME] [--shards s3://…] [--pipeline NAME]
 
 Trials: sweep.memory_len × sweep.memory_dim (K = 0 is the ablation); each trains stage 1, is
-evaluated on sweep.split (ASHA's rung), then stage 2 and evaluated again (geopix/train/sweep.py).
+evaluated on sweep.split (ASHA's rung), then stage 2 and evaluated again (geopix/tune/memory_sweep.py).
 The shards are --shards, else those the full pipeline named --pipeline (default: the config's
 name) recorded, else data.shards_uri. Submitting the same --name again resumes the sweep from its
-trials' own records (Ray Tune's pickled state is never restored, geopix/train/sweep.py): finished
+trials' own records (Ray Tune's pickled state is never restored, geopix/tune/memory_sweep.py): finished
 trials are not trained again, an interrupted one resumes from its checkpoint.
 Results (table, best config, plot of the metric against K per size bucket) go to
 <sweep.out_uri>/<name>/ and to the MLflow parent run, each trial a nested run under it.
@@ -15,43 +15,34 @@ Results (table, best config, plot of the metric against K per size bucket) go to
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 
 import mlflow
 
-from geopix import ray_job, storage, tracking
-from geopix.config import GeoPixConfig, load_config
-from geopix.train.sweep import results_table, sweep_memory
+from geopix import tracking
+from geopix.config import GeoPixConfig
+from geopix.flow import flow_parser, start_flow
+from geopix.step_runner import pipeline_root, read_step_record
+from geopix.tune.memory_sweep import results_table, sweep_memory
 
 
 def shards_for(cfg: GeoPixConfig, shards: str | None, pipeline: str) -> str:
     """--shards, else the shard step the full pipeline recorded, else data.shards_uri."""
     if shards:
         return shards
-    record = storage.join_uri(cfg.pipeline.state_uri, pipeline, "steps", "shard.json")
-    if storage.exists(record):
-        return json.loads(storage.read_bytes(record))["outputs"]["shards_uri"]
-    return cfg.data.shards_uri
+    record = read_step_record(pipeline_root(cfg.pipeline.state_uri, pipeline), "shard")
+    return record.outputs["shards_uri"] if record else cfg.data.shards_uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value")
+    parser = flow_parser(__doc__)
     parser.add_argument("--name", help="sweep name; the same name again restores it (default: memory-<config>)")
     parser.add_argument("--shards", help="shard set to train and evaluate on")
     parser.add_argument("--pipeline", help="take the shards this full pipeline recorded (default: the config's name)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    cfg = load_config(args.config, args.overrides)
+    cfg, job = start_flow(args)
     name = args.name or f"memory-{cfg.name}"
     shards = shards_for(cfg, args.shards, args.pipeline or cfg.name)
-    ray_job.connect_ray(log_to_driver=False)
-    job = ray_job.run_id()
     with tracking.flow_run("tune_memory", cfg, run_name=f"{name}-{job}", tags={"geopix.ray_job": job}) as parent:
         mlflow.log_params({"sweep_name": name, "shards_uri": shards})
         result = sweep_memory(cfg, shards, name, parent.info.run_id)

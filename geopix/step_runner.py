@@ -92,6 +92,29 @@ class StepOutcome:
     outputs: dict[str, Any]
 
 
+def pipeline_root(state_uri: str, name: str) -> str:
+    """Where the pipeline ``name`` keeps its step records, leases and run summaries."""
+    return storage.join_uri(state_uri, name)
+
+
+def step_record_uri(root: str, step: str) -> str:
+    return storage.join_uri(root, "steps", f"{step}.json")
+
+
+def read_step_record(root: str, step: str) -> StepRecord | None:
+    """The record of ``step`` under a pipeline's ``root`` (:func:`pipeline_root`), or None when there
+    is none — or none that can be read (a record cut short by a crash is reported and the step
+    reruns, instead of every later run failing)."""
+    uri = step_record_uri(root, step)
+    try:
+        return StepRecord(**json.loads(storage.read_bytes(uri)))
+    except (storage.StorageError, FileNotFoundError):
+        return None
+    except (ValueError, TypeError) as exc:
+        log.warning("step %s: its record %s is unreadable (%s); the step runs again", step, uri, exc)
+        return None
+
+
 class Pipeline:
     """Runs steps in order under ``<state_uri>/<name>/``; see the module docstring."""
 
@@ -105,7 +128,7 @@ class Pipeline:
         if from_step and only:
             raise PipelineError("give --from-step or --only, not both")
         self.name = name
-        self.root = storage.join_uri(state_uri, name)
+        self.root = pipeline_root(state_uri, name)
         self.step_names = list(step_names)
         self.first_forced = self.step_names.index(from_step or only) if (from_step or only) else None
         self.last = self.step_names.index(only) if only else len(step_names) - 1
@@ -113,19 +136,10 @@ class Pipeline:
         self.lease_ttl_s = lease_ttl_s
 
     def record_uri(self, step: str) -> str:
-        return storage.join_uri(self.root, "steps", f"{step}.json")
+        return step_record_uri(self.root, step)
 
     def record(self, step: str) -> StepRecord | None:
-        """The step's record, or None when there is none — or none that can be read (a record cut
-        short by a crash is reported and the step reruns, instead of every later run failing)."""
-        uri = self.record_uri(step)
-        try:
-            return StepRecord(**json.loads(storage.read_bytes(uri)))
-        except (storage.StorageError, FileNotFoundError):
-            return None
-        except (ValueError, TypeError) as exc:
-            log.warning("step %s: its record %s is unreadable (%s); the step runs again", step, uri, exc)
-            return None
+        return read_step_record(self.root, step)
 
     @staticmethod
     def is_current(record: StepRecord | None, step: Step, key: str) -> bool:

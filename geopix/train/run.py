@@ -409,6 +409,25 @@ def promotion_gate(metrics: dict[str, float], pipeline: PipelineConfig) -> dict[
     }  # fmt: skip
 
 
+def register_evaluated(cfg: GeoPixConfig, stage2: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+    """Register the evaluated stage-2 model (``stage2``: its training step's outputs) as
+    ``candidate``, and as ``champion`` when it passed ``gate`` (:func:`promotion_gate`); the gate's
+    figures go to the active MLflow run. The same model again (a rerun after a kill, ``--only
+    register``) keeps its version. Returns what the pipeline records of the step."""
+    import mlflow
+
+    p = cfg.pipeline
+    version = register_model(cfg, stage2["mlflow_run_id"], stage2["model_uri"], 2)
+    if gate["passed"]:
+        promote(cfg, version, "champion")
+    mlflow.log_metrics({"gate_value": gate["value"], "gate_failed_share": gate["failed_share"],
+                        "gate_passed": float(gate["passed"])})  # fmt: skip
+    return {"model": f"models:/{cfg.train.registered_model}/{version}", "version": version,
+            "champion": gate["passed"], "gate_metric": p.gate_metric, "gate_value": gate["value"],
+            "gate_min": p.gate_min, "failed_share": gate["failed_share"],
+            "gate_max_failed_share": p.gate_max_failed_share}  # fmt: skip
+
+
 def promote(cfg: GeoPixConfig, version: str, alias: str = "champion") -> None:
     """Point ``alias`` of ``train.registered_model`` at ``version`` (the pipeline's gate decides)."""
     from mlflow.tracking import MlflowClient
