@@ -214,6 +214,7 @@ def check_correctness(args, device, sizes: dict) -> dict:
 
     from geopix.config import ModelConfig
     from geopix.data.tokenizer import prompt_text
+    from geopix.train.stages import set_stage
 
     res: dict[str, Any] = {"cases": []}
     cfg = ModelConfig(**sizes["model"])
@@ -225,7 +226,7 @@ def check_correctness(args, device, sizes: dict) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = build_geopix(cfg, device, vision_config=sizes["vision_config"], **ids)
-    model.set_stage(1)
+    set_stage(model, 1)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     res["params_total"] = sum(p.numel() for p in model.parameters())
     res["attn_implementation"] = getattr(model.llm.config, "_attn_implementation", None)
@@ -401,6 +402,7 @@ def run_training(mode: str, args, device, sizes: dict, batches: list[dict], ids:
     import torch
 
     from geopix.config import ModelConfig
+    from geopix.train.stages import set_stage
 
     cfg = ModelConfig(**sizes["model"])
     is_cuda = device.type == "cuda"
@@ -411,7 +413,7 @@ def run_training(mode: str, args, device, sizes: dict, batches: list[dict], ids:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = build_geopix(cfg, device, vision_config=sizes["vision_config"], **ids)
-    model.set_stage(1)
+    set_stage(model, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     res["params_trainable"] = sum(p.numel() for p in params)
     res["params_total"] = sum(p.numel() for p in model.parameters())

@@ -19,6 +19,7 @@ from geopix.data.batches import iter_batches
 from geopix.data.synth import chip_records, make_chip
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters
+from geopix.train.stages import set_stage
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000, seg_vocab=cfg.model.seg_vocabulary)
     model = build_model(cfg.model, tokenizer)
     for stage in (1, 2):
-        model.set_stage(stage)
+        set_stage(model, stage)
         trainable, total = count_parameters(model)
         print(f"tiny stage {stage}: trainable {trainable / 1e6:.2f} M / total {total / 1e6:.2f} M")
 
@@ -52,12 +53,12 @@ def main() -> None:
     # The stage-1 policy trains a random LLM whole; count it as for real weights from a local path.
     big.cfg = full.model_copy(update={"llm_weights": "/local/llava-7b"})
     for stage in (1, 2):
-        big.set_stage(stage)
+        set_stage(big, stage)
         trainable, total = count_parameters(big)
         print(f"full stage {stage}: trainable {trainable / 1e6:.1f} M / total {total / 1e9:.3f} B")
 
     model = build_model(cfg.model, tokenizer)
-    model.set_stage(1)
+    set_stage(model, 1)
     model.train()
     batch = next(
         iter(

@@ -39,12 +39,13 @@ def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
 
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
     from geopix.model import build_model
+    from geopix.train.stages import set_stage
 
     records = make_records(cfg.model.image_size, count, cfg.model.seg_vocabulary)
     tokenizer = train_tokenizer(corpus_texts(records), vocab_size=2000, seg_vocab=cfg.model.seg_vocabulary)
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer)
-    model.set_stage(1)
+    set_stage(model, 1)
     return records, tokenizer, model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -94,7 +95,8 @@ def worker(loop: dict) -> None:
     import torch
 
     from geopix.config import GeoPixConfig, StageConfig
-    from geopix.train.loop import deepspeed_config, to_device
+    from geopix.data.batches import to_device
+    from geopix.train.loop import deepspeed_config
 
     torch.set_num_threads(1)
     context = ray.train.get_context()

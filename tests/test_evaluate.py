@@ -25,6 +25,7 @@ from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.evaluate.captions import caption_scores, caption_tokens
 from geopix.evaluate.job import evaluate_model, evaluate_models, normalise_answer
 from geopix.model import build_model
+from geopix.train.stages import set_stage
 from tests.records import CATALOG, SEG_VOCAB, make_record
 from tests.test_model import SMALL, two_target_record
 
@@ -150,7 +151,7 @@ def fitted_model(cfg, records, tokenizer, max_steps: int = 1000):
     try:
         torch.manual_seed(0)
         model = build_model(cfg.model, tokenizer)
-        model.set_stage(1)
+        set_stage(model, 1)
         batch = next(iter(iter_batches(records, tokenizer, image_size=64, batch_size=len(records),
                                        max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB)))  # fmt: skip
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

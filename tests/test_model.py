@@ -15,6 +15,7 @@ from geopix.data.schema import IMAGE_TOKEN, encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
+from geopix.train.stages import set_stage
 from tests.records import SEG_VOCAB, make_record
 
 SIZE = 64
@@ -77,7 +78,7 @@ def batch(records, tokenizer):
 def new_model(cfg, tokenizer, seed: int = 0, **overrides) -> GeoPixModel:
     torch.manual_seed(seed)
     model = build_model(cfg.model_copy(update=overrides), tokenizer)
-    model.set_stage(1)
+    set_stage(model, 1)
     return model
 
 
@@ -384,7 +385,7 @@ def test_stage_policies_route_gradients(cfg, tokenizer, batch):
     assert not any(n.startswith("vision.") for n in trainable)
     assert any(n.startswith("llm.model.layers") for n in grads)  # random LLM trains in stage 1
 
-    model.set_stage(2)
+    set_stage(model, 2)
     grads, trainable = _trained_names(model, batch)
     assert grads <= trainable
     lora = {n for n in trainable if "lora_" in n}
@@ -400,7 +401,7 @@ def test_stage_policies_route_gradients(cfg, tokenizer, batch):
 # ------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip(cfg, tokenizer, batch, tmp_path):
     model = new_model(cfg, tokenizer)
-    model.set_stage(2)
+    set_stage(model, 2)
     with torch.no_grad():
         model.mask_predictor.memory.gate.fill_(0.5)
         for name, p in model.llm.named_parameters():
@@ -439,7 +440,7 @@ def test_full_preset_parameter_counts_on_meta():
     assert 6.7e9 < llm < 6.8e9  # LLaMA-7B
     # Stage policies as for real weights from a path (a random LLM would train whole).
     model.cfg = cfg.model_copy(update={"llm_weights": "/local/llava-7b"})
-    model.set_stage(2)
+    set_stage(model, 2)
     trainable = count_parameters(model)[0]
     print(f"full stage 2 trainable: {trainable / 1e6:.1f} M")
     assert 10e6 < trainable < 400e6
@@ -474,7 +475,7 @@ def test_pretrained_llm_trains_only_new_token_rows(cfg, tokenizer, batch, pretra
     assert delta.shape[0] == len(model.new_token_ids) == 7
     assert "projector.0.weight" in trainable  # a random projector trains in stage 1
 
-    model.set_stage(2)
+    set_stage(model, 2)
     grads, trainable = _trained_names(model, batch)
     llm_base = {n for n in trainable if n.startswith("llm.") and "lora_" not in n}
     assert llm_base == llm_trainable and any("lora_" in n for n in grads)

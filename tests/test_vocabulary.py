@@ -17,9 +17,9 @@ from geopix.data.source import iter_records, read_catalog
 from geopix.data.synth import generate_chips
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model
-from geopix.model.processor import GeoPixProcessor
 from geopix.train.rank_reader import RankReader
 from geopix.train.run import TrainError, check_data
+from geopix.train.stages import set_stage
 from geopix.vocabulary import SegVocabulary
 from tests.test_model import SMALL
 
@@ -61,7 +61,7 @@ def test_a_two_by_two_vocabulary_goes_from_generation_to_answer(stack, ray_clust
     assert "[SEG4]" not in tokenizer.get_vocab() and len(vocab.token_ids(tokenizer)) == 4
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer)
-    model.set_stage(1)
+    set_stage(model, 1)
     assert model.seg_token_ids == vocab.token_ids(tokenizer)
     seg_rows = [r for r in rows if r["task"] in SEG_TASKS][:4]
     batch = next(iter(iter_batches(seg_rows, tokenizer, image_size=64, batch_size=4, max_length=None,
@@ -75,7 +75,7 @@ def test_a_two_by_two_vocabulary_goes_from_generation_to_answer(stack, ray_clust
     assert torch.isfinite(out.loss) and not torch.equal(before, model.seg_projection.mlp[0].weight)
 
     # Answers are read by the same runs: two runs, two masks; a saved model keeps its vocabulary.
-    processor = GeoPixProcessor.for_model(model)
+    processor = model.processor()
     pixels = processor([seg_rows[0]["image"], seg_rows[1]["image"]])
     answers = model.answer_forced(pixels, "[segment] all ships", "Sure, they are {seg} and {seg}.", tokenizer)
     assert [tuple(a.masks.shape) for a in answers] == [(2, 64, 64)] * 2 and vocab.run in answers[0].text

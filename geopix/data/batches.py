@@ -230,6 +230,30 @@ def collate(
     return batch
 
 
+# What a batch hands the model's forward (the rest: ids, tasks, transforms, original masks).
+MODEL_INPUTS = (
+    "pixel_values",
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "seg_positions",
+    "target_sample",
+    "target_masks",
+    "class_ids",
+)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The model inputs of ``batch`` on ``device``, floating tensors in ``dtype``."""
+    moved = {}
+    for key in MODEL_INPUTS:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=dtype if value.is_floating_point() else None)
+        moved[key] = value
+    return moved
+
+
 @dataclass
 class LoaderStats:
     """What one pass of :func:`iter_batches` did; bad rows are counted here and logged."""

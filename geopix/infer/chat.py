@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from geopix.data.contact_sheet import TARGET_COLOURS
-from geopix.model.modeling import ChatAnswer, GeoPixModel
+from geopix.model.generation import ChatAnswer
+from geopix.model.modeling import GeoPixModel
 from geopix.vocabulary import ANY_SEG_RUN
 
 

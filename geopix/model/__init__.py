@@ -1,7 +1,7 @@
 """The GeoPix model: vision encoder, projector, LLM, seg tokens, mask predictor, class memory (stage: model)."""
 
+from geopix.model.generation import ChatAnswer
 from geopix.model.modeling import (
-    ChatAnswer,
     GeoPixModel,
     GeoPixOutput,
     add_geopix_tokens,

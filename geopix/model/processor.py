@@ -12,15 +12,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from geopix.data.images import decode_image, resize_image
-
-if TYPE_CHECKING:
-    from geopix.model.modeling import GeoPixModel
 
 PROCESSOR_FILE = "processor_config.json"
 
@@ -30,10 +27,6 @@ class GeoPixProcessor:
     image_size: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-
-    @classmethod
-    def for_model(cls, model: GeoPixModel) -> GeoPixProcessor:
-        return cls(model.cfg.image_size, tuple(model.vision.image_mean), tuple(model.vision.image_std))
 
     def image_array(self, image: Any) -> np.ndarray:
         """One image (a path, encoded bytes, or an H×W×3 uint8 array) → size×size×3 uint8."""

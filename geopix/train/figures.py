@@ -16,7 +16,7 @@ from geopix.plotting import pyplot
 @torch.no_grad()
 def training_overlays(model: Any, batch: Mapping[str, Any], count: int, dtype: torch.dtype, path: Path) -> Path:
     """The first ``count`` targets of ``batch``: image, ground truth outline, prediction fill, IoU."""
-    from geopix.train.loop import to_device
+    from geopix.data.batches import to_device
 
     plt = pyplot()
     device = next(model.parameters()).device

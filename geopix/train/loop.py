@@ -22,22 +22,12 @@ from typing import Any
 import torch
 
 from geopix.config import GeoPixConfig, StageConfig, TrainConfig
-from geopix.data.batches import LoaderStats, iter_batches
+from geopix.data.batches import LoaderStats, iter_batches, to_device
 from geopix.train import checkpoints
 from geopix.train.rank_reader import Position, RankReader
 
 log = logging.getLogger("geopix.train")
 LOSS_KEYS = ("text", "mask_bce", "mask_dice", "class")
-MODEL_INPUTS = (
-    "pixel_values",
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "seg_positions",
-    "target_sample",
-    "target_masks",
-    "class_ids",
-)
 
 
 def deepspeed_config(train: TrainConfig, stage: StageConfig, bf16: bool) -> dict[str, Any]:
@@ -102,16 +92,6 @@ def batch_stream(
                 f"dropped {dict(batches.stats.dropped)}"
             )
         epoch, skip = epoch + 1, 0
-
-
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    moved = {}
-    for key in MODEL_INPUTS:
-        value = batch.get(key)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype=dtype if value.is_floating_point() else None)
-        moved[key] = value
-    return moved
 
 
 def sync_buffers(module: torch.nn.Module) -> None:
@@ -252,6 +232,7 @@ def _train(loop: dict[str, Any]) -> None:
     from geopix.model import GeoPixModel, build_model
     from geopix.storage import local_copy
     from geopix.tracking import MetricsWriter
+    from geopix.train.stages import set_stage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     context = ray.train.get_context()
@@ -273,7 +254,7 @@ def _train(loop: dict[str, Any]) -> None:
     else:
         model = build_model(cfg.model, tokenizer)
     model.class_names = list(loop["class_names"])
-    model.set_stage(stage_no)
+    set_stage(model, stage_no)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=train.weight_decay)
