@@ -593,3 +593,30 @@ def test_multi_target_loss_pairs_runs_with_targets_by_assignment():
     order = match_targets(logits, targets, sample, {"mask_bce": 2.0, "mask_dice": 0.5})
     assert order.tolist() == [1, 2, 0, 3]
     assert torch.equal(targets[order][:3] > 0, logits[:3] > 0)
+
+
+def test_a_model_directory_saved_before_the_restructuring_still_loads(tmp_path):
+    """tests/data/model_saved_before_restructuring/: the config and processor of a stage-2 model
+    with LoRA that GeoPix saved before its modules moved (commit cf85ab3), and the name, dtype and
+    shape of every weight it wrote. A directory laid out so loads, strictly, into the same modules."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    kept = Path(__file__).parent / "data" / "model_saved_before_restructuring"
+    layout = [json.loads(line) for line in (kept / "weight_layout.jsonl").read_text().splitlines()]
+    directory = tmp_path / "model"
+    (directory / "processor").mkdir(parents=True)
+    shutil.copy(kept / "geopix_config.json", directory)
+    shutil.copy(kept / "processor_config.json", directory / "processor")
+    dtypes = {"F32": torch.float32, "I64": torch.int64}
+    save_file({w["name"]: torch.zeros(w["shape"], dtype=dtypes[w["dtype"]]) for w in layout},
+              str(directory / "model.safetensors"))  # fmt: skip
+    model = GeoPixModel.load(directory)  # strict: every saved name has its module, every module its weight
+    assert model.stage == 2 and model.lora and model.cfg.seg_vocabulary == SEG_VOCAB
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == {w["name"]: w["shape"] for w in layout}
+    assert model.class_names[:3] == ["storage_tank", "ship", "building"]
+    from geopix.model.processor import GeoPixProcessor
+
+    assert model.processor() == GeoPixProcessor.from_pretrained(directory / "processor")
