@@ -15,7 +15,7 @@ ROOT = Path(geopix.__file__).parent
 LAYERS = [
     {"vocabulary", "redaction", "plotting"},
     {"config", "storage"},
-    {"outputs", "ray_job", "tracking", "stack"},
+    {"outputs", "ray_job", "tracking", "stack", "weights"},
     {"leases", "data", "flow"},
     {"step_runner", "model"},
     {"train", "infer"},

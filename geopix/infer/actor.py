@@ -18,6 +18,9 @@ class ModelActor:
 
         torch.set_num_threads(threads)
         self.config = GeoPixConfig.model_validate(config)
-        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(model_uri, device=device)
+        from geopix.weights import local_model_dir
+
+        local = local_model_dir(model_uri)
+        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(local, device=device)
         self.device = device
         self.dtype = next(self.model.projector.parameters()).dtype

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def local_path(path: str | Path, what: str) -> Path:
+    """``path`` as a local path: the model reads local files only (``geopix.weights`` fetches the
+    S3 locations a config names before the model is built)."""
+    if str(path).lower().startswith(("s3://", "s3a://")):
+        raise ValueError(f"{what} is {path}: the model reads local files only; fetch it first "
+                         "(geopix.weights.local_weights for a config, local_model_dir for a saved model)")  # fmt: skip
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    return Path(path)
 
 
 class Float32BatchNorm2d(nn.BatchNorm2d):

@@ -21,10 +21,10 @@ from geopix.data.batches import IGNORE_INDEX
 from geopix.data.schema import IMAGE_TOKEN
 from geopix.model.adapters import add_lora, add_trainable_tokens
 from geopix.model.generation import GenerationMixin
+from geopix.model.layers import local_path
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.processor import GeoPixProcessor
 from geopix.model.vision import build_vision_encoder
-from geopix.storage import local_copy
 
 LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "geopix_config.json"
@@ -90,7 +90,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         if llm_config is not None:  # load(): the saved architecture, weights from our own file
             self.llm = LlamaForCausalLM(LlamaConfig(**llm_config))
         elif cfg.llm_weights and pretrained:  # a real LLM, then grown to the tokenizer
-            self.llm = LlamaForCausalLM.from_pretrained(local_copy(cfg.llm_weights), local_files_only=True)
+            self.llm = LlamaForCausalLM.from_pretrained(local_path(cfg.llm_weights, "model.llm_weights"), local_files_only=True)
             self.llm.resize_token_embeddings(vocab_size)
         else:
             self.llm = LlamaForCausalLM(llama_config(cfg, vocab_size))
@@ -301,11 +301,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> GeoPixModel:
-        """Inverse of :meth:`save` (JSON + safetensors only). ``directory`` may be an s3:// prefix
-        (downloaded once into the cache; it must carry the ``_SUCCESS`` marker of a finished upload)."""
+        """Inverse of :meth:`save` (JSON + safetensors only), from a local directory (a published
+        one in S3: ``geopix.weights.local_model_dir`` first)."""
         from safetensors.torch import load_file
 
-        directory = local_copy(directory)
+        directory = local_path(directory, "model directory")
         config_path = directory / CONFIG_FILE
         if not config_path.exists():
             raise FileNotFoundError(f"{directory}: not a GeoPix model directory (no {CONFIG_FILE})")
@@ -338,10 +338,10 @@ class GeoPixModel(GenerationMixin, nn.Module):
     def load_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu"
     ) -> tuple[GeoPixModel, Any, Any]:
-        """(model in eval mode on ``device``, tokenizer, processor) from a saved directory or S3 prefix."""
+        """(model in eval mode on ``device``, tokenizer, processor) from a saved local directory."""
         from transformers import AutoTokenizer
 
-        local = local_copy(directory)
+        local = local_path(directory, "model directory")
         model = cls.load(local, device=device).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(local / TOKENIZER_DIR), local_files_only=True)
         return model, tokenizer, GeoPixProcessor.from_pretrained(local / PROCESSOR_DIR)
@@ -393,7 +393,7 @@ def load_projector_weights(projector: nn.Sequential, path: str) -> None:
     only, never arbitrary objects) or a directory holding one. Key forms understood: LLaVA's
     ``model.mm_projector.{0,2}.*`` and transformers' ``multi_modal_projector.linear_{1,2}.*``.
     """
-    file = local_copy(path)
+    file = local_path(path, "model.projector_weights")
     if file.is_dir():
         candidates = [file / n for n in ("mm_projector.safetensors", "model.safetensors", "mm_projector.bin")]
         found = [c for c in candidates if c.exists()]

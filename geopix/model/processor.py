@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from geopix.data.images import decode_image, resize_image
+from geopix.model.layers import local_path
 
 PROCESSOR_FILE = "processor_config.json"
 
@@ -29,11 +30,9 @@ class GeoPixProcessor:
     image_std: tuple[float, float, float]
 
     def image_array(self, image: Any) -> np.ndarray:
-        """One image (a path, encoded bytes, or an H×W×3 uint8 array) → size×size×3 uint8."""
+        """One image (a local path, encoded bytes, or an H×W×3 uint8 array) → size×size×3 uint8."""
         if isinstance(image, (str, Path)):
-            from geopix.storage import read_bytes
-
-            image = read_bytes(str(image))
+            image = local_path(image, "image").read_bytes()
         if isinstance(image, (bytes, bytearray)):
             image = decode_image(bytes(image))
         array = np.asarray(image)

@@ -20,8 +20,7 @@ from torch import nn
 
 from geopix.config import ModelConfig
 from geopix.data.images import IMAGENET_MEAN, IMAGENET_STD
-from geopix.model.layers import use_float32_batchnorm
-from geopix.storage import local_copy
+from geopix.model.layers import local_path, use_float32_batchnorm
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -69,7 +68,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
 
         net = EfficientNet.from_name("efficientnet-lite0")
         if pretrained and not _is_meta():
-            path = local_copy(weights_path) if weights_path else lite0_weights_path()
+            path = local_path(weights_path, "model.vision_weights") if weights_path else lite0_weights_path()
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         # Only the stem and the blocks are used; the 1280-ch head and the classifier are dropped.
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
@@ -118,10 +117,10 @@ class ClipEncoder(FrozenEncoder):
         if config is not None:
             self.clip = CLIPVisionModel(CLIPVisionConfig(**config))
         elif cfg.vision_weights and pretrained:
-            path = local_copy(cfg.vision_weights)
+            path = local_path(cfg.vision_weights, "model.vision_weights")
             self.clip = CLIPVisionModel.from_pretrained(path, local_files_only=True)
         elif cfg.vision_weights:
-            path = local_copy(cfg.vision_weights)
+            path = local_path(cfg.vision_weights, "model.vision_weights")
             self.clip = CLIPVisionModel(CLIPVisionConfig.from_pretrained(path, local_files_only=True))
         else:
             config = CLIPVisionConfig(
