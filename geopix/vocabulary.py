@@ -1,4 +1,5 @@
-"""The seg-token vocabulary: how an answer stands for a mask.
+"""The token conventions records, batches and the model share: the image token, the labels that
+are not supervised, and the seg-token vocabulary — how an answer stands for a mask.
 
 An answer holds one *run* per target, ``[SEG0][SEG1]…[SEG{n-1}]`` with n = ``tokens_per_scale`` ×
 ``num_scales`` (3 × 2 by default, GEOPIX.md §1): the mask decoder reads ``tokens_per_scale`` prompt
@@ -14,6 +15,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+IMAGE_TOKEN = "<image>"  # where the image's tokens go in a prompt (a record's first user turn starts with it)
+IGNORE_INDEX = -100  # the label of a token that is not supervised (prompts, padding)
 
 # Any run of seg tokens, whatever its vocabulary: for showing and normalising answer text.
 ANY_SEG_RUN = re.compile(r"(\[SEG\d+\])+")

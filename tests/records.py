@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from geopix.data.schema import IMAGE_TOKEN, TASK_TAGS, ClassCatalog, encode_mask
-from geopix.vocabulary import SegVocabulary
+from geopix.data.schema import TASK_TAGS, ClassCatalog, encode_mask
+from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 CATALOG = ClassCatalog({0: "storage_tank", 1: "ship", 2: "building"})
 SEG_VOCAB = SegVocabulary()  # the presets' seg tokens: 3 per scale × 2 scales

@@ -17,11 +17,12 @@ from PIL import Image
 from geopix import storage
 from geopix.data import schema
 from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
-from geopix.data.batches import IGNORE_INDEX, encode_conversation, find_seg_runs, iter_batches
+from geopix.data.batches import encode_conversation, find_seg_runs, iter_batches
 from geopix.data.images import decode_image, decode_targets
 from geopix.data.schema import BadRecord
 from geopix.data.shard_set import ShardError, shard_dataset
 from geopix.data.tokenizer import corpus_texts, load_tokenizer, save_tokenizer, train_tokenizer
+from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 from tests.records import SEG_VOCAB
 
 SIZE = 64
@@ -55,9 +56,9 @@ def make_record(
     pixels[mask.astype(bool)] = (220, 30, 30)
     box = [float(x0), float(y0), float(x0 + 12), float(y0 + 12)]
     user = {
-        "refer": f"{schema.IMAGE_TOKEN}\n[refer] the small vehicle on the {corner}",
-        "ground": f"{schema.IMAGE_TOKEN}\n[grounding] where is the small vehicle on the {corner}?",
-        "caption": f"{schema.IMAGE_TOKEN}\n[caption] Describe the image in detail",
+        "refer": f"{IMAGE_TOKEN}\n[refer] the small vehicle on the {corner}",
+        "ground": f"{IMAGE_TOKEN}\n[grounding] where is the small vehicle on the {corner}?",
+        "caption": f"{IMAGE_TOKEN}\n[caption] Describe the image in detail",
     }[task]
     answer = {
         "refer": f"Sure, it is {SEG_RUN}.",
@@ -111,13 +112,13 @@ def test_tokenizer_keeps_seg_tokens_atomic_and_reloads(tokenizer, tmp_path):
     inside_word = tokenizer.encode("vehicle[SEG0]tank", add_special_tokens=False)
     assert inside_word.count(seg_ids[0]) == 1
     assert tokenizer.decode(inside_word) == "vehicle[SEG0]tank"
-    image_id = tokenizer.convert_tokens_to_ids(schema.IMAGE_TOKEN)
-    assert tokenizer.encode(f"{schema.IMAGE_TOKEN}\n[refer] x", add_special_tokens=False)[0] == image_id
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert tokenizer.encode(f"{IMAGE_TOKEN}\n[refer] x", add_special_tokens=False)[0] == image_id
     assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
     assert len(tokenizer) <= 400 and tokenizer.pad_token_id is not None
 
     reloaded = load_tokenizer(save_tokenizer(tokenizer, tmp_path / "tok"))
-    text = f"USER: {schema.IMAGE_TOKEN}\n[refer] the car ASSISTANT: Sure, it is {SEG_RUN}.</s>"
+    text = f"USER: {IMAGE_TOKEN}\n[refer] the car ASSISTANT: Sure, it is {SEG_RUN}.</s>"
     assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert SEG_VOCAB.token_ids(reloaded) == seg_ids
     with pytest.raises(FileNotFoundError):
@@ -126,7 +127,7 @@ def test_tokenizer_keeps_seg_tokens_atomic_and_reloads(tokenizer, tmp_path):
 
 def test_labels_mask_every_prompt_token_and_supervise_answers(tokenizer):
     conversation = [
-        {"role": "user", "text": f"{schema.IMAGE_TOKEN}\n[refer] the small vehicle on the upper left"},
+        {"role": "user", "text": f"{IMAGE_TOKEN}\n[refer] the small vehicle on the upper left"},
         {"role": "assistant", "text": f"Sure, it is {SEG_RUN}."},
         {"role": "user", "text": "is there more?"},
         {"role": "assistant", "text": "No, that is all."},

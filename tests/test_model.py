@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from geopix.config import load_config
-from geopix.data.batches import IGNORE_INDEX, iter_batches
-from geopix.data.schema import IMAGE_TOKEN, encode_mask
+from geopix.data.batches import iter_batches
+from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.stages import set_stage
+from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 from tests.records import SEG_VOCAB, make_record
 
 SIZE = 64

@@ -39,11 +39,10 @@ from geopix.data.images import (
 )
 from geopix.data.schema import BadRecord
 from geopix.data.tokenizer import assistant_turn_text, prompt_text
-from geopix.vocabulary import SegVocabulary, seg_run_starts
+from geopix.vocabulary import IGNORE_INDEX, SegVocabulary, seg_run_starts
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 MAX_REPORTED_DROPS = 100  # record ids kept in LoaderStats.dropped_ids; the counts are complete
 
 

@@ -28,7 +28,6 @@ import numpy as np
 
 from geopix import storage
 from geopix.data.schema import (
-    IMAGE_TOKEN,
     TASK_TAGS,
     ClassCatalog,
     box_to_text,
@@ -36,7 +35,7 @@ from geopix.data.schema import (
     encode_mask,
 )
 from geopix.data.source import SourceWriter
-from geopix.vocabulary import SegVocabulary
+from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 REFCOCO_SPLITS = {
     "train": "train",

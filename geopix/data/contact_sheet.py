@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from geopix.data import schema
-from geopix.vocabulary import ANY_SEG_RUN
+from geopix.vocabulary import ANY_SEG_RUN, IMAGE_TOKEN
 
 TARGET_COLOURS = (
     np.array(
@@ -76,7 +76,7 @@ def _overlay(image: np.ndarray, targets: list[Mapping[str, Any]]) -> np.ndarray:
 
 def _text(record: Mapping[str, Any], width: int) -> str:
     turns = record.get("conversation") or []
-    prompt = turns[0]["text"].replace(schema.IMAGE_TOKEN, "").strip() if turns else ""
+    prompt = turns[0]["text"].replace(IMAGE_TOKEN, "").strip() if turns else ""
     answer = ANY_SEG_RUN.sub("[SEG]", turns[1]["text"]) if len(turns) > 1 else ""
     head = f"{record.get('task')} · {record.get('phrase_type') or '-'} · {record.get('template_id') or '-'}"
     lines = [head] + textwrap.wrap("Q: " + prompt, width)[:3] + textwrap.wrap("A: " + answer, width)[:5]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from geopix.vocabulary import SegVocabulary
+from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"geopix.schema_version"
@@ -49,7 +49,6 @@ def size_bucket(area: int, small_max_area: int = SMALL_MAX_AREA, medium_max_area
         return "small"
     return "medium" if area < medium_max_area else "large"
 
-IMAGE_TOKEN = "<image>"
 TASK_TAGS = {
     "segment": "[segment]",
     "refer": "[refer]",

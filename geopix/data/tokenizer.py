@@ -21,8 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from geopix.data.schema import IMAGE_TOKEN
-from geopix.vocabulary import SegVocabulary
+from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"

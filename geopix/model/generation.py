@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from geopix.data.schema import IMAGE_TOKEN
-from geopix.vocabulary import seg_run_starts
+from geopix.vocabulary import IMAGE_TOKEN, seg_run_starts
 
 
 @dataclass

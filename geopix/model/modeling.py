@@ -17,14 +17,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geopix.config import ModelConfig
-from geopix.data.batches import IGNORE_INDEX
-from geopix.data.schema import IMAGE_TOKEN
 from geopix.model.adapters import add_lora, add_trainable_tokens
 from geopix.model.generation import GenerationMixin
 from geopix.model.layers import local_path
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.processor import GeoPixProcessor
 from geopix.model.vision import build_vision_encoder
+from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 
 LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "geopix_config.json"

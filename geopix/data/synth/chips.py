@@ -32,7 +32,7 @@ from geopix.data.synth.classes import (
 from geopix.data.synth.drawing import paint_ids, render_window
 from geopix.data.synth.planning import plan_chip
 from geopix.data.synth.world import Obj, World
-from geopix.vocabulary import SegVocabulary
+from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 
 @dataclass
@@ -205,7 +205,7 @@ def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
                 "conversation": [
                     {
                         "role": "user",
-                        "text": f"{schema.IMAGE_TOKEN}\n{schema.TASK_TAGS[ex.task]} {ex.prompt}",
+                        "text": f"{IMAGE_TOKEN}\n{schema.TASK_TAGS[ex.task]} {ex.prompt}",
                     },
                     {"role": "assistant", "text": ex.answer},
                 ],
