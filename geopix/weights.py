@@ -1,14 +1,12 @@
-"""Weights a config names, as local files: fetched before a model is built or loaded.
+"""Weights a config names, as local files: fetched before a model is built.
 
 The model package reads local files only. What a config names — ``model.vision_weights``,
-``model.llm_weights``, ``model.projector_weights`` — and a published model's directory may be S3
-prefixes; they are fetched here into the local cache (``storage.local_copy``: once, refreshed by
-ETag, refused without the ``_SUCCESS`` marker of a finished upload).
+``model.llm_weights``, ``model.projector_weights`` — may be S3 prefixes; they are fetched here into
+the local cache (``storage.local_copy``: once, refreshed by ETag, refused without the ``_SUCCESS``
+marker of a finished upload), as a published model directory is with ``storage.local_copy`` itself.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from geopix import storage
 from geopix.config import ModelConfig
@@ -24,8 +22,3 @@ def local_weights(cfg: ModelConfig) -> ModelConfig:
         if getattr(cfg, key) and storage.is_s3_uri(getattr(cfg, key))
     }
     return cfg.model_copy(update=fetched)
-
-
-def local_model_dir(uri: str | Path) -> Path:
-    """A saved model directory (local, or an S3 prefix of a finished upload) as a local path."""
-    return storage.local_copy(uri)

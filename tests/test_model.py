@@ -527,13 +527,12 @@ def test_processor_reproduces_training_input(cfg, tokenizer, records, batch, tmp
 
 
 def test_model_directory_round_trip_through_s3(stack, cfg, tokenizer, batch, tmp_path):
-    from geopix.storage import StorageError, upload_directory
-    from geopix.weights import local_model_dir
+    from geopix.storage import StorageError, local_copy, upload_directory
 
     model = new_model(cfg, tokenizer).eval()
     local = model.save(tmp_path / "m", tokenizer)
     uri = upload_directory(local, "s3://geopix-checkpoints/tests/model-roundtrip")
-    loaded = GeoPixModel.load(local_model_dir(uri)).eval()
+    loaded = GeoPixModel.load(local_copy(uri)).eval()
     with torch.no_grad():
         assert torch.equal(model(**batch).mask_logits, loaded(**batch).mask_logits)
     # A prefix whose upload never finished (no _SUCCESS) is refused by name.
@@ -541,7 +540,7 @@ def test_model_directory_round_trip_through_s3(stack, cfg, tokenizer, batch, tmp
 
     s3_filesystem().put_file(str(local / "geopix_config.json"), "s3://geopix-checkpoints/tests/half/geopix_config.json")
     with pytest.raises(StorageError, match="half: no _SUCCESS marker"):
-        GeoPixModel.load(local_model_dir("s3://geopix-checkpoints/tests/half"))
+        GeoPixModel.load(local_copy("s3://geopix-checkpoints/tests/half"))
     # The model itself reads local files only, and says where S3 ones are fetched.
     with pytest.raises(ValueError, match="reads local files only; fetch it first"):
         GeoPixModel.load(uri)

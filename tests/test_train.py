@@ -101,9 +101,7 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     assert {"config.yaml", "model", "loss_curves_stage1.png", "train_overlays_stage1.png"} <= artifacts
 
     # Stage 2 started from stage 1's model and added LoRA; the published model loads and chats.
-    from geopix.weights import local_model_dir
-
-    model, tokenizer, processor = GeoPixModel.load_pretrained(local_model_dir(second.model_uri))
+    model, tokenizer, processor = GeoPixModel.load_pretrained(storage.local_copy(second.model_uri))
     assert model.lora and model.stage == 2
     assert model.class_names[1] == "ship"  # from the shard set's class catalog
     from geopix.data.batches import iter_batches

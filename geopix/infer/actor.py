@@ -15,12 +15,10 @@ class ModelActor:
         import torch
 
         from geopix.model.modeling import GeoPixModel
+        from geopix.storage import local_copy
 
         torch.set_num_threads(threads)
         self.config = GeoPixConfig.model_validate(config)
-        from geopix.weights import local_model_dir
-
-        local = local_model_dir(model_uri)
-        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(local, device=device)
+        self.model, self.tokenizer, self.processor = GeoPixModel.load_pretrained(local_copy(model_uri), device=device)
         self.device = device
         self.dtype = next(self.model.projector.parameters()).dtype

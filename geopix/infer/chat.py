@@ -118,9 +118,9 @@ def run_chat(
     **generation: Any,
 ) -> dict[str, Any]:
     """Load a saved model (local or S3), answer, write the overlay PNG (and JSON); return the summary."""
-    from geopix.weights import local_model_dir
+    from geopix.storage import local_copy
 
-    model, tokenizer, processor = GeoPixModel.load_pretrained(local_model_dir(model_uri), device=device)
+    model, tokenizer, processor = GeoPixModel.load_pretrained(local_copy(model_uri), device=device)
     result, array = chat_image(model, tokenizer, processor, image, instruction, **generation)
     summary = result.as_dict() | {"overlay": str(overlay_png(array, result, out))}
     if answer_json:

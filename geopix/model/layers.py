@@ -14,7 +14,7 @@ def local_path(path: str | Path, what: str) -> Path:
     S3 locations a config names before the model is built)."""
     if str(path).lower().startswith(("s3://", "s3a://")):
         raise ValueError(f"{what} is {path}: the model reads local files only; fetch it first "
-                         "(geopix.weights.local_weights for a config, local_model_dir for a saved model)")  # fmt: skip
+                         "(geopix.weights.local_weights for a config, storage.local_copy for a saved model)")  # fmt: skip
     if not Path(path).exists():
         raise FileNotFoundError(f"{what}: {path} does not exist")
     return Path(path)

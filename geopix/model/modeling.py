@@ -301,7 +301,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> GeoPixModel:
         """Inverse of :meth:`save` (JSON + safetensors only), from a local directory (a published
-        one in S3: ``geopix.weights.local_model_dir`` first)."""
+        one in S3: ``storage.local_copy`` first)."""
         from safetensors.torch import load_file
 
         directory = local_path(directory, "model directory")

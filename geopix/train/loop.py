@@ -233,7 +233,7 @@ def _train(loop: dict[str, Any]) -> None:
     from geopix.storage import local_copy
     from geopix.tracking import MetricsWriter
     from geopix.train.stages import set_stage
-    from geopix.weights import local_model_dir, local_weights
+    from geopix.weights import local_weights
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     context = ray.train.get_context()
@@ -251,7 +251,7 @@ def _train(loop: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     if loop.get("init_model_uri"):
-        model = GeoPixModel.load(local_model_dir(loop["init_model_uri"]))
+        model = GeoPixModel.load(local_copy(loop["init_model_uri"]))
     else:
         model = build_model(local_weights(cfg.model), tokenizer)
     model.class_names = list(loop["class_names"])
