@@ -50,7 +50,7 @@ class SegVocabulary:
         """(complete runs, problems) in ``text``: a broken or partial run is a problem, not a run."""
         problems = []
         leftover = text.replace(self.run, "")
-        if re.search(r"\[SEG\d+\]", leftover):
+        if ANY_SEG_RUN.search(leftover):
             problems.append(f"seg tokens outside a complete {self.run} run")
         return text.count(self.run), problems
 
@@ -68,10 +68,13 @@ def seg_run_starts(ids: Sequence[int], run_ids: Sequence[int]) -> list[int]:
     """Start indices of the complete, non-overlapping runs ``run_ids`` in the token ids ``ids``."""
     ids, run = list(ids), list(run_ids)
     starts, p = [], 0
-    while p <= len(ids) - len(run):
+    while True:
+        try:  # jump to the next run's first token (a C-level search, not a step per token)
+            p = ids.index(run[0], p)
+        except ValueError:
+            return starts
         if ids[p : p + len(run)] == run:
             starts.append(p)
             p += len(run)
         else:
             p += 1
-    return starts
