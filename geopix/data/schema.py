@@ -49,6 +49,7 @@ def size_bucket(area: int, small_max_area: int = SMALL_MAX_AREA, medium_max_area
         return "small"
     return "medium" if area < medium_max_area else "large"
 
+
 TASK_TAGS = {
     "segment": "[segment]",
     "refer": "[refer]",

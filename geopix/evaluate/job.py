@@ -70,8 +70,6 @@ def reference_answer(record: dict[str, Any]) -> str:
     return next((t["text"] for t in record.get("conversation") or [] if t["role"] == "assistant"), "")
 
 
-
-
 def normalise_answer(text: str) -> str:
     """Lower case, seg runs and punctuation removed: what VQA's exact match compares."""
     return " ".join(re.sub(r"[^\w\s]", " ", ANY_SEG_RUN.sub(" ", text).lower()).split())
