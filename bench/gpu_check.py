@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
@@ -108,27 +108,18 @@ def presets(dry_run: bool) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------- model / data
 def build_geopix(cfg, device, *, vocab_size: int, image_token_id: int, seg_token_ids: list[int],
                  pad_token_id: int, vision_config: dict | None):
-    """GeoPixModel built directly on ``device`` (no fp32 copy on the CPU first: 1.6 B parameters
-    would take minutes there). The constructor's keyword for "do not read weights" has changed
-    name across versions, so it is looked up."""
+    """GeoPixModel built directly on ``device`` with random weights (no fp32 copy on the CPU
+    first: 1.6 B parameters would take minutes there)."""
     import torch
 
-    from geopix.model import GeoPixModel
+    from geopix.model import GeoPixModel, model_config
 
-    params = inspect.signature(GeoPixModel.__init__).parameters
-    kwargs: dict[str, Any] = {}
-    for name in ("pretrained", "pretrained_vision"):
-        if name in params:
-            kwargs[name] = False
-            break
+    config = model_config(cfg, vocab_size=vocab_size, image_token_id=image_token_id,
+                          seg_token_ids=seg_token_ids, pad_token_id=pad_token_id)
     if vision_config is not None:
-        if "vision_config" not in params:
-            raise RuntimeError("GeoPixModel takes no vision_config: the dry run needs it for a small CLIP")
-        kwargs["vision_config"] = vision_config
+        config = dataclasses.replace(config, vision_config=vision_config)
     with torch.device(device):
-        model = GeoPixModel(cfg, vocab_size=vocab_size, image_token_id=image_token_id,
-                            seg_token_ids=seg_token_ids, pad_token_id=pad_token_id, **kwargs)
-    return model
+        return GeoPixModel(config)
 
 
 def make_batch(*, targets: list[int], text_len: int, image_size: int, vocab_size: int, image_token_id: int,
@@ -185,7 +176,8 @@ def make_batch(*, targets: list[int], text_len: int, image_size: int, vocab_size
 
 def tiny_tokenizer(seg_vocab):
     """A small BPE trained on a handful of template conversations (the tiny preset's recipe)."""
-    from geopix.data.tokenizer import chat_text, train_tokenizer
+    from geopix.chat_template import chat_text
+    from geopix.data.tokenizer import train_tokenizer
 
     run = seg_vocab.run
     phrases = ["the small vehicle on the left", "the large building", "all ships", "the storage tank",
@@ -212,8 +204,8 @@ def grads_finite(model) -> tuple[bool, int]:
 def check_correctness(args, device, sizes: dict) -> dict:
     import torch
 
+    from geopix.chat_template import prompt_text
     from geopix.config import ModelConfig
-    from geopix.data.tokenizer import prompt_text
     from geopix.train.stages import set_stage
 
     res: dict[str, Any] = {"cases": []}
@@ -239,14 +231,14 @@ def check_correctness(args, device, sizes: dict) -> dict:
         try:
             batch = make_batch(targets=targets, text_len=40, image_size=S, num_classes=cfg.num_classes,
                                generator=gen, device=device, **ids)
-            saved_cfg = model.cfg
+            saved_cfg = model.config
             memory = model.mask_predictor.memory
             written = getattr(memory, "ema", None) if memory is not None else None
             if memory is not None and written is None:
                 written = memory.memory  # older layout: the EMA writes into the parameter
             before = written.detach().clone() if written is not None else None
-            if ema:  # the EMA write is read from cfg at forward time
-                model.cfg = cfg.model_copy(update={"memory_ema_momentum": ema})
+            if ema:  # the EMA write is read from the model config at forward time
+                model.config = dataclasses.replace(saved_cfg, memory_ema_momentum=ema)
             model.train()
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
@@ -255,7 +247,7 @@ def check_correctness(args, device, sizes: dict) -> dict:
                     out = model(**batch)
                 out.loss.backward()
             finally:
-                model.cfg = saved_cfg
+                model.config = saved_cfg
             if device.type == "cuda":
                 torch.cuda.synchronize()
             entry["seconds"] = round(time.perf_counter() - start, 3)

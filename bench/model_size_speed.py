@@ -18,7 +18,7 @@ from geopix.config import load_config
 from geopix.data.batches import iter_batches
 from geopix.data.synth import chip_records, make_chip
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
-from geopix.model import GeoPixModel, build_model, count_parameters
+from geopix.model import GeoPixModel, build_model, count_parameters, model_config
 from geopix.train.stages import set_stage
 
 
@@ -44,14 +44,10 @@ def main() -> None:
     full = load_config("full").model
     with torch.device("meta"):
         big = GeoPixModel(
-            full,
-            vocab_size=32007,
-            image_token_id=32000,
-            seg_token_ids=list(range(32001, 32007)),
-            pretrained=False,
+            model_config(full, vocab_size=32007, image_token_id=32000, seg_token_ids=list(range(32001, 32007)))
         )
     # The stage-1 policy trains a random LLM whole; count it as for real weights from a local path.
-    big.cfg = full.model_copy(update={"llm_weights": "/local/llava-7b"})
+    big.config.llm_pretrained = True
     for stage in (1, 2):
         set_stage(big, stage)
         trainable, total = count_parameters(big)

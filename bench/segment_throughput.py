@@ -35,7 +35,7 @@ from geopix.config import load_config
 from geopix.data import synth
 from geopix.evaluate.scene_scores import scene_scores
 from geopix.infer.scene_reader import open_scene, plan_windows, read_chunk
-from geopix.infer.segment import MASK_FILE, WindowSegmenter, model_meta, segment_scenes
+from geopix.infer.segment import MASK_FILE, WindowSegmenter, saved_model_config, segment_scenes
 from geopix.infer.stitch import MaskWriter
 
 SCENES = "s3://geopix-scenes/bench"
@@ -130,8 +130,8 @@ def main() -> None:
     ray.init(log_to_driver=False)
     cfg = load_config("tiny", [f"segment.instructions=['{args.instruction}']", *args.overrides])
     seg = cfg.segment
-    meta = model_meta(args.model)
-    size = seg.window_size or int(meta["model"]["image_size"])
+    model_cfg = saved_model_config(args.model)
+    size = seg.window_size or model_cfg.image_size
     image_uri, classes_uri = scene(args.size)
     info = open_scene(image_uri, seg)
     windows = plan_windows(info.width, info.height, size, seg.overlap)
@@ -148,7 +148,7 @@ def main() -> None:
     torch.set_num_threads(seg.threads_per_actor)
     segmenter = WindowSegmenter(args.model, cfg.for_workers(), seg.threads_per_actor, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        writer = MaskWriter(info, Path(tmp) / "sequential.tif", list(meta.get("class_names") or []))
+        writer = MaskWriter(info, Path(tmp) / "sequential.tif", list(model_cfg.class_names))
         started = time.perf_counter()
         pending, preload, answered = [], [], 0
         for window in windows:
@@ -202,13 +202,13 @@ def main() -> None:
         "out": result.out_uri,
     }  # fmt: skip
     figures["ground_truth"] = scene_scores(
-        storage.join_uri(result.out_uri, MASK_FILE), classes_uri, list(meta.get("class_names") or [])
+        storage.join_uri(result.out_uri, MASK_FILE), classes_uri, list(model_cfg.class_names)
     )
     if args.keep_class:
         kept = cfg.model_copy(update={"segment": seg.model_copy(update={"keep_classes": args.keep_class})})
         [filtered] = segment_scenes(kept, args.model, [image_uri], OUT, scene_ids=[f"s{args.size}"], overwrite=True)
         figures["ground_truth_keep_classes"] = scene_scores(
-            storage.join_uri(filtered.out_uri, MASK_FILE), classes_uri, list(meta.get("class_names") or [])
+            storage.join_uri(filtered.out_uri, MASK_FILE), classes_uri, list(model_cfg.class_names)
         )
 
     if args.big:

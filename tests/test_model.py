@@ -3,6 +3,7 @@ overfit sanity, class memory effect, stage policies, save/load, and full-preset 
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from geopix.config import load_config
 from geopix.data.batches import iter_batches
 from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
-from geopix.model import GeoPixModel, build_model, count_parameters
+from geopix.model import GeoPixModel, build_model, count_parameters, model_config
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.stages import set_stage
 from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
@@ -427,11 +428,7 @@ def test_full_preset_parameter_counts_on_meta():
     cfg = load_config("full").model
     with torch.device("meta"):
         model = GeoPixModel(
-            cfg,
-            vocab_size=32000 + 7,
-            image_token_id=32000,
-            seg_token_ids=list(range(32001, 32007)),
-            pretrained=False,
+            model_config(cfg, vocab_size=32000 + 7, image_token_id=32000, seg_token_ids=list(range(32001, 32007)))
         )
     total = count_parameters(model)[1]
     vision = sum(p.numel() for p in model.vision.parameters())
@@ -440,7 +437,7 @@ def test_full_preset_parameter_counts_on_meta():
     assert 300e6 < vision < 310e6  # CLIP ViT-L/14 vision tower
     assert 6.7e9 < llm < 6.8e9  # LLaMA-7B
     # Stage policies as for real weights from a path (a random LLM would train whole).
-    model.cfg = cfg.model_copy(update={"llm_weights": "/local/llava-7b"})
+    model.config.llm_pretrained = True
     set_stage(model, 2)
     trainable = count_parameters(model)[0]
     print(f"full stage 2 trainable: {trainable / 1e6:.1f} M")
@@ -556,7 +553,7 @@ def test_chat_command_writes_answer_and_overlay(fitted, records, tokenizer, tmp_
     from geopix.cli import app
 
     model = fitted[0]
-    model.class_names = [f"kind-{k}" for k in range(model.cfg.num_classes)]
+    model.class_names = [f"kind-{k}" for k in range(model.config.num_classes)]
     saved = model.save(tmp_path / "fitted", tokenizer)
     record = records[3]  # two targets
     (tmp_path / "chip.png").write_bytes(record["image"])
@@ -618,9 +615,28 @@ def test_a_model_directory_saved_before_the_restructuring_still_loads(tmp_path):
     save_file({w["name"]: torch.zeros(w["shape"], dtype=dtypes[w["dtype"]]) for w in layout},
               str(directory / "model.safetensors"))  # fmt: skip
     model = GeoPixModel.load(directory)  # strict: every saved name has its module, every module its weight
-    assert model.stage == 2 and model.lora and model.cfg.seg_vocabulary == SEG_VOCAB
+    assert model.stage == 2 and model.lora and model.config.seg_vocabulary == SEG_VOCAB
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == {w["name"]: w["shape"] for w in layout}
     assert model.class_names[:3] == ["storage_tank", "ship", "building"]
     from geopix.model.processor import GeoPixProcessor
 
     assert model.processor() == GeoPixProcessor.from_pretrained(directory / "processor")
+
+
+def test_a_format_1_config_reads_as_the_model_config_it_describes(tmp_path):
+    """The kept format-1 config (the pipeline's model section + token ids + the LLM's config) reads
+    as a GeoPixModelConfig that says the same, and saving it writes format 2 that reads back equal."""
+    from geopix.model.configuration import CONFIG_FILE, GeoPixModelConfig
+
+    kept = Path(__file__).parent / "data" / "model_saved_before_restructuring"
+    old = json.loads((kept / CONFIG_FILE).read_text())
+    config = GeoPixModelConfig.from_pretrained(kept)
+    assert config.vocab_size == old["vocab_size"] and config.seg_token_ids == old["seg_token_ids"]
+    assert config.image_size == old["model"]["image_size"] and config.memory_len == old["model"]["memory_len"]
+    assert config.lora == {"r": old["model"]["lora_rank"], "alpha": old["model"]["lora_alpha"]}
+    assert not config.llm_pretrained and config.stage == 2 and config.class_names == old["class_names"]
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == 2
+    assert GeoPixModelConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(ValueError, match=r"format_version 7"):
+        GeoPixModelConfig.from_dict({**config.to_dict(), "format_version": 7}, "x.json")

@@ -16,7 +16,7 @@ from geopix.data.shard import shard_sources
 from geopix.data.source import iter_records, read_catalog
 from geopix.data.synth import generate_chips
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
-from geopix.model import GeoPixModel, build_model
+from geopix.model import GeoPixModel, build_model, model_config
 from geopix.train.rank_reader import RankReader
 from geopix.train.run import TrainError, check_data
 from geopix.train.stages import set_stage
@@ -81,9 +81,9 @@ def test_a_two_by_two_vocabulary_goes_from_generation_to_answer(stack, ray_clust
     assert [tuple(a.masks.shape) for a in answers] == [(2, 64, 64)] * 2 and vocab.run in answers[0].text
     saved = model.save(tmp_path / "model", tokenizer)
     loaded = GeoPixModel.load(saved)
-    assert loaded.cfg.seg_vocabulary == vocab and loaded.seg_token_ids == model.seg_token_ids
+    assert loaded.config.seg_vocabulary == vocab and loaded.seg_token_ids == model.seg_token_ids
 
     # A model whose seg ids do not make one run of its vocabulary is refused, naming it.
     with pytest.raises(ValueError, match=r"6 seg token ids for a run of 4 .*\[SEG0\]\[SEG1\]\[SEG2\]\[SEG3\]"):
-        GeoPixModel(cfg.model, vocab_size=len(tokenizer), image_token_id=model.image_token_id,
-                    seg_token_ids=list(range(6)), pretrained=False)  # fmt: skip
+        model_config(cfg.model, vocab_size=len(tokenizer), image_token_id=model.image_token_id,
+                     seg_token_ids=list(range(6)))  # fmt: skip

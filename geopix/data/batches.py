@@ -27,18 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.data import schema
 from geopix.data.augment import IDENTITY, Augmented, augment
-from geopix.data.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    decode_targets,
-    record_image,
-    resize_image,
-    resize_masks,
-)
+from geopix.data.images import decode_targets, record_image
 from geopix.data.schema import BadRecord
-from geopix.data.tokenizer import assistant_turn_text, prompt_text
+from geopix.imaging import IMAGENET_MEAN, IMAGENET_STD, resize_image, resize_masks
 from geopix.vocabulary import IGNORE_INDEX, SegVocabulary, seg_run_starts
 
 log = logging.getLogger(__name__)

@@ -1,77 +1,27 @@
-"""Record images and targets as arrays: decoding (PNG/JPEG/TIFF, 16-bit and float stretched),
-the targets' masks and boxes, and resizing to the model's square input.
-
-Training (:mod:`geopix.data.batches`), the model's processor, evaluation and chat all read images
-through here, so an image is the same array on every path.
+"""A record's image and targets as arrays: its image (inline bytes or ``image_uri``) decoded, its
+targets' masks, boxes and class ids. Decoding and resizing themselves are :mod:`geopix.imaging`'s,
+shared with the model's processor; here a failure makes the record bad (:class:`BadRecord`).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from geopix import storage
+from geopix import imaging, storage
 from geopix.data import schema
 from geopix.data.schema import BadRecord
 
-# The vision encoders' input normalisation (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded PNG/JPEG/TIFF bytes → H×W×3 uint8 RGB.
-
-    Palette, grey, alpha and CMYK images are converted by Pillow; 16-bit and float images are
-    stretched from their 2nd–98th percentile to 0–255 (the usual display stretch for remote
-    sensing); multi-band TIFFs Pillow cannot open are read with rasterio (first three bands).
-    EXIF orientation is ignored on purpose: masks are stored in the pixel order of the file.
-    """
-    from PIL import Image, UnidentifiedImageError
-
+    """A record's encoded image → H×W×3 uint8 (:func:`geopix.imaging.decode_image`); bytes no
+    decoder reads make the record bad."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return _pil_to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-            return _tiff_to_rgb(data)
+        return imaging.decode_image(data)
+    except imaging.UndecodableImage as exc:
         raise BadRecord("undecodable image", str(exc)) from None
-
-
-def _pil_to_rgb(image) -> np.ndarray:
-    if image.mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return _stretch(np.asarray(image)[None])
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def _tiff_to_rgb(data: bytes) -> np.ndarray:
-    from rasterio.errors import RasterioError
-    from rasterio.io import MemoryFile
-
-    try:
-        with MemoryFile(data) as memfile, memfile.open() as dataset:
-            bands = dataset.read(indexes=list(range(1, min(3, dataset.count) + 1)))
-    except (RasterioError, OSError, ValueError) as exc:
-        raise BadRecord("undecodable image", f"TIFF: {exc}") from None
-    return _stretch(bands)
-
-
-def _stretch(bands: np.ndarray) -> np.ndarray:
-    """[C, H, W] any dtype → H×W×3 uint8; one or two bands become grey."""
-    if bands.dtype != np.uint8:
-        values = bands.astype(np.float32)
-        low, high = np.percentile(values, (2, 98))
-        scale = 255.0 / (high - low) if high > low else 0.0
-        bands = np.clip((values - low) * scale, 0, 255).astype(np.uint8)
-    if bands.shape[0] < 3:
-        bands = np.repeat(bands[:1], 3, axis=0)
-    return np.ascontiguousarray(np.moveaxis(bands[:3], 0, -1))
 
 
 def decode_targets(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,23 +52,3 @@ def record_image(record: Mapping[str, Any]) -> np.ndarray:
     if not data:
         raise BadRecord("no image", "neither image bytes nor image_uri")
     return decode_image(data)
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """H×W×3 uint8 → size×size×3, bilinear. Non-square images are stretched, not padded, so
-    that boxes written in text (fractions of the image) stay valid."""
-    from PIL import Image
-
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """N×H×W → N×size×size, nearest neighbour at pixel centres (labels stay binary)."""
-    _, height, width = masks.shape
-    if (height, width) == (size, size):
-        return masks
-    rows = np.minimum(((np.arange(size) + 0.5) * height / size).astype(np.int64), height - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * width / size).astype(np.int64), width - 1)
-    return masks[:, rows[:, None], cols[None, :]]

@@ -8,52 +8,23 @@ Whatever the tokenizer, the training input (:mod:`geopix.data.batches`) needs on
 ``encode(text, add_special_tokens=False)`` (or ``__call__``), ``convert_tokens_to_ids``,
 ``pad_token_id``, ``eos_token_id`` and, when it has one, ``bos_token_id``.
 
-Chat template (LLaVA v1 / Vicuna style, without a system prompt)::
-
-    USER: <image>\\n[refer] the car on the left ASSISTANT: Sure, it is [SEG0]…[SEG5].</s>USER: … ASSISTANT: …</s>
+The chat template itself (LLaVA v1 / Vicuna style) is :mod:`geopix.chat_template`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from geopix.chat_template import EOS_TOKEN, chat_text
 from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
 UNK_TOKEN = "<unk>"
-
-# The template's pieces. A user turn is encoded as one piece `USER: {text} ASSISTANT:` and its
-# answer as ` {text}` + eos, so the prompt of generation is exactly the prompt of training.
-USER_PREFIX = "USER: "
-ASSISTANT_PREFIX = " ASSISTANT:"
-
-
-def prompt_text(user_text: str) -> str:
-    """One user turn as the model sees it, up to where the assistant starts answering."""
-    return f"{USER_PREFIX}{user_text}{ASSISTANT_PREFIX}"
-
-
-def assistant_turn_text(assistant_text: str) -> str:
-    """One assistant turn without its eos (the loader appends the eos id)."""
-    return f" {assistant_text}"
-
-
-def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN) -> str:
-    """A whole conversation rendered with the template (for the tokenizer corpus and for reading)."""
-    parts = []
-    for turn in conversation:
-        if turn["role"] == "user":
-            parts.append(prompt_text(turn["text"]))
-        else:
-            parts.append(assistant_turn_text(turn["text"]) + eos)
-    return "".join(parts)
-
 
 def corpus_texts(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
     """The conversations of ``records`` as the model will read them: the BPE's training corpus."""

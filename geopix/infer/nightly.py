@@ -135,9 +135,9 @@ def run_nightly(
     out = storage.normalize_uri(out or cfg.segment.out_uri).rstrip("/")
     check_output_location(out, [incoming])  # outputs under the listed prefix would be listed as scenes
     ref = resolve_model(model)
-    from geopix.infer.segment import model_meta
+    from geopix.infer.segment import saved_model_config
 
-    window = cfg.segment.window_size or int(model_meta(ref.uri)["model"]["image_size"])
+    window = cfg.segment.window_size or saved_model_config(ref.uri).image_size
     request = request_hash(cfg.segment, window)
     result = NightlyResult(ray_job.run_id(), incoming, out, ref.label)
     todo, seen, skipped = [], set(), []

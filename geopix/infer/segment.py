@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
 from geopix.leases import Lease
 from geopix.outputs import finish_staged_switch, publish_staged, staging_id
 from geopix.tracking import ModelRef
+
+if TYPE_CHECKING:
+    from geopix.model.configuration import GeoPixModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +99,16 @@ def is_published(prefix: str) -> bool:
     return finish_staged_switch(prefix)
 
 
-def model_meta(model_uri: str) -> dict[str, Any]:
-    """The saved model's config (class names, input size) without downloading its weights."""
-    from geopix.model.modeling import CONFIG_FILE
+def saved_model_config(model_uri: str) -> GeoPixModelConfig:
+    """A saved model's config (class names, input size) without downloading its weights."""
+    from geopix.model.configuration import CONFIG_FILE, GeoPixModelConfig
 
+    uri = storage.join_uri(model_uri, CONFIG_FILE)
     try:
-        return json.loads(storage.read_bytes(storage.join_uri(model_uri, CONFIG_FILE)))
+        saved = json.loads(storage.read_bytes(uri))
     except (FileNotFoundError, storage.StorageError):
         raise ValueError(f"{model_uri}: not a GeoPix model (no {CONFIG_FILE})") from None
+    return GeoPixModelConfig.from_dict(saved, uri)
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -246,8 +251,8 @@ def segment_scenes(
     from geopix.tracking import resolve_model
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)
-    meta = model_meta(ref.uri)
-    class_names = list(meta.get("class_names") or [])
+    model_cfg = saved_model_config(ref.uri)
+    class_names = list(model_cfg.class_names)
     seg = cfg.segment
     unknown = sorted(set(seg.keep_classes or []) - set(class_names))
     if unknown:
@@ -255,7 +260,7 @@ def segment_scenes(
     ids = scene_ids or [None] * len(scene_uris)
     if len(ids) != len(scene_uris) or len({i for i in ids if i}) != len([i for i in ids if i]):
         raise ValueError(f"give one distinct scene id per scene ({len(scene_uris)} scenes, ids {scene_ids})")
-    window_size = seg.window_size or int(meta["model"]["image_size"])
+    window_size = seg.window_size or model_cfg.image_size
     request = request_hash(seg, window_size)
     out_uri = storage.normalize_uri(out_uri or seg.out_uri).rstrip("/")
     results: dict[str, SceneResult] = {}

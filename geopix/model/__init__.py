@@ -1,5 +1,6 @@
 """The GeoPix model: vision encoder, projector, LLM, seg tokens, mask predictor, class memory (stage: model)."""
 
+from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.generation import ChatAnswer
 from geopix.model.modeling import (
     GeoPixModel,
@@ -8,12 +9,14 @@ from geopix.model.modeling import (
     build_model,
     count_parameters,
     mask_losses,
+    model_config,
 )
 from geopix.model.vision import VisionEncoder, build_vision_encoder
 
 __all__ = [
     "ChatAnswer",
     "GeoPixModel",
+    "GeoPixModelConfig",
     "GeoPixOutput",
     "VisionEncoder",
     "add_geopix_tokens",
@@ -21,4 +24,5 @@ __all__ = [
     "build_vision_encoder",
     "count_parameters",
     "mask_losses",
+    "model_config",
 ]

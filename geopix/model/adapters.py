@@ -19,7 +19,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: int = 16) -> None:
     with warnings.catch_warnings():  # peft warns when a second adapter kind joins the model; intended
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model.llm)
-    model.lora = True
+    model.config.lora = {"r": r, "alpha": alpha}
 
 
 def add_trainable_tokens(model: nn.Module, token_ids: list[int]) -> None:
@@ -31,4 +31,4 @@ def add_trainable_tokens(model: nn.Module, token_ids: list[int]) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(config, model.llm, adapter_name="geopix_tokens")
-    model.trainable_token_ids = list(token_ids)
+    model.config.trainable_token_ids = list(token_ids)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.vocabulary import IMAGE_TOKEN, seg_run_starts
 
 
@@ -36,8 +37,6 @@ class GenerationMixin:
 
     def prompt_ids(self, instruction: str, tokenizer: Any) -> list[int]:
         """Token ids of one user turn up to where the answer starts (``<image>`` added when missing)."""
-        from geopix.data.tokenizer import prompt_text
-
         text = instruction if IMAGE_TOKEN in instruction else f"{IMAGE_TOKEN}\n{instruction}"
         ids = tokenizer.encode(prompt_text(text), add_special_tokens=False)
         return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
@@ -137,9 +136,9 @@ class GenerationMixin:
         return ChatAnswer.from_logits(text, masks, class_logits)
 
     def _answer_without_masks(self, text: str) -> ChatAnswer:
-        size = self.cfg.image_size
+        size = self.config.image_size
         return ChatAnswer(
-            text, torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, self.cfg.num_classes), torch.zeros(0, size, size)
+            text, torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, self.config.num_classes), torch.zeros(0, size, size)
         )
 
     @torch.no_grad()
@@ -153,8 +152,6 @@ class GenerationMixin:
         on the tokens before it."""
         was_training = self.training
         self.eval()
-        from geopix.data.tokenizer import assistant_turn_text
-
         run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
         answer_ids = tokenizer.encode(assistant_turn_text(answer.replace("{seg}", run_text)), add_special_tokens=False)
         prompt = self.prompt_ids(instruction, tokenizer)

@@ -1,13 +1,13 @@
 """GeoPix: vision encoder → projector → LLaMA, seg-token hidden states → mask predictor.
 
-Built from :class:`~geopix.config.ModelConfig` only (no hub calls). Consumes the batches of
-:mod:`geopix.data.batches` and returns text, mask and class losses separately.
+Built from its own :class:`~geopix.model.configuration.GeoPixModelConfig` (no hub calls; local weight
+files only); :func:`build_model` makes one from the pipeline's model section and a tokenizer. Consumes the batches of
+the batches of ``geopix.data.batches`` (plain tensors) and returns text, mask and class losses separately.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from geopix.config import ModelConfig
 from geopix.model.adapters import add_lora, add_trainable_tokens
+from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.generation import GenerationMixin
 from geopix.model.layers import local_path
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.processor import GeoPixProcessor
-from geopix.model.vision import build_vision_encoder
+from geopix.model.vision import build_vision_encoder, lite0_weights_path
 from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 
 LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "geopix_config.json"
+WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
 
 
@@ -55,69 +56,74 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
 
 
 class GeoPixModel(GenerationMixin, nn.Module):
-    """The whole model. ``image_token_id``/``seg_token_ids`` come from the tokenizer it is built with."""
+    """The whole model, built from its own :class:`GeoPixModelConfig` (random weights, unless local
+    weight files are named: a vision checkpoint, a LLaMA directory, a LLaVA projector)."""
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        config: GeoPixModelConfig,
         *,
-        vocab_size: int,
-        image_token_id: int,
-        seg_token_ids: list[int],
-        pad_token_id: int = 0,
-        pretrained: bool = True,
-        llm_config: dict[str, Any] | None = None,
-        vision_config: dict[str, Any] | None = None,
+        vision_weights: str | Path | None = None,
+        llm_weights: str | Path | None = None,
+        projector_weights: str | Path | None = None,
     ):
-        """``pretrained``: read the weights the config names (vision, LLM, projector). ``load`` passes
-        False plus the saved ``llm_config``/``vision_config``, since its file holds every weight."""
         super().__init__()
-        if cfg.memory_ema_momentum > 0 and cfg.memory_dim != cfg.decoder_dim:
-            raise ValueError(
-                "memory_ema_momentum needs memory_dim == decoder_dim (features are written as slots)"
-            )
-        if len(seg_token_ids) != cfg.seg_vocabulary.run_length:
-            raise ValueError(f"{len(seg_token_ids)} seg token ids for a run of {cfg.seg_vocabulary.run_length} "
-                             f"(model.seg_token_num × model.num_scales: {cfg.seg_vocabulary.run})")  # fmt: skip
-        self.cfg = cfg
+        self.config = config
         self.image_token_id, self.seg_token_ids, self.pad_token_id = (
-            image_token_id,
-            list(seg_token_ids),
-            pad_token_id,
+            config.image_token_id,
+            list(config.seg_token_ids),
+            config.pad_token_id,
         )
-        self.vision = build_vision_encoder(cfg, pretrained=pretrained, config=vision_config)
-        if llm_config is not None:  # load(): the saved architecture, weights from our own file
-            self.llm = LlamaForCausalLM(LlamaConfig(**llm_config))
-        elif cfg.llm_weights and pretrained:  # a real LLM, then grown to the tokenizer
-            self.llm = LlamaForCausalLM.from_pretrained(local_path(cfg.llm_weights, "model.llm_weights"), local_files_only=True)
-            self.llm.resize_token_embeddings(vocab_size)
+        self.vision = build_vision_encoder(config, weights=vision_weights)
+        if llm_weights:  # a real LLM, then grown to the tokenizer
+            self.llm = LlamaForCausalLM.from_pretrained(local_path(llm_weights, "model.llm_weights"), local_files_only=True)
+            self.llm.resize_token_embeddings(config.vocab_size)
         else:
-            self.llm = LlamaForCausalLM(llama_config(cfg, vocab_size))
+            self.llm = LlamaForCausalLM(LlamaConfig.from_dict(config.text_config))
         hidden = self.llm.config.hidden_size
         self.projector = nn.Sequential(
             nn.Linear(self.vision.token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
-        self.seg_projection = SegProjection(hidden, cfg.decoder_dim, cfg.num_scales, cfg.seg_token_num)
+        self.seg_projection = SegProjection(hidden, config.decoder_dim, config.num_scales, config.seg_token_num)
         self.mask_predictor = MaskPredictor(
             lo_channels=self.vision.lo_channels,
             hi_channels=self.vision.hi_channels,
-            dim=cfg.decoder_dim,
-            image_size=cfg.image_size,
-            grid_stride=cfg.mask_grid_stride,
-            num_scales=cfg.num_scales,
-            num_classes=cfg.num_classes,
-            memory_len=cfg.memory_len,
-            memory_dim=cfg.memory_dim,
+            dim=config.decoder_dim,
+            image_size=config.image_size,
+            grid_stride=config.mask_grid_stride,
+            num_scales=config.num_scales,
+            num_classes=config.num_classes,
+            memory_len=config.memory_len,
+            memory_dim=config.memory_dim,
         )
-        self.class_head = nn.Linear(cfg.decoder_dim * cfg.num_scales, cfg.num_classes)
-        self.projector_pretrained = bool(cfg.projector_weights)
-        if cfg.projector_weights and pretrained:
-            load_projector_weights(self.projector, cfg.projector_weights)
-        self.stage: int = 0  # 0 = everything trainable (set_stage picks a policy)
-        self.lora = False
-        self.trainable_token_ids: list[int] = []  # rows trained through peft TrainableTokens
-        # Names of the class head's classes (the training data's catalog); saved with the model.
-        self.class_names: list[str] = [f"class_{k}" for k in range(cfg.num_classes)]
+        self.class_head = nn.Linear(config.decoder_dim * config.num_scales, config.num_classes)
+        if projector_weights:
+            load_projector_weights(self.projector, str(projector_weights))
+
+    # What the weights went through lives in the config, so that save() records it.
+    @property
+    def stage(self) -> int:
+        return self.config.stage
+
+    @stage.setter
+    def stage(self, stage: int) -> None:
+        self.config.stage = stage
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names
+
+    @class_names.setter
+    def class_names(self, names: list[str]) -> None:
+        self.config.class_names = list(names)
+
+    @property
+    def lora(self) -> bool:
+        return self.config.lora is not None
+
+    @property
+    def trainable_token_ids(self) -> list[int]:
+        return self.config.trainable_token_ids
 
     @property
     def new_token_ids(self) -> list[int]:
@@ -126,7 +132,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        return LOSS_WEIGHTS | {"mask_bce": self.cfg.mask_bce_weight, "mask_dice": self.cfg.mask_dice_weight}
+        return LOSS_WEIGHTS | {"mask_bce": self.config.mask_bce_weight, "mask_dice": self.config.mask_dice_weight}
 
     @property
     def vocab_size(self) -> int:
@@ -201,12 +207,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
             positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)
             out.seg_positions = positions
             ema = None
-            if self.training and self.cfg.memory_ema_momentum > 0 and target_masks is not None:
-                ema = (target_masks, class_ids, self.cfg.memory_ema_momentum)
+            if self.training and self.config.memory_ema_momentum > 0 and target_masks is not None:
+                ema = (target_masks, class_ids, self.config.memory_ema_momentum)
             out.mask_logits, out.class_logits = self.predict_masks(
                 hidden, positions, target_sample, feat_lo, feat_hi, ema
             )
-            if target_masks is not None and self.cfg.match_targets:
+            if target_masks is not None and self.config.match_targets:
                 order = match_targets(out.mask_logits, target_masks, target_sample, self.loss_weights)
                 target_masks = target_masks[order]
                 class_ids = class_ids[order] if class_ids is not None else None
@@ -253,7 +259,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         class_logits = self.class_head(pooled.flatten(1).detach())
         class_probs = class_logits.float().softmax(-1).detach()
         masks, _ = self.mask_predictor(
-            feat_lo, feat_hi, pooled, target_sample, class_probs, self.cfg.image_size, ema_targets
+            feat_lo, feat_hi, pooled, target_sample, class_probs, self.config.image_size, ema_targets
         )
         return masks, class_logits
 
@@ -266,10 +272,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
     # ---------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """A self-contained directory: ``model.safetensors`` (every weight, adapters included),
-        ``geopix_config.json`` (our config + the LLM's and vision encoder's architecture),
-        ``tokenizer/`` and ``processor/``. No pickle; loading needs none of the original weight paths."""
+        ``geopix_config.json`` (:class:`GeoPixModelConfig`), ``tokenizer/`` and ``processor/``. No
+        pickle; loading needs none of the original weight paths."""
         from safetensors.torch import save_file
-
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -278,21 +283,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         clip = getattr(self.vision, "clip", None)
-        meta = {
-            "format_version": 1,
-            "model": self.cfg.model_dump(mode="json"),
-            "vocab_size": self.vocab_size,
-            "image_token_id": self.image_token_id,
-            "seg_token_ids": self.seg_token_ids,
-            "pad_token_id": self.pad_token_id,
-            "lora": self.lora,
-            "trainable_token_ids": self.trainable_token_ids,
-            "stage": self.stage,
-            "class_names": self.class_names,
-            "llm_config": self.llm.config.to_diff_dict(),
-            "vision_config": clip.config.to_diff_dict() if clip is not None else None,
-        }
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        self.config.text_config = self.llm.config.to_dict()  # a pretrained LLM's own, resized
+        self.config.vision_config = clip.config.to_dict() if clip is not None else None
+        self.config.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         self.processor().save_pretrained(directory / PROCESSOR_DIR)
@@ -305,33 +298,19 @@ class GeoPixModel(GenerationMixin, nn.Module):
         from safetensors.torch import load_file
 
         directory = local_path(directory, "model directory")
-        config_path = directory / CONFIG_FILE
-        if not config_path.exists():
-            raise FileNotFoundError(f"{directory}: not a GeoPix model directory (no {CONFIG_FILE})")
-        meta = json.loads(config_path.read_text())
-        cfg = ModelConfig.model_validate(meta["model"])
-        model = cls(
-            cfg,
-            vocab_size=meta["vocab_size"],
-            image_token_id=meta["image_token_id"],
-            seg_token_ids=meta["seg_token_ids"],
-            pad_token_id=meta["pad_token_id"],
-            pretrained=False,  # every weight comes from the file
-            llm_config=meta.get("llm_config"),
-            vision_config=meta.get("vision_config"),
-        )
-        if meta["lora"]:
-            add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        if meta.get("trainable_token_ids"):
-            add_trainable_tokens(model, meta["trainable_token_ids"])
+        config = GeoPixModelConfig.from_pretrained(directory)
+        lora, token_ids = config.lora, list(config.trainable_token_ids)
+        model = cls(config)
+        if lora:
+            add_lora(model, lora["r"], lora["alpha"])
+        if token_ids:
+            add_trainable_tokens(model, token_ids)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device or "cpu")), strict=True)
-        model.stage = meta["stage"]
-        model.class_names = meta.get("class_names", model.class_names)
         return model
 
     def processor(self) -> GeoPixProcessor:
         """The image preprocessing this model was trained with (saved beside its weights)."""
-        return GeoPixProcessor(self.cfg.image_size, tuple(self.vision.image_mean), tuple(self.vision.image_std))
+        return GeoPixProcessor(self.config.image_size, tuple(self.vision.image_mean), tuple(self.vision.image_std))
 
     @classmethod
     def load_pretrained(
@@ -433,17 +412,65 @@ def add_geopix_tokens(tokenizer: Any, cfg: ModelConfig) -> None:
         )
 
 
+def model_config(
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    seg_token_ids: list[int],
+    pad_token_id: int = 0,
+) -> GeoPixModelConfig:
+    """The model config of the pipeline's model section: architecture fields copied, the LLM's
+    and the CLIP tower's configs read from their local weights where the section names them
+    (otherwise the tiny LLaMA of its sizes and a ViT-L/14). Weight paths stay out of it."""
+    from transformers import CLIPVisionConfig
+
+    if cfg.llm_weights:
+        text = LlamaConfig.from_pretrained(local_path(cfg.llm_weights, "model.llm_weights"), local_files_only=True)
+        text.vocab_size = vocab_size
+    else:
+        text = llama_config(cfg, vocab_size)
+    vision = None
+    if cfg.vision_encoder == "clip":
+        if cfg.vision_weights:
+            path = local_path(cfg.vision_weights, "model.vision_weights")
+            vision = CLIPVisionConfig.from_pretrained(path, local_files_only=True).to_dict()
+        else:
+            vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, patch_size=14, image_size=cfg.image_size,
+                                      projection_dim=768).to_dict()  # fmt: skip
+    shared = {f.name for f in fields(GeoPixModelConfig)} & set(type(cfg).model_fields)
+    return GeoPixModelConfig(
+        **{name: getattr(cfg, name) for name in shared},
+        text_config=text.to_dict(),
+        vision_config=vision,
+        image_token_id=image_token_id,
+        seg_token_ids=list(seg_token_ids),
+        pad_token_id=pad_token_id,
+        llm_pretrained=bool(cfg.llm_weights),
+        projector_pretrained=bool(cfg.projector_weights),
+    )
+
+
 def build_model(cfg: ModelConfig, tokenizer: Any, pretrained: bool = True) -> GeoPixModel:
-    """A GeoPix model for ``tokenizer`` (tokens added and embeddings sized to it)."""
+    """A GeoPix model for ``tokenizer`` (tokens added and embeddings sized to it) from the
+    pipeline's model section; ``pretrained`` reads the weights it names (local paths:
+    ``geopix.weights.local_weights`` fetches S3 ones), and EfficientNet-lite0's packaged ImageNet
+    weights when it names none."""
     add_geopix_tokens(tokenizer, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GeoPixModel(
+    config = model_config(
         cfg,
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         seg_token_ids=cfg.seg_vocabulary.token_ids(tokenizer),
         pad_token_id=pad,
-        pretrained=pretrained,
+    )
+    if not pretrained:
+        return GeoPixModel(config)
+    vision = cfg.vision_weights or (lite0_weights_path() if cfg.vision_encoder == "efficientnet_lite0" else None)
+    return GeoPixModel(
+        config, vision_weights=vision, llm_weights=cfg.llm_weights, projector_weights=cfg.projector_weights
     )
 
 

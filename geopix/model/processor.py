@@ -1,6 +1,6 @@
 """Image preprocessing saved with a model, so inference sees exactly what training saw.
 
-The processor is the training input's own path (:mod:`geopix.data.images`): decode (PNG/JPEG/TIFF,
+The processor is the training input's own path (:mod:`geopix.imaging`): decode (PNG/JPEG/TIFF,
 16-bit and float stretched) → bilinear resize to the model's input size → scale to [0, 1] →
 normalise with the vision encoder's mean/std. It is stored as ``processor/processor_config.json``
 (plain JSON) beside the weights.
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geopix.data.images import decode_image, resize_image
+from geopix.imaging import decode_image, resize_image
 from geopix.model.layers import local_path
 
 PROCESSOR_FILE = "processor_config.json"

@@ -13,13 +13,14 @@ Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistic
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from geopix.config import ModelConfig
-from geopix.data.images import IMAGENET_MEAN, IMAGENET_STD
+from geopix.imaging import IMAGENET_MEAN, IMAGENET_STD
+from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.layers import local_path, use_float32_batchnorm
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -61,7 +62,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
     hi_channels, token_dim = 320, 320
     image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
 
-    def __init__(self, pretrained: bool = True, weights_path: str | None = None, fine_stride: int = 16):
+    def __init__(self, pretrained: bool = True, weights_path: str | Path | None = None, fine_stride: int = 16):
         super().__init__()
         self.lo_block, self.lo_channels = self.LO_BLOCKS[fine_stride]
         from efficientnet_lite_pytorch import EfficientNet
@@ -101,38 +102,23 @@ def lite0_weights_path() -> str:
 class ClipEncoder(FrozenEncoder):
     """``transformers.CLIPVisionModel`` (full preset): hidden layers −2 and −11 on the patch grid.
 
-    Built from a ``CLIPVisionConfig`` of ViT-L/14 sizes; real weights are read from
-    ``ModelConfig.vision_weights`` (a local directory or S3 prefix, ``local_files_only``), otherwise
-    the weights are random (useful for tests and for counting parameters on the meta device).
-    ``config`` (a saved ``CLIPVisionConfig`` dict) rebuilds the architecture without reading weights.
+    Built from a ``CLIPVisionConfig`` dict (the model config's ``vision_config``: ViT-L/14 sizes,
+    or those of the real weights); with ``weights_path`` (a local directory, ``local_files_only``)
+    the real weights are read, otherwise they are random (tests, counting on the meta device).
     """
 
     LO_LAYER, HI_LAYER = -11, -2
     image_mean, image_std = CLIP_MEAN, CLIP_STD
 
-    def __init__(self, cfg: ModelConfig, pretrained: bool = True, config: dict | None = None):
+    def __init__(self, config: dict, weights_path: str | Path | None = None):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        if config is not None:
-            self.clip = CLIPVisionModel(CLIPVisionConfig(**config))
-        elif cfg.vision_weights and pretrained:
-            path = local_path(cfg.vision_weights, "model.vision_weights")
+        if weights_path:
+            path = local_path(weights_path, "model.vision_weights")
             self.clip = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-        elif cfg.vision_weights:
-            path = local_path(cfg.vision_weights, "model.vision_weights")
-            self.clip = CLIPVisionModel(CLIPVisionConfig.from_pretrained(path, local_files_only=True))
         else:
-            config = CLIPVisionConfig(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                patch_size=14,
-                image_size=cfg.image_size,
-                projection_dim=768,
-            )
-            self.clip = CLIPVisionModel(config)
+            self.clip = CLIPVisionModel(CLIPVisionConfig.from_dict(config))
         hidden = self.clip.config.hidden_size
         self.lo_channels = self.hi_channels = self.token_dim = hidden
         self.patch_size = self.clip.config.patch_size
@@ -155,13 +141,13 @@ def _is_meta() -> bool:
     return torch.empty(0).device.type == "meta"
 
 
-def build_vision_encoder(cfg: ModelConfig, pretrained: bool = True, config: dict | None = None) -> nn.Module:
-    """The encoder named by ``cfg.vision_encoder``; never a hub call. ``pretrained=False`` skips
-    reading weights (a saved GeoPix model brings them all); ``config`` is a saved encoder config."""
-    if cfg.vision_encoder == "efficientnet_lite0":
+def build_vision_encoder(config: GeoPixModelConfig, weights: str | Path | None = None) -> nn.Module:
+    """The encoder the model config names; never a hub call. ``weights``: a local checkpoint to
+    read (random weights without it: a saved GeoPix model brings them all)."""
+    if config.vision_encoder == "efficientnet_lite0":
         return EfficientNetLite0Encoder(
-            pretrained=pretrained, weights_path=cfg.vision_weights, fine_stride=cfg.fine_feature_stride
+            pretrained=weights is not None, weights_path=weights, fine_stride=config.fine_feature_stride
         )
-    if cfg.vision_encoder == "clip":
-        return ClipEncoder(cfg, pretrained=pretrained, config=config)
-    raise ValueError(f"unknown vision encoder {cfg.vision_encoder!r}")
+    if config.vision_encoder == "clip":
+        return ClipEncoder(config.vision_config or {}, weights_path=weights)
+    raise ValueError(f"unknown vision encoder {config.vision_encoder!r}")

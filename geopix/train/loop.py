@@ -255,7 +255,7 @@ def _train(loop: dict[str, Any]) -> None:
     else:
         model = build_model(local_weights(cfg.model), tokenizer)
     model.class_names = list(loop["class_names"])
-    set_stage(model, stage_no)
+    set_stage(model, stage_no, cfg.model)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=train.weight_decay)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+from geopix.config import ModelConfig
 from geopix.model.adapters import add_lora, add_trainable_tokens
 from geopix.model.modeling import GeoPixModel
 
 
-def set_stage(model: GeoPixModel, stage: Literal[1, 2]) -> None:
+def set_stage(model: GeoPixModel, stage: Literal[1, 2], policy: ModelConfig | None = None) -> None:
     """Trainable parameters of a training stage (GEOPIX.md §2, our design).
 
     Stage 1: vision and LLM frozen except the rows of the tokens GeoPix adds (embedding and
@@ -18,13 +19,16 @@ def set_stage(model: GeoPixModel, stage: Literal[1, 2]) -> None:
     whole (its LoRA adapters alongside).
     With a pretrained LLM, "the new rows" are peft ``TrainableTokens`` deltas of just those rows
     (``new_token_rows_only``, default); otherwise the whole embedding and output matrices train.
+    ``policy``: the pipeline's model section, for the LoRA rank/alpha and ``new_token_rows_only``
+    (its defaults when None); whether the LLM/projector were pretrained is the model's own record.
     """
+    policy = policy or ModelConfig()
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
-    random_llm = not model.cfg.llm_weights
+    random_llm = not model.config.llm_pretrained
     if stage == 2 and not model.lora:
-        add_lora(model, model.cfg.lora_rank, model.cfg.lora_alpha)
-    rows_only = not random_llm and model.cfg.new_token_rows_only
+        add_lora(model, policy.lora_rank, policy.lora_alpha)
+    rows_only = not random_llm and policy.new_token_rows_only
     if rows_only and not model.trainable_token_ids:
         add_trainable_tokens(model, model.new_token_ids)
     model.requires_grad_(False)
@@ -37,7 +41,7 @@ def set_stage(model: GeoPixModel, stage: Literal[1, 2]) -> None:
         model.llm.get_input_embeddings().requires_grad_(True)
         model.llm.get_output_embeddings().requires_grad_(True)
     if stage == 1:
-        model.projector.requires_grad_(random_llm or not model.projector_pretrained)
+        model.projector.requires_grad_(random_llm or not model.config.projector_pretrained)
         if random_llm:
             model.llm.requires_grad_(True)
     else:

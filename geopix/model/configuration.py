@@ -1,0 +1,122 @@
+"""The model's own config: everything that fixes a GeoPix model's architecture and token ids.
+
+As transformers' ``LlavaConfig`` is for LLaVA, this is what :class:`~geopix.model.GeoPixModel` is
+built from and what a saved model directory holds (``geopix_config.json``). It knows nothing of
+the pipeline: where pretrained weights lie and how training adapts them are the pipeline config's
+(:class:`geopix.config.ModelConfig`), which :func:`~geopix.model.build_model` turns into one of
+these. A model records here what its weights went through (pretrained LLM/projector, LoRA,
+trainable token rows, stage), so loading rebuilds the same modules and training keeps its policy.
+
+Format 1 (GeoPix before this class existed: the pipeline's ``ModelConfig`` dump plus token ids
+and the LLM's config) is read by :meth:`GeoPixModelConfig.from_dict` too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from geopix.vocabulary import SegVocabulary
+
+CONFIG_FILE = "geopix_config.json"
+FORMAT_VERSION = 2
+
+
+@dataclass
+class GeoPixModelConfig:
+    text_config: dict[str, Any]  # the LLaMA's ``LlamaConfig`` (its dict), vocabulary size included
+    image_token_id: int
+    seg_token_ids: list[int]  # one run: seg_token_num × num_scales ids
+    pad_token_id: int = 0
+    vision_encoder: str = "efficientnet_lite0"  # or "clip"
+    vision_config: dict[str, Any] | None = None  # CLIP's ``CLIPVisionConfig`` (its dict)
+    image_size: int = 256
+    fine_feature_stride: int = 16  # EfficientNet-lite0's finer level (8 or 16)
+    seg_token_num: int = SegVocabulary.tokens_per_scale
+    num_scales: int = SegVocabulary.num_scales
+    decoder_dim: int = 64
+    mask_grid_stride: int = 16
+    match_targets: bool = True  # several runs paired with their targets by Hungarian matching
+    mask_bce_weight: float = 2.0
+    mask_dice_weight: float = 0.5
+    memory_len: int = 8
+    memory_dim: int = 64
+    num_classes: int = 8
+    memory_ema_momentum: float = 0.0
+    class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
+    # What the weights went through (training's stage policy reads these; loading rebuilds adapters).
+    llm_pretrained: bool = False
+    projector_pretrained: bool = False
+    lora: dict[str, int] | None = None  # {"r": …, "alpha": …} once LoRA is in the LLM
+    trainable_token_ids: list[int] = field(default_factory=list)  # rows trained as peft deltas
+    stage: int = 0  # the last training stage set (0: none)
+
+    def __post_init__(self) -> None:
+        if self.memory_ema_momentum > 0 and self.memory_dim != self.decoder_dim:
+            raise ValueError("memory_ema_momentum needs memory_dim == decoder_dim (features are written as slots)")
+        if len(self.seg_token_ids) != self.seg_vocabulary.run_length:
+            raise ValueError(f"{len(self.seg_token_ids)} seg token ids for a run of {self.seg_vocabulary.run_length} "
+                             f"(seg_token_num × num_scales: {self.seg_vocabulary.run})")  # fmt: skip
+        if not self.class_names:
+            self.class_names = [f"class_{k}" for k in range(self.num_classes)]
+
+    @property
+    def seg_vocabulary(self) -> SegVocabulary:
+        return SegVocabulary(self.seg_token_num, self.num_scales)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text_config["vocab_size"])
+
+    # ---------------------------------------------------------------------------- save / load
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GeoPixModelConfig:
+        path = Path(directory) / CONFIG_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{directory}: not a GeoPix model directory (no {CONFIG_FILE})")
+        return cls.from_dict(json.loads(path.read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], source: str = CONFIG_FILE) -> GeoPixModelConfig:
+        """A saved config of any format GeoPix has written (``source`` names it in errors)."""
+        version = saved.get("format_version")
+        if version == 1:
+            saved = _from_format_1(saved)
+        elif version != FORMAT_VERSION:
+            raise ValueError(f"{source}: format_version {version!r}; this GeoPix reads 1 and {FORMAT_VERSION}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - names - {"format_version"})
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown} (written by a newer GeoPix?)")
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def _from_format_1(saved: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 → this class's fields: the pipeline's model section held the architecture, and
+    whether an LLM/projector was pretrained was whether the config named its weights."""
+    model = saved["model"]
+    shared = {f.name for f in fields(GeoPixModelConfig)} & set(model)
+    return {
+        **{k: model[k] for k in shared},
+        "text_config": {**saved["llm_config"], "vocab_size": saved["vocab_size"]},
+        "vision_config": saved.get("vision_config"),
+        "image_token_id": saved["image_token_id"],
+        "seg_token_ids": saved["seg_token_ids"],
+        "pad_token_id": saved["pad_token_id"],
+        "class_names": saved.get("class_names") or [],
+        "llm_pretrained": bool(model.get("llm_weights")),
+        "projector_pretrained": bool(model.get("projector_weights")),
+        "lora": {"r": model["lora_rank"], "alpha": model["lora_alpha"]} if saved["lora"] else None,
+        "trainable_token_ids": saved.get("trainable_token_ids") or [],
+        "stage": saved["stage"],
+    }
