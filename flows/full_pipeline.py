@@ -39,6 +39,7 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
     """Synthetic (pipeline.synthetic): generate chips and scenes under names from the step key.
     Otherwise check that data.source_uri is a readable record source; its content is the key."""
     from geopix.data import source as record_source
+    from geopix.data.phrases import TEXT_VERSION
     from geopix.data.synth import generate_source
 
     d, p = cfg.data, cfg.pipeline
@@ -47,7 +48,7 @@ def source_step(cfg: GeoPixConfig, name: str) -> Step:
         if p.synthetic:
             return with_seg_vocabulary({"synthetic": d.model_dump(include={
                 "seed", "chip_size", "train_images", "val_images", "test_images", "test_seed_offset", "scene_size",
-                "scene_count"})}, cfg)  # fmt: skip
+                "scene_count"}), "text_version": TEXT_VERSION}, cfg)  # fmt: skip
         return {"source": storage.fingerprint(d.source_uri), "scenes": p.scenes_uri or cfg.segment.incoming_uri}
 
     def run(ctx: Context) -> dict:

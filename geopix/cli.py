@@ -289,6 +289,9 @@ def chat(
     except (FileNotFoundError, StorageError, ValueError) as error:
         fail(str(error))
     typer.echo(summary["answer"])
+    stated = summary.get("stated_count")
+    if stated is not None and stated != len(summary["masks"]):
+        typer.echo(f"  (the answer says {stated}, and lists {len(summary['masks'])} masks)")
     for mask in summary["masks"]:
         typer.echo(
             f"  mask {mask['index']}: {mask['class']} (p={mask['class_probability']:.2f}), "

@@ -13,7 +13,7 @@ ROOT = Path(geopix.__file__).parent
 
 # Bottom to top; a unit may import from any unit of a lower layer, and within itself.
 LAYERS = [
-    {"vocabulary", "chat_template", "imaging", "redaction", "plotting"},
+    {"vocabulary", "chat_template", "answer_form", "imaging", "redaction", "plotting"},
     {"config", "storage"},
     {"outputs", "ray_job", "tracking", "stack", "weights"},
     {"leases", "data", "flow"},

@@ -249,6 +249,25 @@ def test_chat_answers_with_masks_batched_and_cached(fitted, records, tokenizer, 
         model.answer_forced(pixels[:1], user_texts(records)[0], "Sure.", tokenizer)
 
 
+def test_a_batch_of_eight_answers_as_each_of_its_requests_alone(fitted, records, tokenizer, batch):
+    """Eight requests answered in one batch (each image with its own instruction and with another
+    record's, so prompts and answers differ in length and padding) give the text, masks and class
+    probabilities that each request gets alone."""
+    model = fitted[0]
+    texts = user_texts(records)
+    requests = [(i, texts[i]) for i in range(4)] + [(i, texts[(i + 1) % 4]) for i in range(4)]
+    pixels = torch.stack([batch["pixel_values"][i] for i, _ in requests])
+    together = model.chat(pixels, [t for _, t in requests], tokenizer, max_new_tokens=40)
+    assert len({len(a.text) for a in together}) > 1  # the batch really mixes lengths
+    for k, (i, text) in enumerate(requests):
+        alone = model.chat(batch["pixel_values"][i : i + 1], [text], tokenizer, max_new_tokens=40)[0]
+        assert alone.text == together[k].text, (k, alone.text, together[k].text)
+        assert alone.masks.shape == together[k].masks.shape
+        assert all(iou(a, b) > 0.99 for a, b in zip(alone.masks, together[k].masks, strict=True))
+        assert torch.allclose(alone.mask_probs, together[k].mask_probs, atol=1e-4)
+        assert torch.allclose(alone.class_probs, together[k].class_probs, atol=1e-4)
+
+
 def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer)
     pixels = batch["pixel_values"][:2]

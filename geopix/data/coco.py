@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from geopix import storage
+from geopix.answer_form import count_answer
 from geopix.data.schema import (
     TASK_TAGS,
     ClassCatalog,
@@ -234,12 +235,9 @@ def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -
         for target in targets.values():
             by_class[target["class_id"]].append(target)
         for class_id, members in sorted(by_class.items()):
-            name = _plural(catalog.names.get(class_id, str(class_id)))
-            answer = (
-                ("Sure, they are " if len(members) > 1 else "Sure, it is ")
-                + ", ".join([run] * len(members))
-                + "."
-            )
+            singular = catalog.names.get(class_id, str(class_id)).replace("_", " ")
+            name = _plural(singular)
+            answer = count_answer(len(members), singular, name, run)
             stats.records["segment"] += 1
             yield base | {
                 "record_id": f"{image_id}-segment-{class_id}",

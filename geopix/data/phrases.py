@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geopix.answer_form import count_answer
 from geopix.data import schema
 from geopix.vocabulary import SegVocabulary
 
@@ -37,6 +38,12 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
     return tuple(Template(f"{prefix}.t{i}", text) for i, text in enumerate(train)) + tuple(
         Template(f"{prefix}.h{i}", text, held_out=True) for i, text in enumerate(held_out)
     )
+
+
+# What the generator writes for one config changes with this number (it is in the pipeline's
+# source-step key, so a pipeline regenerates instead of reusing records of another form).
+# 2: "segment every X" answers state their count (geopix.answer_form).
+TEXT_VERSION = 2
 
 
 # Instructions, by task (the task tag and <image> are added by the record builder).
@@ -432,10 +439,6 @@ def _count_phrase(n: int, name: str) -> str:
     return f"one {label(name)}" if n == 1 else f"{n} {plural(name)}"
 
 
-def _seg_answer(n: int, run: str) -> str:
-    return f"Sure, it is {run}." if n == 1 else f"Sure, they are {_join([run] * n)}."
-
-
 def _fallback_description(facts: ImageFacts, index: int) -> str:
     name = facts.instances[index].class_name
     n = len(facts.by_class()[name])
@@ -448,7 +451,7 @@ def _segment(facts, rng, held_out, name, members, best, run) -> Exchange:
     return Exchange(
         "segment",
         template.text.format(label=label(name), plural=plural(name)),
-        _seg_answer(len(members), run),
+        count_answer(len(members), label(name), plural(name), run),
         tuple(members),
         descriptions,
         "all_of_class",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from geopix import storage
+from geopix.answer_form import stated_count
 from geopix.config import GeoPixConfig
 from geopix.data import schema
 from geopix.data.images import decode_targets, record_image
@@ -130,7 +131,8 @@ class RecordEvaluator(ModelActor):
                 predicted, truths, record_id=row["record_id"], class_ids=class_ids,
                 phrase_type=record.get("phrase_type"), cfg=self.cfg.evaluate,
             )
-            row |= {"targets": [s.as_dict() for s in scores], "extra_masks": extra}
+            row |= {"targets": [s.as_dict() for s in scores], "extra_masks": extra,
+                    "stated_count": stated_count(answer.text)}  # fmt: skip
         elif task == "ground" and len(boxes):
             row["grounding_hit"] = grounding_hit(answer.text, boxes[0], width, height, self.cfg.evaluate)
         elif task == "vqa":
@@ -141,7 +143,7 @@ class RecordEvaluator(ModelActor):
 ROW_KEYS = (
     "record_id", "image_id", "task", "phrase_type", "template_id", "instruction", "answer", "reference",
     "masks", "extra_masks", "targets", "predicted_masks", "predicted_classes", "grounding_hit",
-    "vqa_correct", "seconds", "error",
+    "vqa_correct", "stated_count", "seconds", "error",
 )
 
 
@@ -273,6 +275,7 @@ def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[s
     if class_names:
         segmentation["class_names"] = {str(i): n for i, n in enumerate(class_names)}
     ground = [r for r in ok if r["task"] == "ground"]
+    vqa = [r for r in ok if r["task"] == "vqa"]
     grounding = _accuracy(ground, "grounding_hit")
     grounding["by_phrase_type"] = {
         p: _accuracy([r for r in ground if r["phrase_type"] == p], "grounding_hit")
@@ -293,7 +296,36 @@ def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[s
         "segmentation": segmentation,
         "grounding": grounding,
         "captions": caption,
-        "vqa": _accuracy([r for r in ok if r["task"] == "vqa"], "vqa_correct"),
+        "vqa": _accuracy(vqa, "vqa_correct") | {"by_kind": {
+            kind: _accuracy([r for r in vqa if vqa_kind(r) == kind], "vqa_correct")
+            for kind in sorted({vqa_kind(r) for r in vqa})
+        }},
+        "counting": counting(seg),
+    }
+
+
+def vqa_kind(row: dict[str, Any]) -> str:
+    """The question kind of a VQA record (count, presence, colour) from its template id."""
+    first = (row.get("template_id") or "").split("+")[0].split(".")
+    return first[1] if len(first) > 1 and first[0] == "vqa" else "other"
+
+
+def counting(seg_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per number of instances an all-of-class answer was asked for: how many answers, the masks
+    they gave (mean), the share giving exactly that many masks, and the share whose stated count
+    ("There are 3 …:") is right (of all answers: one stating none is wrong)."""
+    by_count: dict[int, list[dict[str, Any]]] = {}
+    for r in seg_rows:
+        if r["task"] == "segment" and r["targets"]:
+            by_count.setdefault(len(r["targets"]), []).append(r)
+    return {
+        str(n): {
+            "answers": len(rows),
+            "masks_mean": sum(r["masks"] for r in rows) / len(rows),
+            "exact": sum(r["masks"] == n for r in rows) / len(rows),
+            "stated_exact": sum(r.get("stated_count") == n for r in rows) / len(rows),
+        }
+        for n, rows in sorted(by_count.items())
     }
 
 
@@ -313,6 +345,11 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out["grounding_accuracy"] = summary["grounding"]["accuracy"]
     if summary["vqa"]["accuracy"] is not None:
         out["vqa_accuracy"] = summary["vqa"]["accuracy"]
+    for kind, group in summary["vqa"].get("by_kind", {}).items():
+        if group["accuracy"] is not None:
+            out[f"vqa_{kind}_accuracy"] = group["accuracy"]
+    for n, group in summary.get("counting", {}).items():
+        out[f"counting_{n}_exact"] = group["exact"]
     out |= {f"caption_{k.replace('-', '')}": v for k, v in summary["captions"].items() if k != "captions"}
     return out
 

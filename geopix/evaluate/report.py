@@ -106,8 +106,16 @@ def write_report(
         text.append(f"| captions CIDEr | {captions['captions']} | {captions['CIDEr']:.3f} |")
     if vqa["records"]:
         text.append(f"| VQA exact match | {vqa['records']} | {vqa['accuracy']:.3f} |")
+        for kind, group in vqa.get("by_kind", {}).items():
+            text.append(f"| VQA exact match, {kind} questions | {group['records']} | {group['accuracy']:.3f} |")
     if len(text) > 2:
         parts += ["## Text tasks", "\n".join(text)]
+    if summary.get("counting"):
+        rows = ["| instances asked for | answers | masks given (mean) | exactly that many masks | count stated right |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        rows += [f"| {n} | {c['answers']} | {c['masks_mean']:.2f} | {c['exact']:.2f} | {c['stated_exact']:.2f} |"
+                 for n, c in summary["counting"].items()]  # fmt: skip
+        parts += ["## Counting (answers to \"segment every X\")", "\n".join(rows)]
     if summary["failures"]:
         parts += ["## Records that failed", *(f"- `{f['record_id']}`: {f['error']}" for f in summary["failures"])]
     (local / REPORT_FILE).write_text("\n\n".join(parts) + "\n")

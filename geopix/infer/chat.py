@@ -40,7 +40,8 @@ class ChatResult:
                     "area_fraction": round(float(mask.float().mean()), 5),
                 }
             )
-        return {"instruction": self.instruction, "answer": self.answer.text, "masks": masks}
+        return {"instruction": self.instruction, "answer": self.answer.text,
+                "stated_count": self.answer.stated_count, "masks": masks}  # fmt: skip
 
 
 def chat_image(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from geopix.answer_form import stated_count
 from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.vocabulary import IMAGE_TOKEN, seg_run_starts
 
@@ -24,6 +25,12 @@ class ChatAnswer:
     masks: torch.Tensor  # [runs, S, S] bool, one per complete [SEG0]… run
     class_probs: torch.Tensor  # [runs, C]
     mask_probs: torch.Tensor | None = None  # [runs, S, S] float: the mask probabilities ``masks`` thresholds
+
+    @property
+    def stated_count(self) -> int | None:
+        """How many instances the text says it lists ("There are 3 …:"), None where it says not;
+        ``len(masks)`` is how many it does list."""
+        return stated_count(self.text)
 
     @classmethod
     def from_logits(cls, text: str, mask_logits: torch.Tensor, class_logits: torch.Tensor) -> ChatAnswer:
