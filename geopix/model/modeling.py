@@ -1,8 +1,9 @@
 """GeoPix: vision encoder → projector → LLaMA, seg-token hidden states → mask predictor.
 
-Built from its own :class:`~geopix.model.configuration.GeoPixModelConfig` (no hub calls; local weight
-files only); :func:`build_model` makes one from the pipeline's model section and a tokenizer. Consumes the batches of
-the batches of ``geopix.data.batches`` (plain tensors) and returns text, mask and class losses separately.
+Built from its own :class:`~geopix.model.configuration.GeoPixModelConfig` (no hub calls; local
+weight files only); :func:`build_model` makes one from the pipeline's model section and a
+tokenizer. Consumes the batches of ``geopix.data.batches`` (plain tensors) and returns text, mask
+and class losses separately.
 """
 
 from __future__ import annotations
