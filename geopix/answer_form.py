@@ -3,22 +3,27 @@
 An answer to "segment every X" states the count before its seg runs, so that the model commits to
 a number first and then writes that many runs (one mask each)::
 
-    There are 3 storage tanks: [SEG0]…[SEG5] [SEG0]…[SEG5] [SEG0]…[SEG5].
-    There is one ship: [SEG0]…[SEG5].
+    Sure, there are 3 storage tanks: [SEG0]…[SEG5] [SEG0]…[SEG5] [SEG0]…[SEG5].
+    Sure, there is one ship: [SEG0]…[SEG5].
+
+It opens with "Sure," like every other answer that carries masks, so that its first word already
+tells a segmentation answer from the VQA count answer "There are 3 storage tanks." (which shares
+the rest of its opening and stops at the period): with the bare "There are 3 …:" form, a model
+trained on both tasks ended segmentation answers at that period, without runs.
 
 The synthetic generator writes this form (:mod:`geopix.data.phrases`); evaluation, chat and batch
 segmentation read the stated count with :func:`stated_count` beside the runs they decode. Answers
-in the earlier form ("Sure, they are … and …") still parse: their masks are their runs, and they
-state no count (``None``).
+in the earlier forms still parse: "There are 3 storage tanks: …" states its count the same way,
+and "Sure, they are … and …" states none (``None``); their masks are their runs either way.
 """
 
 from __future__ import annotations
 
 import re
 
-# "There are 3 tanks:" / "There is one tank:" at the start of an answer (a count stated later in
-# the text, e.g. in a caption, is not an answer's count).
-_STATED = re.compile(r"^\s*There (?:is|are) (one|no|\d+)\b[^:.]*:", re.IGNORECASE)
+# "Sure, there are 3 tanks:" / "There is one tank:" at the start of an answer (a count stated later
+# in the text, e.g. in a caption, is not an answer's count).
+_STATED = re.compile(r"^\s*(?:Sure,\s*)?There (?:is|are) (one|no|\d+)\b[^:.]*:", re.IGNORECASE)
 
 
 def count_answer(count: int, singular: str, plural: str, run: str) -> str:
@@ -26,8 +31,8 @@ def count_answer(count: int, singular: str, plural: str, run: str) -> str:
     if count < 1:
         raise ValueError(f"an answer listing instances needs at least one, got {count}")
     if count == 1:
-        return f"There is one {singular}: {run}."
-    return f"There are {count} {plural}: {' '.join([run] * count)}."
+        return f"Sure, there is one {singular}: {run}."
+    return f"Sure, there are {count} {plural}: {' '.join([run] * count)}."
 
 
 def stated_count(text: str) -> int | None:

@@ -18,6 +18,8 @@ def test_a_count_answer_states_its_count_and_holds_that_many_runs(n):
     assert stated_count(text) == n
     runs, problems = VOCAB.count_runs(text)
     assert runs == n and not problems
+    # Its first word is a segmentation answer's, never the VQA count answer's ("There are 3 …").
+    assert text.startswith("Sure, there ")
     with pytest.raises(ValueError, match="at least one"):
         count_answer(0, "ship", "ships", VOCAB.run)
 
@@ -31,6 +33,8 @@ def test_a_count_answer_states_its_count_and_holds_that_many_runs(n):
         ("This aerial image shows a harbour. There are 3 ships: none.", None),  # not at the start
         (f"There are no ships: {VOCAB.run}.", 0),
         (f"there is one ship: {VOCAB.run}.", 1),
+        (f"Sure, there are 4 ships: {VOCAB.run}.", 4),  # the stated count, whatever the runs say
+        (f"There are 2 ships: {VOCAB.run} {VOCAB.run}.", 2),  # the first counting form still reads
     ],
 )
 def test_stated_count_reads_only_an_answers_leading_count(text, count):

@@ -216,6 +216,9 @@ def test_eval_job_scores_an_overfitted_model_and_reports(setup, compared):
     seg = summary["segmentation"]
     assert seg["overall"]["targets"] == 5 and seg["overall"]["answered"] == 1.0, seg["overall"]
     assert seg["overall"]["cIoU"] >= 0.7 and seg["overall"]["P@0.5"] >= 0.6, seg["overall"]
+    # Single-target and all-of-class answers, each scored alone: together they are all targets.
+    assert set(seg["by_task"]) <= {"segment", "refer"}
+    assert sum(v["targets"] for v in seg["by_task"].values()) == seg["overall"]["targets"]
     assert summary["captions"]["captions"] == 1 and 0 <= summary["captions"]["CIDEr"]
 
     # Per-target rows on S3 agree with pycocotools on the published predicted masks, and cIoU

@@ -43,7 +43,8 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # What the generator writes for one config changes with this number (it is in the pipeline's
 # source-step key, so a pipeline regenerates instead of reusing records of another form).
 # 2: "segment every X" answers state their count (geopix.answer_form).
-TEXT_VERSION = 2
+# 3: … opening with "Sure," (not the VQA count answer's "There are …").
+TEXT_VERSION = 3
 
 
 # Instructions, by task (the task tag and <image> are added by the record builder).

@@ -272,6 +272,11 @@ def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[s
     seg = [r for r in ok if r["task"] in schema.SEG_TASKS]
     segmentation = summarize_scores([t for r in seg for t in r["targets"]], cfg.evaluate)
     segmentation["extra_masks"] = sum(r["extra_masks"] or 0 for r in seg)
+    # Single-target (refer) against all-of-class (segment) answers: the bars differ.
+    segmentation["by_task"] = {
+        task: summarize_scores([t for r in seg if r["task"] == task for t in r["targets"]], cfg.evaluate)["overall"]
+        for task in schema.SEG_TASKS if any(r["task"] == task for r in seg)
+    }
     if class_names:
         segmentation["class_names"] = {str(i): n for i, n in enumerate(class_names)}
     ground = [r for r in ok if r["task"] == "ground"]
@@ -313,7 +318,7 @@ def vqa_kind(row: dict[str, Any]) -> str:
 def counting(seg_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per number of instances an all-of-class answer was asked for: how many answers, the masks
     they gave (mean), the share giving exactly that many masks, and the share whose stated count
-    ("There are 3 …:") is right (of all answers: one stating none is wrong)."""
+    ("Sure, there are 3 …:") is right (of all answers: one stating none is wrong)."""
     by_count: dict[int, list[dict[str, Any]]] = {}
     for r in seg_rows:
         if r["task"] == "segment" and r["targets"]:
@@ -339,7 +344,9 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {"records": summary["records"], "failed_records": summary["failed"]}
     for group, prefix in ((seg["overall"], "seg"),) + tuple(
         (seg["by_bucket"][b], f"seg_{b}") for b in BUCKETS if b in seg["by_bucket"]
-    ) + tuple((v, f"seg_phrase_{k}") for k, v in seg["by_phrase_type"].items()):
+    ) + tuple((v, f"seg_phrase_{k}") for k, v in seg["by_phrase_type"].items()) + tuple(
+        (v, f"seg_task_{k}") for k, v in seg.get("by_task", {}).items()
+    ):
         out |= {f"{prefix}_{k.replace('@', '_at_')}": float(v) for k, v in group.items() if isinstance(v, (int, float))}
     if summary["grounding"]["accuracy"] is not None:
         out["grounding_accuracy"] = summary["grounding"]["accuracy"]
