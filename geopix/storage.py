@@ -243,7 +243,11 @@ def list_files(uri: str, pattern: str = "*", settings: S3Settings | None = None)
     """Files directly under ``uri`` matching ``pattern``, as sorted URIs (s3:// or local paths)."""
     if is_s3_uri(uri):
         fs = s3_filesystem(settings)
-        return sorted(f"s3://{p}" for p in fs.glob(f"{uri[len('s3://') :].rstrip('/')}/{pattern}"))
+        root = uri[len("s3://") :].rstrip("/")
+        # Another process may have rewritten these files since this process last listed them; a
+        # stale listing hands s3fs old ETags, and its reads then fail with PreconditionFailed.
+        fs.invalidate_cache(root)
+        return sorted(f"s3://{p}" for p in fs.glob(f"{root}/{pattern}"))
     return sorted(str(p) for p in Path(uri).glob(pattern) if p.is_file())
 
 
@@ -474,8 +478,10 @@ def put_object_if(
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     if is_s3_uri(uri):
         require_bucket(uri, settings)
+        fs = s3_filesystem(settings)
+        fs.invalidate_cache(uri.removeprefix("s3://"))  # a stale listing's ETag would fail the read
         try:
-            with s3_filesystem(settings).open(uri, "rb") as fh:
+            with fs.open(uri, "rb") as fh:
                 return fh.read()
         except FileNotFoundError:
             raise StorageError(f"object {uri} does not exist") from None

@@ -117,6 +117,28 @@ def test_overwrite_replaces_a_shard_set_with_byte_identical_shards_for_the_same_
     assert after == before  # the same sources and config: the same bytes, manifest included
 
 
+def test_overwrite_with_other_records_publishes_the_new_shards(source):
+    """Overwriting with different content: the rewritten files keep their names but not their
+    ETags, so nothing read after the write may come from a listing made before it."""
+    first = "s3://geopix-data/tests/shard/changed-source-a"
+    second = "s3://geopix-data/tests/shard/changed-source-b"
+    write_source(first, [make_record(i, class_id=i % 3) for i in range(80)])
+    write_source(second, [make_record(i, class_id=(i + 1) % 3) for i in range(80)])
+    out = "s3://geopix-data/tests/shard/changed-out"
+    shard_sources([first], out, DATA, workers=2, seg_vocab=SEG_VOCAB)
+    storage.list_files(f"{out}/train", "*.parquet")  # a listing of the old files, as the CLI makes
+    again = shard_sources([second], out, DATA, workers=2, overwrite=True, seg_vocab=SEG_VOCAB)
+    for split, info in again.manifest["splits"].items():
+        for shard in info["shards"]:
+            payload = storage.read_bytes(f"{out}/{shard['path']}")
+            assert len(payload) == shard["bytes"], (split, shard["path"])
+    # The published shards hold the second source's records (the class ids moved by one).
+    rows = [r for info in again.manifest["splits"].values() for s in info["shards"]
+            for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{s['path']}"))).to_pylist()]
+    want = {r["record_id"]: r["targets"][0]["class_id"] for r in (make_record(i, class_id=(i + 1) % 3) for i in range(80))}
+    assert len(rows) == 80 and {r["record_id"]: r["targets"][0]["class_id"] for r in rows} == want
+
+
 def test_existing_output_and_missing_source_are_clear_errors(source):
     out = "s3://geopix-data/tests/shard/out"  # the first test's finished shard set
     with pytest.raises(ShardError, match="already holds a finished shard set; pass --overwrite"):
