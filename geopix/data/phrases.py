@@ -44,7 +44,8 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # source-step key, so a pipeline regenerates instead of reusing records of another form).
 # 2: "segment every X" answers state their count (geopix.answer_form).
 # 3: … opening with "Sure," (not the VQA count answer's "There are …").
-TEXT_VERSION = 3
+# 4: 5–9 training phrasings per task instead of 1–3 (held-out ones unchanged).
+TEXT_VERSION = 4
 
 
 # Instructions, by task (the task tag and <image> are added by the record builder).
@@ -54,6 +55,12 @@ SEGMENT = _group(
         "Segment all {plural}.",
         "Please segment every {label} in the image.",
         "Find all the {plural} and output their masks.",
+        "Give me a mask for every {label}.",
+        "Mark each {label} in this aerial image with a mask.",
+        "Segment each of the {plural} you can find.",
+        "Which pixels belong to the {plural}? One mask per {label}, please.",
+        "Produce instance masks of all {plural} in the scene.",
+        "I need every {label} here segmented.",
     ],
     ["Can you produce a mask for each {label} you see?", "Outline every {label} in this picture."],
 )
@@ -63,30 +70,68 @@ REFER = _group(
         "Please segment {phrase}.",
         "Can you segment {phrase} in this image?",
         "What is {phrase} in this image? Please respond with a segmentation mask.",
+        "Segment {phrase}.",
+        "Return a mask for {phrase}.",
+        "Mark {phrase} in the scene with a mask.",
+        "I need a segmentation of {phrase}.",
+        "Find {phrase} and answer with its mask.",
     ],
     ["Show me the mask of {phrase}.", "Where is {phrase}? Answer with its mask."],
 )
 GROUND = _group(
     "gnd",
-    ["Give the bounding box of {phrase}.", "Where is {phrase}? Answer with a box."],
+    [
+        "Give the bounding box of {phrase}.",
+        "Where is {phrase}? Answer with a box.",
+        "Draw a box around {phrase}.",
+        "What are the box coordinates of {phrase}?",
+        "Find {phrase} and give its bounding box.",
+        "Output the box that encloses {phrase}.",
+        "Box {phrase} in this aerial image.",
+    ],
     ["Locate {phrase} with a bounding box."],
 )
 CAPTION = _group(
     "cap",
-    ["Describe the image in detail", "Describe this aerial image in detail."],
+    [
+        "Describe the image in detail",
+        "Describe this aerial image in detail.",
+        "What does this image show? Describe it.",
+        "Give a detailed caption of the scene.",
+        "Caption this satellite picture.",
+        "Tell me what is in this aerial photo.",
+        "Summarise the contents of the image.",
+        "Provide a caption for this image.",
+    ],
     ["Write a detailed description of this remote sensing image."],
 )
 VQA_COUNT = _group(
     "vqa.count",
-    ["How many {plural} are there in the image?", "Count the {plural} in the image."],
+    [
+        "How many {plural} are there in the image?",
+        "Count the {plural} in the image.",
+        "How many {plural} can you see?",
+        "Tell me how many {plural} there are.",
+        "Count how many {plural} this aerial image shows.",
+    ],
     ["What is the number of {plural} visible here?"],
 )
 VQA_PRESENCE = _group(
     "vqa.presence",
-    ["Is there {a_label} in the image?", "Are there any {plural} in this image?"],
+    [
+        "Is there {a_label} in the image?",
+        "Are there any {plural} in this image?",
+        "Can you see {a_label} here?",
+        "Does the scene show any {plural}?",
+        "Is {a_label} visible in this aerial image?",
+    ],
     ["Does this image contain {a_label}?"],
 )
-VQA_COLOUR = _group("vqa.colour", ["What colour is {phrase}?"], ["Which colour does {phrase} have?"])
+VQA_COLOUR = _group(
+    "vqa.colour",
+    ["What colour is {phrase}?", "What is the colour of {phrase}?", "Tell me the colour of {phrase}."],
+    ["Which colour does {phrase} have?"],
+)
 
 # Referring phrases, by kind; each kind belongs to one phrase type of schema.PHRASE_TYPES.
 PHRASE_FORMS = {
