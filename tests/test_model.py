@@ -135,6 +135,16 @@ def test_text_only_batch(cfg, tokenizer, batch):
     out.loss.backward()
 
 
+def test_per_sample_text_loss_weighs_up_to_the_batch_text_loss(cfg, tokenizer, batch):
+    """The training loop's per-task curves average ``sample_text_loss``: each sample's mean
+    answer-token CE, which weighted by its answer tokens is the batch's text loss."""
+    out = new_model(cfg, tokenizer)(**batch)
+    answer_tokens = (batch["labels"][:, 1:] != -100).sum(1)
+    assert out.sample_text_loss.shape == (len(batch["input_ids"]),) and not out.sample_text_loss.requires_grad
+    weighted = (out.sample_text_loss * answer_tokens).sum() / answer_tokens.sum()
+    assert weighted.item() == pytest.approx(out.losses["text"].item(), rel=1e-5)
+
+
 def test_image_expansion_shifts_seg_positions(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer)
     embeds, mask, labels, image_pos, _ = model.embed_multimodal(

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from geopix import storage, tracking
 from geopix.config import load_config
+from geopix.data import schema
 from geopix.data.shard_set import ShardError
 from tests.conftest import SMALL_SHARDS
 from tests.records import SEG_VOCAB
@@ -98,7 +99,12 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     lrs = [v for _, v in sorted(dict(history(first.mlflow_run_id, "lr")).items())]  # a redone step once
     assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2 * max(lrs)  # warm-up, then cosine
     artifacts = {a.path for a in client.list_artifacts(first.mlflow_run_id)}
-    assert {"config.yaml", "model", "loss_curves_stage1.png", "train_overlays_stage1.png"} <= artifacts
+    assert {"config.yaml", "model", "loss_curves_stage1.png", "train_overlays_stage1.png",
+            "text_loss_by_task_stage1.png"} <= artifacts
+    # The text loss per task: a curve for each task the stage trained on, none for the others.
+    stage_tasks = set(cfg.train.stage1.tasks or schema.TASKS)
+    curves = {t for t in schema.TASKS if history(first.mlflow_run_id, f"loss/text_{t}")}
+    assert "segment" in curves and curves <= stage_tasks, (curves, stage_tasks)
 
     # Stage 2 started from stage 1's model and added LoRA; the published model loads and chats.
     model, tokenizer, processor = GeoPixModel.load_pretrained(storage.local_copy(second.model_uri))

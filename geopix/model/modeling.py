@@ -41,6 +41,9 @@ class GeoPixOutput:
     class_logits: torch.Tensor | None = None  # [T, C]
     attention_mask: torch.Tensor | None = None  # [B, L'] expanded
     seg_positions: torch.Tensor | None = None  # [T] shifted into the expanded sequence
+    # [B] each sample's mean answer-token cross-entropy, detached (NaN where it has no labels): the
+    # training loop's text loss per task; ``losses["text"]`` is the mean over all answer tokens.
+    sample_text_loss: torch.Tensor | None = None
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -198,11 +201,14 @@ class GeoPixModel(GenerationMixin, nn.Module):
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = self.llm.lm_head(hidden)
         losses: dict[str, torch.Tensor] = {}
-        if labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any()):  # all-masked CE is NaN
-            losses["text"] = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
         out = GeoPixOutput(loss=None, logits=logits, attention_mask=mask)
+        if labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any()):  # all-masked CE is NaN
+            token_ce = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            answer_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+            losses["text"] = token_ce.sum() / answer_tokens.sum()
+            out.sample_text_loss = (token_ce.sum(1) / answer_tokens).detach()
         if seg_positions is not None and target_sample is not None and len(seg_positions):
             n_img = embeds.shape[1] - input_ids.shape[1] + 1
             positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)

@@ -12,6 +12,7 @@ one and goes on from there. At the end rank 0 writes the consolidated model dire
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -22,12 +23,16 @@ from typing import Any
 import torch
 
 from geopix.config import GeoPixConfig, StageConfig, TrainConfig
+from geopix.data import schema
 from geopix.data.batches import LoaderStats, iter_batches, to_device
 from geopix.train import checkpoints
 from geopix.train.rank_reader import Position, RankReader
 
 log = logging.getLogger("geopix.train")
 LOSS_KEYS = ("text", "mask_bce", "mask_dice", "class")
+# The text loss per record task (mean over a task's samples of their mean answer-token CE): logged
+# as loss/text_<task>, one curve per task. Every rank reduces every key, so the set is fixed.
+TASK_TEXT_KEYS = tuple(f"text_{task}" for task in schema.TASKS)
 
 
 def deepspeed_config(train: TrainConfig, stage: StageConfig, bf16: bool) -> dict[str, Any]:
@@ -296,7 +301,7 @@ def _train(loop: dict[str, Any]) -> None:
     writer = MetricsWriter(loop["mlflow_run_id"]) if rank == 0 and loop.get("mlflow_run_id") else None
     if writer is not None and checkpoint is not None:
         writer.log({"resumed_at_step": step}, step)  # the checkpoint's step; training goes on after it
-    sums = dict.fromkeys((*LOSS_KEYS, "total"), 0.0)
+    sums = dict.fromkeys((*LOSS_KEYS, "total", *TASK_TEXT_KEYS), 0.0)
     counts = dict.fromkeys(sums, 0)
     window_samples = window_tokens = 0
     window_start = attempt_start = time.perf_counter()
@@ -318,6 +323,11 @@ def _train(loop: dict[str, Any]) -> None:
         for key, value in (*out.losses.items(), ("total", out.loss)):
             sums[key] += float(value.detach())
             counts[key] += 1
+        if out.sample_text_loss is not None:
+            for task, value in zip(batch["tasks"], out.sample_text_loss.tolist(), strict=True):
+                if f"text_{task}" in sums and not math.isnan(value):  # NaN: no answer tokens
+                    sums[f"text_{task}"] += value
+                    counts[f"text_{task}"] += 1
         window_samples += len(batch["input_ids"])
         window_tokens += int(batch["attention_mask"].sum())
         if not boundary:

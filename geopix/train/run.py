@@ -346,20 +346,27 @@ def log_model_and_curves(run_id: str, model_uri: str, stage: int) -> None:
     from mlflow.tracking import MlflowClient
 
     from geopix.train.figures import loss_curves
-    from geopix.train.loop import LOSS_KEYS
+    from geopix.train.loop import LOSS_KEYS, TASK_TEXT_KEYS
 
     local = storage.local_copy(model_uri)
     mlflow.log_artifacts(str(local), "model")
     client = MlflowClient()
-    series = {}
-    for key in (*(f"loss/{k}" for k in LOSS_KEYS), "loss/total"):
-        history = client.get_metric_history(run_id, key)
-        if history:
-            series[key] = sorted((m.step, m.value) for m in history)
-    if series:
-        with tempfile.TemporaryDirectory() as directory:
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    series = {key: h for key in (*(f"loss/{k}" for k in LOSS_KEYS), "loss/total") if (h := history(key))}
+    # One panel, a line per task: which task's answers the stage is (still) learning.
+    by_task = {key.removeprefix("text_"): {"text loss (answer-token CE)": h}
+               for key in TASK_TEXT_KEYS if (h := history(f"loss/{key}"))}
+    with tempfile.TemporaryDirectory() as directory:
+        if series:
             path = loss_curves({f"stage {stage}": series}, Path(directory) / f"loss_curves_stage{stage}.png",
                                f"stage {stage} training losses")
+            mlflow.log_artifact(str(path))
+        if by_task:
+            path = loss_curves(by_task, Path(directory) / f"text_loss_by_task_stage{stage}.png",
+                               f"stage {stage} text loss per task")
             mlflow.log_artifact(str(path))
 
 
