@@ -13,6 +13,7 @@ Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistic
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -61,6 +62,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
     HI_BLOCK = 15  # last block at stride 32
     hi_channels, token_dim = 320, 320
     image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
+    fold_batchnorm: ClassVar[bool] = True  # off only to time the step as it was (bench/train_throughput.py)
 
     def __init__(self, pretrained: bool = True, weights_path: str | Path | None = None, fine_stride: int = 16):
         super().__init__()
@@ -82,14 +84,52 @@ class EfficientNetLite0Encoder(FrozenEncoder):
         return (image_size // 32) ** 2
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.stem(pixel_values)
+        # A frozen backbone in eval mode: run a copy with every BatchNorm folded into its conv, in
+        # channels-last layout (the depthwise convs' fast path). Same features to ~1e-5, half the
+        # time on CPU (docs/training.md, "Step cost"); the saved weights keep the original layout.
+        stem, blocks = self._folded() if self.fold_batchnorm else (self.stem, self.blocks)
+        if self.fold_batchnorm:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = stem(pixel_values)
         feat_lo = x
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(blocks):
             x = block(x)
             if index == self.lo_block:
                 feat_lo = x
+        feat_lo, x = feat_lo.contiguous(), x.contiguous()
         tokens = x.flatten(2).transpose(1, 2)  # [B, (S/32)², 320]
         return feat_lo, x, tokens
+
+    def _folded(self) -> tuple[nn.Module, nn.ModuleList]:
+        """(stem, blocks) with BatchNorms folded, rebuilt whenever a weight is moved or loaded."""
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        cached = self.__dict__.get("_folded_cache")  # not a submodule: kept out of state_dict and .to()
+        if cached is None or cached[0] != key:
+            stem, blocks = copy.deepcopy(self.stem), copy.deepcopy(self.blocks)
+            stem[0], stem[1] = _fold_batchnorm(stem[0], stem[1]), nn.Identity()
+            for block in blocks:
+                for conv, norm in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+                    if hasattr(block, conv) and hasattr(block, norm):
+                        setattr(block, conv, _fold_batchnorm(getattr(block, conv), getattr(block, norm)))
+                        setattr(block, norm, nn.Identity())
+            stem.to(memory_format=torch.channels_last), blocks.to(memory_format=torch.channels_last)
+            cached = self.__dict__["_folded_cache"] = (key, stem, blocks)
+        return cached[1], cached[2]
+
+
+def _fold_batchnorm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """``norm(conv(x))`` as one conv (eval-mode statistics), computed in fp32, kept in conv's dtype."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    dtype = conv.weight.dtype
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight.float(), None if conv.bias is None else conv.bias.float(), norm.running_mean.float(),
+        norm.running_var.float(), norm.eps, norm.weight.float(), norm.bias.float(),
+    )  # fmt: skip
+    folded = copy.deepcopy(conv)  # keeps the conv's class (its static same-padding)
+    folded.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    folded.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return folded
 
 
 def lite0_weights_path() -> str:
