@@ -146,6 +146,11 @@ class ModelConfig(_Section):
     # it. The finest scale reads the encoder's finer level, which for EfficientNet-lite0 is taken at
     # stride fine_feature_stride (8: 40 channels, 16: 112 channels; CLIP has one patch grid).
     mask_grid_stride: Literal[4, 8, 16, 32] = 16
+    # The scales after the first: "full" (a 3×3 neck and a two-way transformer each, GEOPIX.md §1)
+    # or "light" (a pointwise second neck conv and a hypernetwork readout of the gated features
+    # with the first scale's decoded mask token: no transformer over the finest, per-target grid;
+    # docs/training.md, "Step cost").
+    fine_scale: Literal["full", "light"] = "full"
     # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
     match_targets: bool = True

@@ -101,6 +101,44 @@ def test_lite0_is_pretrained_offline_and_frozen(monkeypatch):
     assert not torch.equal(random.stem[0].weight, enc.stem[0].weight)  # the checkpoint was loaded
 
 
+def test_folded_encoder_gives_the_unfolded_features_and_follows_loaded_weights(monkeypatch):
+    """BatchNorms folded into the convs (channels-last) give the features of the module as saved;
+    loading other weights rebuilds the folded copy; the saved weights keep their names."""
+    enc, other = EfficientNetLite0Encoder(), EfficientNetLite0Encoder(pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        folded = enc(x)
+        monkeypatch.setattr(EfficientNetLite0Encoder, "fold_batchnorm", False)
+        unfolded, others = enc(x), other(x)
+        monkeypatch.setattr(EfficientNetLite0Encoder, "fold_batchnorm", True)
+        assert folded[0].is_contiguous() and folded[1].is_contiguous()  # the necks get the usual layout
+        for a, b in zip(folded, unfolded, strict=True):
+            assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
+        assert set(enc.state_dict()) == set(other.state_dict())  # nothing of the copy is saved
+        enc.load_state_dict(other.state_dict())
+        for a, b in zip(enc(x), others, strict=True):
+            assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
+
+
+def test_light_fine_scale_reads_out_without_a_transformer(cfg, tokenizer, batch, tmp_path):
+    from geopix.model.mask import ReadoutDecoder, ScaleDecoder
+
+    full, light = new_model(cfg, tokenizer, fine_scale="full"), new_model(cfg, tokenizer, fine_scale="light")
+    assert [type(d) for d in full.mask_predictor.decoders] == [ScaleDecoder, ScaleDecoder]
+    assert [type(d) for d in light.mask_predictor.decoders] == [ScaleDecoder, ReadoutDecoder]
+    assert light.mask_predictor.necks[1].conv2[0].kernel_size == (1, 1)
+    assert count_parameters(light)[0] < count_parameters(full)[0]
+    out = light(**batch)
+    out.loss.backward()
+    readout = light.mask_predictor.decoders[1]
+    assert readout.hyper[0].weight.grad.abs().sum() > 0  # the fine scale trains
+    assert light.mask_predictor.decoders[0].transformer.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    light.save(tmp_path / "light", tokenizer)
+    assert GeoPixModel.load(tmp_path / "light").config.fine_scale == "light"
+    with pytest.raises(ValueError, match="fine_scale 'tiny'"):
+        new_model(cfg, tokenizer, fine_scale="tiny")
+
+
 # ------------------------------------------------------------------------- forward / backward
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_forward_backward_shapes(cfg, tokenizer, records, batch_size):

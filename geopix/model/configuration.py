@@ -38,6 +38,7 @@ class GeoPixModelConfig:
     num_scales: int = SegVocabulary.num_scales
     decoder_dim: int = 64
     mask_grid_stride: int = 16
+    fine_scale: str = "full"  # scales after the first: "full" (transformer) or "light" (readout)
     match_targets: bool = True  # several runs paired with their targets by Hungarian matching
     mask_bce_weight: float = 2.0
     mask_dice_weight: float = 0.5

@@ -6,6 +6,12 @@ Data flow for T targets (packed over the batch, ``target_sample[T]`` says which 
     feat (scale s) ─neck_s→ [T, D, g_s, g_s] (+ x/y channels) ─ClassMemory read→ ─SAM two-way decoder→
     logits_s (+ 8×8 spatial prior) ; scale s+1 features are gated by sigmoid(logits_s)+1
     masks = Σ_s w_s · resize(logits_s, S)
+
+With ``fine_scale="light"`` the scales after the first skip the two-way transformer: their
+logits are a hypernetwork readout of the gated fine features, driven by the first scale's decoded
+mask token and the scale's own prompt (SAM's upscaled-embedding readout), and their neck's second
+conv is pointwise. The transformer over a per-target 64² grid and the 3×3 conv at 64² were most of
+a tiny training step (``bench/train_step_profile.py``).
 """
 
 from __future__ import annotations
@@ -117,16 +123,19 @@ def coord_channels(size: int, batch: int, like: torch.Tensor) -> torch.Tensor:
 
 
 class ImageNeck(nn.Module):
-    """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv3×3 → BN → ReLU."""
+    """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv k×k → BN → ReLU (k = 3, or
+    1 where the grid is finer than the features and a 3×3 there would only smooth the resize)."""
 
-    def __init__(self, in_channels: int, dim: int, grid: int):
+    def __init__(self, in_channels: int, dim: int, grid: int, second_kernel: int = 3):
         super().__init__()
         self.grid = grid
         self.conv1 = nn.Sequential(
             nn.Conv2d(in_channels, dim, 3, padding=1, bias=False), Float32BatchNorm2d(dim), nn.ReLU()
         )
         self.conv2 = nn.Sequential(
-            nn.Conv2d(dim + 2, dim, 3, padding=1, bias=False), Float32BatchNorm2d(dim), nn.ReLU()
+            nn.Conv2d(dim + 2, dim, second_kernel, padding=second_kernel // 2, bias=False),
+            Float32BatchNorm2d(dim),
+            nn.ReLU(),
         )
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -154,14 +163,35 @@ class ScaleDecoder(nn.Module):
         nn.init.zeros_(self.prior.weight)
         nn.init.zeros_(self.prior.bias)
 
-    def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """image [T, D, g, g], prompt [T, D] → logits [T, g, g]."""
+    def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [T, D, g, g], prompt [T, D] → (logits [T, g, g], decoded mask token [T, D])."""
         t, d, g, _ = image.shape
         tokens = torch.cat([self.mask_token.expand(t, -1, -1), prompt[:, None]], 1)[:, None]  # [T,1,2,D]
         pos = self.pos(coord_channels(g, t, image))
         queries, keys = self.transformer(tokens, image, pos, attention_similarity=None)
         embed = keys[:, 0].transpose(1, 2).reshape(t, d, g, g) + image  # skip keeps local detail
         logits = torch.einsum("td,tdhw->thw", self.hyper(queries[:, 0, 0]), embed) / math.sqrt(d)
+        prior = self.prior(prompt).reshape(t, 1, PRIOR_SIZE, PRIOR_SIZE)
+        return logits + F.interpolate(prior, size=(g, g), mode="bilinear", align_corners=False)[:, 0], queries[:, 0, 0]
+
+
+class ReadoutDecoder(nn.Module):
+    """A fine scale without a transformer: ``hyper([coarse mask token, prompt]) · image`` plus a
+    zero-initialised 8×8 prior from the prompt. The coarse scale's decoded mask token already
+    knows which object; this scale only reads where its finer features agree."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.hyper = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.prior = nn.Linear(dim, PRIOR_SIZE * PRIOR_SIZE)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+
+    def forward(self, image: torch.Tensor, prompt: torch.Tensor, coarse_token: torch.Tensor) -> torch.Tensor:
+        """image [T, D, g, g], prompt and coarse_token [T, D] → logits [T, g, g]."""
+        t, d, g, _ = image.shape
+        weights = self.hyper(torch.cat([coarse_token, prompt], -1))
+        logits = torch.einsum("td,tdhw->thw", weights, image) / math.sqrt(d)
         prior = self.prior(prompt).reshape(t, 1, PRIOR_SIZE, PRIOR_SIZE)
         return logits + F.interpolate(prior, size=(g, g), mode="bilinear", align_corners=False)[:, 0]
 
@@ -170,7 +200,9 @@ class MaskPredictor(nn.Module):
     """Two (``num_scales``) coarse-to-fine scales with class memory and a learnable scale mix.
 
     Scale 0 reads the deeper feature level on a grid of S/``grid_stride``; each next scale reads the finer level
-    on a grid twice as large, gated by ``sigmoid(previous logits) + 1``.
+    on a grid twice as large, gated by ``sigmoid(previous logits) + 1``, and is decoded by a
+    two-way transformer of its own (``fine_scale="full"``) or, behind a pointwise second neck conv,
+    read out with scale 0's decoded mask token (``"light"``).
     """
 
     def __init__(
@@ -185,16 +217,24 @@ class MaskPredictor(nn.Module):
         num_classes: int,
         memory_len: int,
         memory_dim: int,
+        fine_scale: str = "full",
     ):
         super().__init__()
+        if fine_scale not in ("full", "light"):
+            raise ValueError(f"fine_scale {fine_scale!r}: expected 'full' or 'light'")
+        light = fine_scale == "light"
         heads = 8 if dim >= 128 else 4
         mlp_dim = 2048 if dim >= 256 else 4 * dim
         base = max(image_size // grid_stride, PRIOR_SIZE)
         self.grids = [base * 2**s for s in range(num_scales)]
         self.necks = nn.ModuleList(
-            ImageNeck(hi_channels if s == 0 else lo_channels, dim, g) for s, g in enumerate(self.grids)
+            ImageNeck(hi_channels if s == 0 else lo_channels, dim, g, 1 if light and s > 0 else 3)
+            for s, g in enumerate(self.grids)
         )
-        self.decoders = nn.ModuleList(ScaleDecoder(dim, heads, mlp_dim, depth=2) for _ in range(num_scales))
+        self.decoders = nn.ModuleList(
+            ReadoutDecoder(dim) if light and s > 0 else ScaleDecoder(dim, heads, mlp_dim, depth=2)
+            for s in range(num_scales)
+        )
         self.scale_mix = nn.Parameter(torch.full((num_scales,), 1.0 / num_scales))
         self.memory = (
             ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, heads)
@@ -218,6 +258,7 @@ class MaskPredictor(nn.Module):
         """
         per_scale: list[torch.Tensor] = []
         mixed = 0
+        coarse_token = None
         for s, (neck, decoder) in enumerate(zip(self.necks, self.decoders, strict=True)):
             image = neck(feat_hi if s == 0 else feat_lo)[target_sample]  # per target
             if per_scale:  # coarse-to-fine gating by the previous scale's mask
@@ -229,7 +270,11 @@ class MaskPredictor(nn.Module):
                 if ema_targets is not None:
                     self.memory.ema_write(image.detach(), *ema_targets[:2], s, ema_targets[2])
                 image = self.memory(image, class_probs, s)
-            logits = decoder(image, pooled[:, s])
+            if isinstance(decoder, ReadoutDecoder):
+                logits = decoder(image, pooled[:, s], coarse_token)
+            else:
+                logits, token = decoder(image, pooled[:, s])
+                coarse_token = token if coarse_token is None else coarse_token
             per_scale.append(logits)
             up = F.interpolate(
                 logits[:, None], size=(out_size, out_size), mode="bilinear", align_corners=False

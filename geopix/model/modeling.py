@@ -99,6 +99,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             num_classes=config.num_classes,
             memory_len=config.memory_len,
             memory_dim=config.memory_dim,
+            fine_scale=config.fine_scale,
         )
         self.class_head = nn.Linear(config.decoder_dim * config.num_scales, config.num_classes)
         if projector_weights:
