@@ -85,6 +85,25 @@ def test_splits_use_their_own_seeds_and_templates(source):
             assert not used & phrases.HELD_OUT_TEMPLATE_IDS
 
 
+def test_bare_forms_carry_only_the_task_tag_and_its_slot_and_only_in_training(source):
+    """The bare training form ("[caption]", "[segment] ships", "[refer] the ship on the left"):
+    the tag alone says what to answer; test keeps its held-out sentences."""
+    _, _, records = source
+    bare_ids = {t.id for group in (phrases.SEGMENT, phrases.REFER, phrases.GROUND, phrases.CAPTION)
+                for t in group if t.text in phrases.BARE.values()}  # fmt: skip
+    assert len(bare_ids) == 4 and not bare_ids & phrases.HELD_OUT_TEMPLATE_IDS
+    bare = [r for r in records if phrases.template_ids(r["template_id"])[0] in bare_ids]
+    assert bare and {r["split"] for r in bare} <= {"train", "val"}
+    for record in bare:
+        user = record["conversation"][0]["text"].split("\n", 1)[1]
+        tag = schema.TASK_TAGS[record["task"]]
+        if record["task"] == "caption":
+            assert user == tag
+        else:
+            slot = user.removeprefix(tag + " ")
+            assert slot and slot[0].islower() and not slot.endswith((".", "?")), user  # a phrase, no sentence
+
+
 def test_held_out_appearances_occur_only_in_test():
     def variants(split: str, seed: int) -> list[synth.Variant]:
         return [o.variant for i in range(40) for o in synth.make_chip(split, seed, i, CHIP).instances]

@@ -45,7 +45,14 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # 2: "segment every X" answers state their count (geopix.answer_form).
 # 3: … opening with "Sure," (not the VQA count answer's "There are …").
 # 4: 5–9 training phrasings per task instead of 1–3 (held-out ones unchanged).
-TEXT_VERSION = 4
+# 5: + one bare training form per task: the task tag and its slot only ("[segment] ships").
+TEXT_VERSION = 5
+
+# The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
+# teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
+# sentences only, the model answered held-out caption phrasings like segmentations
+# (docs/evaluation.md). Not used for VQA, whose question kind lives in the sentence.
+BARE = {"segment": "{plural}", "refer": "{phrase}", "ground": "{phrase}", "caption": ""}
 
 
 # Instructions, by task (the task tag and <image> are added by the record builder).
@@ -61,6 +68,7 @@ SEGMENT = _group(
         "Which pixels belong to the {plural}? One mask per {label}, please.",
         "Produce instance masks of all {plural} in the scene.",
         "I need every {label} here segmented.",
+        BARE["segment"],
     ],
     ["Can you produce a mask for each {label} you see?", "Outline every {label} in this picture."],
 )
@@ -75,6 +83,7 @@ REFER = _group(
         "Mark {phrase} in the scene with a mask.",
         "I need a segmentation of {phrase}.",
         "Find {phrase} and answer with its mask.",
+        BARE["refer"],
     ],
     ["Show me the mask of {phrase}.", "Where is {phrase}? Answer with its mask."],
 )
@@ -88,6 +97,7 @@ GROUND = _group(
         "Find {phrase} and give its bounding box.",
         "Output the box that encloses {phrase}.",
         "Box {phrase} in this aerial image.",
+        BARE["ground"],
     ],
     ["Locate {phrase} with a bounding box."],
 )
@@ -102,6 +112,7 @@ CAPTION = _group(
         "Tell me what is in this aerial photo.",
         "Summarise the contents of the image.",
         "Provide a caption for this image.",
+        BARE["caption"],
     ],
     ["Write a detailed description of this remote sensing image."],
 )

@@ -205,7 +205,7 @@ def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
                 "conversation": [
                     {
                         "role": "user",
-                        "text": f"{IMAGE_TOKEN}\n{schema.TASK_TAGS[ex.task]} {ex.prompt}",
+                        "text": f"{IMAGE_TOKEN}\n{schema.TASK_TAGS[ex.task]} {ex.prompt}".rstrip(),
                     },
                     {"role": "assistant", "text": ex.answer},
                 ],
