@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train_throughput import plain_loop
+from train_throughput import reference_loop
 
 from geopix import ray_job, storage, tracking
 from geopix.config import load_config
@@ -82,7 +82,7 @@ def main() -> None:
     tracking.configure(base.tracking)
     sizes = args.memory_len if args.memory_len is not None else [base.model.memory_len, 0]
     # Timed before any training starts, on an idle machine (20 steps, as bench/train_throughput.py).
-    plain = plain_loop(load_config("tiny", ["train.batch_size=8"]), 20, 16 * 6)["samples_per_s"]
+    plain = reference_loop()
     print(f"plain torch loop on this machine: {plain:.1f} samples/s", flush=True)
     bench = f"learning-bar-{ray_job.run_id()}"
     out = storage.join_uri(base.evaluate.out_uri, bench)

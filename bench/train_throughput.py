@@ -1,5 +1,8 @@
-"""Training benchmarks for issue 5, one run each, figures as ratios.
+"""Training benchmarks, one run each, figures as ratios.
 
+0. The tiny preset's step against the step as it was before the light fine scale and the
+   folded vision encoder (``BEFORE``: ``model.fine_scale=full``, BatchNorms unfolded), both
+   through Ray Train + DeepSpeed ZeRO-2 and through the plain loop, in the same run.
 1. Step throughput of Ray Train + DeepSpeed (ZeRO-2, 2 workers × 1 thread, 8 samples each) against a
    plain single-process torch loop (1 process × 2 threads, 16 samples) on the same tiny model,
    the same global batch and the same total thread count.
@@ -20,6 +23,25 @@ import tempfile
 import time
 
 WARMUP = 3
+BEFORE = ["model.fine_scale=full"]  # + fold_batchnorm off: the step as it was on 2026-12-02
+
+
+class step_as_before:
+    """Within: EfficientNet-lite0 runs unfolded, as before 2026-12-03 (pair with ``BEFORE``)."""
+
+    def __init__(self, active: bool = True):
+        self.active = active
+
+    def __enter__(self):
+        from geopix.model.vision import EfficientNetLite0Encoder
+
+        self.saved = EfficientNetLite0Encoder.fold_batchnorm
+        EfficientNetLite0Encoder.fold_batchnorm = self.saved and not self.active
+
+    def __exit__(self, *exc):
+        from geopix.model.vision import EfficientNetLite0Encoder
+
+        EfficientNetLite0Encoder.fold_batchnorm = self.saved
 
 
 def make_records(image_size: int, count: int, seg_vocab) -> list[dict]:
@@ -102,6 +124,7 @@ def worker(loop: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = GeoPixConfig.model_validate(loop["config"])
+    step_as_before(loop["before"]).__enter__()  # this worker process only
     records, tokenizer, model, trainable = tiny_setup(cfg, loop["records"])
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     stage = StageConfig(max_steps=loop["steps"] + WARMUP, lr=1e-3, warmup_steps=2)
@@ -131,7 +154,7 @@ def worker(loop: dict) -> None:
         ray.train.report(figures, checkpoint=checkpoint)
 
 
-def ray_train(cfg, steps: int, records: int) -> dict:
+def ray_train(cfg, steps: int, records: int, before: bool = False) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -139,7 +162,7 @@ def ray_train(cfg, steps: int, records: int) -> dict:
 
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
-        train_loop_config={"config": cfg.for_workers(), "steps": steps, "records": records},
+        train_loop_config={"config": cfg.for_workers(), "steps": steps, "records": records, "before": before},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name=f"bench-zero{cfg.train.zero_stage}-{time.time_ns()}",
@@ -153,9 +176,21 @@ def ray_train(cfg, steps: int, records: int) -> dict:
     return metrics
 
 
-def plain_loop(cfg, steps: int, records: int) -> dict:
-    import torch
+def plain_loop(cfg, steps: int, records: int, before: bool = False) -> dict:
+    with step_as_before(before):
+        return _plain_loop(cfg, steps, records)
 
+
+def reference_loop() -> float:
+    """This machine's speed: samples/s of the plain loop on the step as it was (``BEFORE``), a
+    figure that stays comparable across changes to the preset's step (bench/learning_bar.py)."""
+    from geopix.config import load_config
+
+    return plain_loop(load_config("tiny", ["train.batch_size=8", *BEFORE]), 20, 16 * 6, before=True)["samples_per_s"]
+
+
+def _plain_loop(cfg, steps: int, records: int) -> dict:
+    import torch
 
     torch.set_num_threads(2)
     data, tokenizer, model, params = tiny_setup(cfg, records)
@@ -188,11 +223,19 @@ def main() -> None:
     size = [f"model.image_size={args.image_size}", "train.batch_size=8"]
     records = 16 * 6
     ray.init(log_to_driver=False)
+    zero2_before = ray_train(load_config("tiny", [*size, "train.zero_stage=2", *BEFORE]), args.steps, records, True)
     zero2 = ray_train(load_config("tiny", [*size, "train.zero_stage=2"]), args.steps, records)
     zero0 = ray_train(load_config("tiny", [*size, "train.zero_stage=0"]), args.steps, records)
+    plain_before = plain_loop(load_config("tiny", [*size, *BEFORE]), args.steps, records, before=True)
     plain = plain_loop(load_config("tiny", size), args.steps, records)
-    figures = {"zero2": zero2, "zero0": zero0, "plain": plain}
+    figures = {"zero2": zero2, "zero0": zero0, "plain": plain, "zero2_before": zero2_before,
+               "plain_before": plain_before}  # fmt: skip
     print(json.dumps(figures, indent=2, default=str))
+    print("\nthe preset's step against the step before (two-way fine decoder, unfolded vision encoder):")
+    for name, now, then in (("Ray Train + DeepSpeed ZeRO-2 (2)", zero2, zero2_before),
+                            ("plain torch loop (1 process)    ", plain, plain_before)):  # fmt: skip
+        print(f"  {name}  {then['samples_per_s']:.1f} → {now['samples_per_s']:.1f} samples/s "
+              f"= {now['samples_per_s'] / then['samples_per_s']:.2f}x")
     print(f"\nthroughput, global batch 16, 2 threads in all, tiny at {args.image_size} px:")
     print(f"  plain torch loop (1 process)      {plain['samples_per_s']:.1f} samples/s")
     print(f"  Ray Train + DeepSpeed ZeRO-2 (2)  {zero2['samples_per_s']:.1f} samples/s "
