@@ -137,14 +137,19 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
     scene = open_scene(scene_uri, cfg.segment)
     segmenter = WindowSegmenter(model_dir, cfg.model_dump(mode="json"), threads=1, device="cpu")
     windows = plan_windows(scene.width, scene.height, 64, cfg.segment.overlap)
+    tallies = np.zeros(2, np.int64)
     for window, image, valid in read_chunk(scene, windows):
         rows, cols = window.keep_in_window()
         col, row, width, height = window.keep
-        expected = (
-            segmenter.segment([image], [valid])[0] if valid.any() else np.full((2, 64, 64), NODATA, np.uint8)
-        )
+        expected = np.full((2, 64, 64), NODATA, np.uint8)
+        if valid.any():
+            answered, counts = segmenter.answer([image], [valid])
+            expected, tallies = answered[0], tallies + counts[0]
         np.testing.assert_array_equal(stitched[:, row : row + height, col : col + width], expected[:, rows, cols],
                                       err_msg=f"window {window.index}")  # fmt: skip
+    # Stated counts against masks drawn, summed over the scene's windows as the pipeline did.
+    assert run["answers"] == {"stating_a_count": tallies[0], "masks_differ_from_stated_count": tallies[1]}
+    assert 0 <= tallies[1] <= tallies[0] <= run["windows"]
 
     # Polygons: GeoParquet with the scene's CRS, and they rasterise back onto the raster.
     table = pq.read_table(storage.join_uri(prefix, POLYGONS_FILE).removeprefix("s3://"),
@@ -401,6 +406,22 @@ def test_two_nightly_runs_at_once_never_segment_a_scene_twice(setup):
         assert storage.list_objects(prefix) == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE,
                                                        storage.SUCCESS_MARKER, OWNER_FILE])  # fmt: skip
     assert not storage.list_objects(f"{out}/_leases")  # every lease released
+
+
+@pytest.mark.parametrize(("forced", "expected"), [
+    ("Sure, there are 3 storage tanks: {seg}.", [1, 1]),  # says 3, draws 1
+    ("Sure, there is one storage tank: {seg}.", [1, 0]),
+    ("Sure, it is {seg}.", [0, 0]),  # states no count
+])  # fmt: skip
+def test_answers_whose_masks_differ_from_their_stated_count_are_counted(setup, forced, expected):
+    cfg, model_dir, scene_uri, _, _ = setup
+    segment = cfg.segment.model_copy(update={"decode": "teacher_forced", "forced_answer": forced})
+    config = cfg.model_copy(update={"segment": segment}).model_dump(mode="json")
+    segmenter = WindowSegmenter(model_dir, config, threads=1, device="cpu")
+    scene = open_scene(scene_uri, segment)
+    windows = [w for w in read_chunk(scene, plan_windows(scene.width, scene.height, 64, segment.overlap)[:3])]
+    rasters, counts = segmenter.answer([w[1] for w in windows], [w[2] for w in windows])
+    assert len(rasters) == 3 and counts.tolist() == [expected] * 3
 
 
 def test_a_model_that_raises_fails_its_scenes_one_by_one_with_the_cause(setup, tmp_path):

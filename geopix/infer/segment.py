@@ -156,9 +156,11 @@ class WindowSegmenter(ModelActor):
         rasters = np.zeros((len(errors), 2, *size), np.uint8)
         todo = [i for i, error in enumerate(errors) if not error and valid[i].any()]
         nodata = np.array([not error and i not in todo for i, error in enumerate(errors)])
+        tallies = np.zeros((len(errors), 2), np.int64)  # answers stating a count, of them with other mask counts
         try:
             if todo:
-                rasters[todo] = np.stack(self.segment([batch["image"][i] for i in todo], [valid[i] for i in todo]))
+                answered, counts = self.answer([batch["image"][i] for i in todo], [valid[i] for i in todo])
+                rasters[todo], tallies[todo] = np.stack(answered), counts
         except Exception as batch_error:  # noqa: BLE001 - one failing window must not fail the whole batch
             # Answer the batch's windows one by one (a batch of one already was): only the windows the
             # model fails on (and their scenes) fail, each with the model's own error.
@@ -166,22 +168,31 @@ class WindowSegmenter(ModelActor):
                 error = batch_error
                 if len(todo) > 1:
                     try:
-                        rasters[i] = self.segment([batch["image"][i]], [valid[i]])[0]
+                        answered, counts = self.answer([batch["image"][i]], [valid[i]])
+                        rasters[i], tallies[i] = answered[0], counts[0]
                         continue
                     except Exception as exc:  # noqa: BLE001
                         error = exc
                 errors[i] = f"the model failed on window {batch['window'][i]}: {type(error).__name__}: {error}"
                 reasons[i] = "model error"
         return {"key": batch["key"], "window": batch["window"], "raster": rasters, "nodata_window": nodata,
+                "stated_counts": tallies[:, 0], "count_mismatches": tallies[:, 1],
                 "reason": np.array(reasons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
 
     def segment(self, images: list[np.ndarray], valid: list[np.ndarray]) -> list[np.ndarray]:
         """[S, S, 3] uint8 windows → [2, S, S] rasters (every instruction's masks merged)."""
+        return self.answer(images, valid)[0]
+
+    def answer(self, images: list[np.ndarray], valid: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(rasters as :meth:`segment`, [N, 2] per window: answers that state how many instances they
+        list ("Sure, there are 3 …:", geopix/answer_form.py), and of those, answers whose number of
+        masks differs from what they state — before ``keep_classes`` drops any)."""
         import torch.nn.functional as F
 
         size = images[0].shape[:2]
         pixels = self.processor(images).to(device=self.device, dtype=self.dtype)
         per_window: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in images]
+        tallies = np.zeros((len(images), 2), np.int64)
         for instruction in self.cfg.instructions:
             if self.cfg.decode == "teacher_forced":
                 answers = self.model.answer_forced(
@@ -195,6 +206,8 @@ class WindowSegmenter(ModelActor):
                     max_new_tokens=self.cfg.max_new_tokens,
                 )
             for k, answer in enumerate(answers):
+                if answer.stated_count is not None:
+                    tallies[k] += (1, answer.stated_count != len(answer.mask_probs))
                 if not len(answer.mask_probs):
                     continue
                 probs = answer.mask_probs.float()
@@ -209,7 +222,7 @@ class WindowSegmenter(ModelActor):
             masks = np.stack([f[0] for f in found]) if found else np.zeros((0, *size), bool)
             probs = np.stack([f[1] for f in found]) if found else np.zeros((0, *size), np.float32)
             rasters.append(window_answer_raster(masks, probs, [f[2] for f in found], ok))
-        return rasters
+        return rasters, tallies
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -225,6 +238,8 @@ class _Open:
     started: float
     remaining: int
     nodata_windows: int = 0
+    stated_counts: int = 0  # answers that said how many instances they list
+    count_mismatches: int = 0  # … and drew another number of masks
 
 
 def segment_scenes(
@@ -334,6 +349,8 @@ def segment_scenes(
                     state.nodata_windows += 1
                 else:
                     state.writer.write(state.windows[int(row["window"])], np.asarray(row["raster"]))
+                    state.stated_counts += int(row["stated_counts"])
+                    state.count_mismatches += int(row["count_mismatches"])
                 state.remaining -= 1
                 bar.update(1)
                 if state.remaining == 0:
@@ -410,6 +427,9 @@ def _outputs(
         "params": seg.model_dump(mode="json"),
         "windows": len(state.windows),
         "windows_nodata": state.nodata_windows,
+        # Answers (one per window and instruction) that state a count, and those whose masks
+        # number otherwise: the model said "3 storage tanks" and drew 2.
+        "answers": {"stating_a_count": state.stated_counts, "masks_differ_from_stated_count": state.count_mismatches},
         "polygons": asdict(stats),
         "cog": validation,
         "class_encoding": {
