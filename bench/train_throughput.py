@@ -18,6 +18,7 @@ Records are synthetic chips made in memory (no S3), so the figures are the train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -26,22 +27,17 @@ WARMUP = 3
 BEFORE = ["model.fine_scale=full"]  # + fold_batchnorm off: the step as it was on 2026-12-02
 
 
-class step_as_before:
-    """Within: EfficientNet-lite0 runs unfolded, as before 2026-12-03 (pair with ``BEFORE``)."""
+@contextlib.contextmanager
+def step_as_before(before: bool):
+    """Within, when ``before``: EfficientNet-lite0 runs unfolded, as before 2026-12-03 (pair with ``BEFORE``)."""
+    from geopix.model.vision import EfficientNetLite0Encoder
 
-    def __init__(self, active: bool = True):
-        self.active = active
-
-    def __enter__(self):
-        from geopix.model.vision import EfficientNetLite0Encoder
-
-        self.saved = EfficientNetLite0Encoder.fold_batchnorm
-        EfficientNetLite0Encoder.fold_batchnorm = self.saved and not self.active
-
-    def __exit__(self, *exc):
-        from geopix.model.vision import EfficientNetLite0Encoder
-
-        EfficientNetLite0Encoder.fold_batchnorm = self.saved
+    saved = EfficientNetLite0Encoder.fold_batchnorm
+    EfficientNetLite0Encoder.fold_batchnorm = saved and not before
+    try:
+        yield
+    finally:
+        EfficientNetLite0Encoder.fold_batchnorm = saved
 
 
 def make_records(image_size: int, count: int, seg_vocab) -> list[dict]:
@@ -123,8 +119,10 @@ def worker(loop: dict) -> None:
     torch.set_num_threads(1)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    from geopix.model.vision import EfficientNetLite0Encoder
+
     cfg = GeoPixConfig.model_validate(loop["config"])
-    step_as_before(loop["before"]).__enter__()  # this worker process only
+    EfficientNetLite0Encoder.fold_batchnorm = not loop["before"]  # this worker process only
     records, tokenizer, model, trainable = tiny_setup(cfg, loop["records"])
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     stage = StageConfig(max_steps=loop["steps"] + WARMUP, lr=1e-3, warmup_steps=2)
@@ -231,7 +229,7 @@ def main() -> None:
     figures = {"zero2": zero2, "zero0": zero0, "plain": plain, "zero2_before": zero2_before,
                "plain_before": plain_before}  # fmt: skip
     print(json.dumps(figures, indent=2, default=str))
-    print("\nthe preset's step against the step before (two-way fine decoder, unfolded vision encoder):")
+    print("\nthe preset's step against the step before (full fine scale, unfolded vision encoder):")
     for name, now, then in (("Ray Train + DeepSpeed ZeRO-2 (2)", zero2, zero2_before),
                             ("plain torch loop (1 process)    ", plain, plain_before)):  # fmt: skip
         print(f"  {name}  {then['samples_per_s']:.1f} → {now['samples_per_s']:.1f} samples/s "

@@ -149,7 +149,7 @@ class ModelConfig(_Section):
     # The scales after the first: "full" (a 3×3 neck and a two-way transformer each, GEOPIX.md §1)
     # or "light" (a pointwise second neck conv and a hypernetwork readout of the gated features
     # with the first scale's decoded mask token: no transformer over the finest, per-target grid;
-    # docs/training.md, "Step cost").
+    # docs/performance.md, "Where a tiny step's time goes").
     fine_scale: Literal["full", "light"] = "full"
     # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.

@@ -143,6 +143,20 @@ class ImageNeck(nn.Module):
         return self.conv2(torch.cat([x, coord_channels(self.grid, x.shape[0], x)], 1))
 
 
+def zero_prior(dim: int) -> nn.Linear:
+    """prompt [T, D] → an 8×8 grid of logits, zero at init so it enters only through learning."""
+    prior = nn.Linear(dim, PRIOR_SIZE * PRIOR_SIZE)
+    nn.init.zeros_(prior.weight)
+    nn.init.zeros_(prior.bias)
+    return prior
+
+
+def add_prior(logits: torch.Tensor, prior: nn.Linear, prompt: torch.Tensor) -> torch.Tensor:
+    """logits [T, g, g] + the prompt's 8×8 prior, bilinearly resized to g × g."""
+    grid = prior(prompt).reshape(len(prompt), 1, PRIOR_SIZE, PRIOR_SIZE)
+    return logits + F.interpolate(grid, size=logits.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
 class ScaleDecoder(nn.Module):
     """SAM-style decoding of one scale: a learned mask token and the pooled seg prompt attend
     two-way with the image (transformers' ``SamTwoWayTransformer``); a hypernetwork MLP of the mask
@@ -159,9 +173,7 @@ class ScaleDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.pos = nn.Conv2d(2, dim, 1)  # positional embedding from the x/y grid
-        self.prior = nn.Linear(dim, PRIOR_SIZE * PRIOR_SIZE)
-        nn.init.zeros_(self.prior.weight)
-        nn.init.zeros_(self.prior.bias)
+        self.prior = zero_prior(dim)
 
     def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image [T, D, g, g], prompt [T, D] → (logits [T, g, g], decoded mask token [T, D])."""
@@ -171,8 +183,7 @@ class ScaleDecoder(nn.Module):
         queries, keys = self.transformer(tokens, image, pos, attention_similarity=None)
         embed = keys[:, 0].transpose(1, 2).reshape(t, d, g, g) + image  # skip keeps local detail
         logits = torch.einsum("td,tdhw->thw", self.hyper(queries[:, 0, 0]), embed) / math.sqrt(d)
-        prior = self.prior(prompt).reshape(t, 1, PRIOR_SIZE, PRIOR_SIZE)
-        return logits + F.interpolate(prior, size=(g, g), mode="bilinear", align_corners=False)[:, 0], queries[:, 0, 0]
+        return add_prior(logits, self.prior, prompt), queries[:, 0, 0]
 
 
 class ReadoutDecoder(nn.Module):
@@ -183,17 +194,13 @@ class ReadoutDecoder(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.hyper = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.prior = nn.Linear(dim, PRIOR_SIZE * PRIOR_SIZE)
-        nn.init.zeros_(self.prior.weight)
-        nn.init.zeros_(self.prior.bias)
+        self.prior = zero_prior(dim)
 
     def forward(self, image: torch.Tensor, prompt: torch.Tensor, coarse_token: torch.Tensor) -> torch.Tensor:
         """image [T, D, g, g], prompt and coarse_token [T, D] → logits [T, g, g]."""
-        t, d, g, _ = image.shape
+        d = image.shape[1]
         weights = self.hyper(torch.cat([coarse_token, prompt], -1))
-        logits = torch.einsum("td,tdhw->thw", weights, image) / math.sqrt(d)
-        prior = self.prior(prompt).reshape(t, 1, PRIOR_SIZE, PRIOR_SIZE)
-        return logits + F.interpolate(prior, size=(g, g), mode="bilinear", align_corners=False)[:, 0]
+        return add_prior(torch.einsum("td,tdhw->thw", weights, image) / math.sqrt(d), self.prior, prompt)
 
 
 class MaskPredictor(nn.Module):
@@ -274,7 +281,8 @@ class MaskPredictor(nn.Module):
                 logits = decoder(image, pooled[:, s], coarse_token)
             else:
                 logits, token = decoder(image, pooled[:, s])
-                coarse_token = token if coarse_token is None else coarse_token
+                if s == 0:  # what a light fine scale reads out with
+                    coarse_token = token
             per_scale.append(logits)
             up = F.interpolate(
                 logits[:, None], size=(out_size, out_size), mode="bilinear", align_corners=False
