@@ -1,7 +1,7 @@
-"""How a GeoPix answer that lists instances says how many it lists.
+"""How a GeoPix answer states what it found besides its masks: how many instances, and where.
 
-An answer to "segment every X" states the count before its seg runs, so that the model commits to
-a number first and then writes that many runs (one mask each)::
+**Counts.** An answer to "segment every X" states the count before its seg runs, so that the
+model commits to a number first and then writes that many runs (one mask each)::
 
     Sure, there are 3 storage tanks: [SEG0]…[SEG5] [SEG0]…[SEG5] [SEG0]…[SEG5].
     Sure, there is one ship: [SEG0]…[SEG5].
@@ -15,11 +15,28 @@ The synthetic generator writes this form (:mod:`geopix.data.phrases`); evaluatio
 segmentation read the stated count with :func:`stated_count` beside the runs they decode. Answers
 in the earlier forms still parse: "There are 3 storage tanks: …" states its count the same way,
 and "Sure, they are … and …" states none (``None``); their masks are their runs either way.
+
+**Boxes.** A grounding answer draws the object and then states its box::
+
+    Sure, it is [SEG0]…[SEG5] at {<12><40><31><58>}.
+
+The box a GeoPix model states after a seg run is the box of that run's mask: the model writes the
+box's form, and :func:`boxes_from_masks` writes its numbers from the mask the model drew
+(``chat`` does this for every answer), so box and mask always agree and the box is as good as the
+mask. A random LLM writing coordinates from image tokens learned nothing of them (Acc@0.5 0.07,
+the whole-image box, in every run). Where the mask is empty, the model's own numbers stay; a box
+with no run before it (the earlier form, "{<x1><y1><x2><y2>}" alone) is the model's own.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+import numpy as np
+
+# A box in answer text: {<x1><y1><x2><y2>}, integers 0–100 of the image size (GEOPIX.md §2).
+BOX_TEXT = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
 
 # "Sure, there are 3 tanks:" / "There is one tank:" at the start of an answer (a count stated later
 # in the text, e.g. in a caption, is not an answer's count).
@@ -42,3 +59,40 @@ def stated_count(text: str) -> int | None:
         return None
     word = found.group(1).lower()
     return {"one": 1, "no": 0}.get(word) if not word.isdigit() else int(word)
+
+
+def box_to_text(box: Sequence[float], width: int, height: int) -> str:
+    """Pixel box → ``{<x1><y1><x2><y2>}`` with integers 0–100 of the image size."""
+    x1, y1, x2, y2 = box
+    scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
+    return "{" + "".join(f"<{min(100, max(0, round(v * 100)))}>" for v in scaled) + "}"
+
+
+def parse_box_text(text: str) -> list[tuple[int, int, int, int]]:
+    return [tuple(int(v) for v in match) for match in BOX_TEXT.findall(text)]
+
+
+def grounding_answer(run: str, box_text: str) -> str:
+    """The answer that draws one object (``run``) and states its box (``{<x1><y1><x2><y2>}``)."""
+    return f"Sure, it is {run} at {box_text}."
+
+
+def mask_box_text(mask: np.ndarray) -> str | None:
+    """The ``{<x1><y1><x2><y2>}`` box (0–100 of the mask's size) around every pixel of ``mask``, or
+    None for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return None
+    height, width = mask.shape
+    return box_to_text((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1), width, height)
+
+
+def boxes_from_masks(text: str, run: str, masks: Sequence[np.ndarray]) -> str:
+    """``text`` with the first box after the k-th ``run`` rewritten as the box of ``masks[k]``
+    (runs without a box after them, and empty masks, leave the text as it is)."""
+    pieces = text.split(run)
+    for k, mask in enumerate(masks[: len(pieces) - 1]):
+        box = mask_box_text(np.asarray(mask))
+        if box is not None:
+            pieces[k + 1] = BOX_TEXT.sub(lambda _, box=box: box, pieces[k + 1], count=1)
+    return run.join(pieces)

@@ -1,10 +1,20 @@
-"""The counting answer form: what the generator writes, what every reader parses."""
+"""The counting and box answer forms: what the generator writes, what every reader parses."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from geopix.answer_form import count_answer, stated_count
+from geopix.answer_form import (
+    box_to_text,
+    boxes_from_masks,
+    count_answer,
+    grounding_answer,
+    mask_box_text,
+    parse_box_text,
+    stated_count,
+)
+from geopix.data.schema import decode_mask
 from geopix.data.synth import chip_records, make_chip
 from geopix.evaluate.job import counting, vqa_kind
 from geopix.vocabulary import SegVocabulary
@@ -63,3 +73,31 @@ def test_the_counting_table_and_vqa_kinds_come_from_the_rows():
     assert [vqa_kind({"template_id": t}) for t in ("vqa.count.t0", "vqa.colour.h0+cls.t1", "coco-vqa", None)] == [
         "count", "colour", "other", "other",
     ]  # fmt: skip
+
+
+def test_a_box_after_a_run_is_rewritten_as_the_box_of_its_mask():
+    mask = np.zeros((50, 100), bool)
+    mask[10:20, 30:60] = True  # rows 10–19, columns 30–59: 20–40 % down, 30–60 % across
+    empty = np.zeros_like(mask)
+    text = grounding_answer(VOCAB.run, "{<0><0><100><100>}")
+    assert boxes_from_masks(text, VOCAB.run, [mask]) == grounding_answer(VOCAB.run, "{<30><20><60><40>}")
+    assert boxes_from_masks(text, VOCAB.run, [empty]) == text  # nothing drawn: the model's own numbers stay
+    # Each run's box is its own mask's; a box before any run, and a run without a box, are left alone.
+    two = f"{{<1><1><2><2>}} then {VOCAB.run}, and {VOCAB.run} at {{<0><0><9><9>}} {{<5><5><6><6>}}."
+    assert boxes_from_masks(two, VOCAB.run, [empty, mask]) == (
+        f"{{<1><1><2><2>}} then {VOCAB.run}, and {VOCAB.run} at {{<30><20><60><40>}} {{<5><5><6><6>}}."
+    )
+    assert boxes_from_masks("{<0><0><9><9>}", VOCAB.run, []) == "{<0><0><9><9>}"
+
+
+def test_every_synthetic_ground_answer_draws_its_target_and_boxes_it():
+    chips = [make_chip("train", 0, i, 256) for i in range(12)]
+    records = [r for chip in chips for r in chip_records(chip, VOCAB) if r["task"] == "ground"]
+    assert records
+    for record in records:
+        answer = record["conversation"][1]["text"]
+        (target,) = record["targets"]
+        assert VOCAB.count_runs(answer) == (1, [])
+        assert parse_box_text(answer) == parse_box_text(box_to_text(target["box"], 256, 256))
+        # The box GeoPix writes from a mask is the generator's box of the same object.
+        assert mask_box_text(decode_mask(target["mask"]).astype(bool)) == box_to_text(target["box"], 256, 256)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from geopix import storage
+from geopix.answer_form import parse_box_text
 from geopix.data.coco import CocoImportError, import_coco
-from geopix.data.schema import decode_mask, parse_box_text, validate_record
+from geopix.data.schema import decode_mask, validate_record
 from geopix.data.source import iter_records, read_catalog
 from tests.records import SEG_VOCAB, png_bytes
 

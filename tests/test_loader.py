@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from geopix import storage
+from geopix.answer_form import box_to_text, parse_box_text
 from geopix.data import schema
 from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
 from geopix.data.batches import encode_conversation, find_seg_runs, iter_batches
@@ -62,7 +63,7 @@ def make_record(
     }[task]
     answer = {
         "refer": f"Sure, it is {SEG_RUN}.",
-        "ground": f"It is at {schema.box_to_text(box, size, size)}.",
+        "ground": f"It is at {box_to_text(box, size, size)}.",
         "caption": f"A grey scene with one red vehicle in the {corner} corner.",
     }[task]
     return {
@@ -217,8 +218,8 @@ def test_every_transform_keeps_pixels_boxes_and_text_in_agreement(transform: Tra
                 out.boxes[0], [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
             )
             if task == "ground":
-                [text_box] = schema.parse_box_text(out.conversation[1]["text"])
-                [expected] = schema.parse_box_text(schema.box_to_text(out.boxes[0], SIZE, SIZE))
+                [text_box] = parse_box_text(out.conversation[1]["text"])
+                [expected] = parse_box_text(box_to_text(out.boxes[0], SIZE, SIZE))
                 assert np.abs(np.subtract(text_box, expected)).max() <= 1
 
 

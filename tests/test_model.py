@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from geopix.answer_form import mask_box_text
 from geopix.config import load_config
 from geopix.data.batches import iter_batches
 from geopix.data.schema import encode_mask
@@ -295,6 +296,22 @@ def test_chat_answers_with_masks_batched_and_cached(fitted, records, tokenizer, 
         assert torch.allclose(forced.mask_probs, answers[i].mask_probs, atol=1e-4)
     with pytest.raises(ValueError, match="no {seg} run"):
         model.answer_forced(pixels[:1], user_texts(records)[0], "Sure.", tokenizer)
+
+
+def test_a_box_stated_after_a_run_is_the_box_of_its_mask(fitted, records, tokenizer, batch):
+    """A grounding answer's numbers come from the mask its run draws (geopix.answer_form), in the
+    decoded and the teacher-forced modes alike; a box with no run before it is the model's own."""
+    model = fitted[0]
+    i = next(i for i, r in enumerate(records) if r["task"] == "refer")
+    pixels = batch["pixel_values"][i : i + 1].repeat(2, 1, 1, 1)
+    forced = model.answer_forced(pixels, user_texts(records)[i], "Sure, it is {seg} at {<0><0><100><100>}.", tokenizer)
+    run = "".join(tokenizer.convert_ids_to_tokens(model.seg_token_ids))
+    for answer in forced:
+        assert answer.masks[0].any()
+        assert answer.text == f"Sure, it is {run} at {mask_box_text(answer.masks[0].numpy())}."
+        assert mask_box_text(answer.masks[0].numpy()) != "{<0><0><100><100>}"
+    [unboxed] = model.answer_forced(pixels[:1], user_texts(records)[i], "{<0><0><100><100>} {seg}.", tokenizer)
+    assert unboxed.text.startswith("{<0><0><100><100>}")
 
 
 def test_a_batch_of_eight_answers_as_each_of_its_requests_alone(fitted, records, tokenizer, batch):

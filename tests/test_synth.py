@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geopix.answer_form import box_to_text, grounding_answer
 from geopix.data import contact_sheet, phrases, schema, synth
 from geopix.data.source import iter_records, read_catalog
 from tests.records import SEG_VOCAB
@@ -144,8 +145,8 @@ def test_masks_are_exactly_the_painted_visible_pixels(source):
                 )
             if record["task"] == "ground":
                 (target,) = record["targets"]
-                box_text = schema.box_to_text(target["box"], CHIP, CHIP)
-                assert record["conversation"][1]["text"] == box_text
+                box_text = box_to_text(target["box"], CHIP, CHIP)
+                assert record["conversation"][1]["text"] == grounding_answer(SEG_VOCAB.run, box_text)
 
 
 def test_singular_phrases_pick_out_one_instance(source):

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from geopix.data import schema
+from geopix.answer_form import BOX_TEXT
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class Transform:
             x1, y1, x2, y2 = self.boxes(box, 100, 100)[0]
             return f"{{<{x1}><{y1}><{x2}><{y2}>}}"
 
-        return schema.BOX_TEXT.sub(rewrite, text)
+        return BOX_TEXT.sub(rewrite, text)
 
     def text(self, text: str) -> str:
         """Position words and text boxes rewritten for this transform (see :func:`rewrite_blocker`)."""

@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from geopix import storage
-from geopix.answer_form import count_answer
+from geopix.answer_form import box_to_text, count_answer
 from geopix.data.schema import (
     TASK_TAGS,
     ClassCatalog,
-    box_to_text,
     decode_mask,
     encode_mask,
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from geopix.answer_form import parse_box_text
 from geopix.data import schema
 from geopix.vocabulary import ANY_SEG_RUN, IMAGE_TOKEN
 
@@ -116,7 +117,7 @@ def contact_sheet(
         if record.get("task") == "ground":
             width, height = record["width"], record["height"]
             answer = " ".join(t["text"] for t in record["conversation"][1::2])
-            for bx1, by1, bx2, by2 in schema.parse_box_text(answer):
+            for bx1, by1, bx2, by2 in parse_box_text(answer):
                 ax.add_patch(
                     Rectangle(
                         (bx1 * width / 100 - 0.5, by1 * height / 100 - 0.5),

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geopix.answer_form import count_answer
-from geopix.data import schema
+from geopix.answer_form import box_to_text, count_answer, grounding_answer
 from geopix.vocabulary import SegVocabulary
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +45,8 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # 3: … opening with "Sure," (not the VQA count answer's "There are …").
 # 4: 5–9 training phrasings per task instead of 1–3 (held-out ones unchanged).
 # 5: + one bare training form per task: the task tag and its slot only ("[segment] ships").
-TEXT_VERSION = 5
+# 6: grounding answers draw the object and state its box: "Sure, it is [SEG…] at {<x1>…}.".
+TEXT_VERSION = 6
 
 # The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
 # teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
@@ -529,13 +529,13 @@ def _refer(rng, held_out, expr: Expression, run: str) -> Exchange:
     )
 
 
-def _ground(facts: ImageFacts, rng, held_out, expr: Expression) -> Exchange:
+def _ground(facts: ImageFacts, rng, held_out, expr: Expression, run: str) -> Exchange:
     template = _pick(rng, GROUND, held_out)
-    box = schema.box_to_text(facts.instances[expr.target].box, facts.size, facts.size)
+    box = box_to_text(facts.instances[expr.target].box, facts.size, facts.size)
     return Exchange(
         "ground",
         template.text.format(phrase=expr.text),
-        box,
+        grounding_answer(run, box),
         (expr.target,),
         (expr.text,),
         expr.phrase_type,
@@ -664,7 +664,7 @@ def image_exchanges(
             options = by_type[phrase_type]
             expr = options[int(rng.integers(len(options)))]
             exchanges.append(
-                _refer(rng, held_out, expr, run) if k < 2 else _ground(facts, rng, held_out, expr)
+                _refer(rng, held_out, expr, run) if k < 2 else _ground(facts, rng, held_out, expr, run)
             )
 
     exchanges.append(_vqa(facts, rng, held_out, expressions, class_names))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from geopix.answer_form import parse_box_text
 from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
 
 SCHEMA_VERSION = 1
@@ -57,7 +57,6 @@ TASK_TAGS = {
     "vqa": "[Visual Question Answering]",
     "ground": "[grounding]",
 }
-BOX_TEXT = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
 
 RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())])
 TARGET_TYPE = pa.struct(
@@ -126,17 +125,6 @@ class ClassCatalog:
 
     def __contains__(self, class_id: int) -> bool:
         return class_id in self.names
-
-
-def box_to_text(box: Sequence[float], width: int, height: int) -> str:
-    """Pixel box → ``{<x1><y1><x2><y2>}`` with integers 0–100 of the image size."""
-    x1, y1, x2, y2 = box
-    scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
-    return "{" + "".join(f"<{min(100, max(0, round(v * 100)))}>" for v in scaled) + "}"
-
-
-def parse_box_text(text: str) -> list[tuple[int, int, int, int]]:
-    return [tuple(int(v) for v in match) for match in BOX_TEXT.findall(text)]
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -273,6 +261,8 @@ def _validate_conversation(
         boxes = parse_box_text(answers)
         if not boxes:
             problems.append("conversation: a ground answer needs a {<x1><y1><x2><y2>} box")
+        if runs and runs != n_targets:  # a run draws the boxed target (geopix.answer_form)
+            problems.append(f"conversation: {runs} seg runs in a ground answer for {n_targets} targets")
         for box in boxes:
             if any(v > 100 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
                 problems.append(f"conversation: box {box} is not x1<x2, y1<y2 within 0–100")

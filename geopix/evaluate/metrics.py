@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from geopix.answer_form import parse_box_text
 from geopix.config import EvalConfig
 from geopix.data import schema
-from geopix.data.schema import parse_box_text
 
 BUCKETS = ("small", "medium", "large")
 

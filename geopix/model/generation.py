@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from geopix.answer_form import stated_count
+from geopix.answer_form import boxes_from_masks, stated_count
 from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.vocabulary import IMAGE_TOKEN, seg_run_starts
 
@@ -140,7 +140,13 @@ class GenerationMixin:
         seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
         target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
         masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
-        return ChatAnswer.from_logits(text, masks, class_logits)
+        return self._boxed(ChatAnswer.from_logits(text, masks, class_logits), tokenizer)
+
+    def _boxed(self, answer: ChatAnswer, tokenizer: Any) -> ChatAnswer:
+        """The answer whose boxes stated after seg runs are the runs' mask boxes (geopix.answer_form)."""
+        run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
+        answer.text = boxes_from_masks(answer.text, run_text, answer.masks.numpy())
+        return answer
 
     def _answer_without_masks(self, text: str) -> ChatAnswer:
         size = self.config.image_size
@@ -177,7 +183,10 @@ class GenerationMixin:
         text = decoded_answer(answer_ids, tokenizer)
         k = len(starts)
         answers = [
-            ChatAnswer.from_logits(text, out.mask_logits[i * k : (i + 1) * k], out.class_logits[i * k : (i + 1) * k])
+            self._boxed(
+                ChatAnswer.from_logits(text, out.mask_logits[i * k : (i + 1) * k], out.class_logits[i * k : (i + 1) * k]),
+                tokenizer,
+            )
             for i in range(batch)
         ]
         self.train(was_training)
