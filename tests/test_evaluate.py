@@ -18,6 +18,7 @@ from nltk.translate.bleu_score import corpus_bleu
 from pycocotools import mask as mask_utils
 
 from geopix import storage, tracking
+from geopix.answer_form import box_to_text, grounding_answer
 from geopix.config import load_config
 from geopix.data.batches import iter_batches
 from geopix.data.schema import RECORD_SCHEMA
@@ -112,6 +113,10 @@ def test_caption_metrics_edge_cases():
 # ---------------------------------------------------------------------------------- the job
 def eval_records() -> tuple[list[dict], dict, dict]:
     records = [make_record(i, class_id=i % 3) for i in range(3)] + [two_target_record(3)]
+    ground = make_record(4, class_id=1, task="ground")  # answered with a run and its box
+    box = box_to_text(ground["targets"][0]["box"], ground["width"], ground["height"])
+    ground["conversation"][1]["text"] = grounding_answer(SEG_VOCAB.run, box)
+    records.append(ground)
     broken = make_record(9, class_id=1)
     broken["record_id"], broken["image"] = "rec-broken", b"\x89PNG but truncated"
     caption = make_record(8, task="caption")
@@ -210,7 +215,7 @@ def test_eval_job_scores_an_overfitted_model_and_reports(setup, compared):
     _, _, _, good = setup
     result = compared[0]["fitted"]
     summary = result.summary
-    assert summary["records"] == 6 and summary["failed"] == 1  # the broken record: counted and named
+    assert summary["records"] == 7 and summary["failed"] == 1  # the broken record: counted and named
     assert summary["failures"][0]["record_id"] == "rec-broken"
     assert "image" in summary["failures"][0]["error"].lower()
     seg = summary["segmentation"]
@@ -220,6 +225,9 @@ def test_eval_job_scores_an_overfitted_model_and_reports(setup, compared):
     assert set(seg["by_task"]) <= {"segment", "refer"}
     assert sum(v["targets"] for v in seg["by_task"].values()) == seg["overall"]["targets"]
     assert summary["captions"]["captions"] == 1 and 0 <= summary["captions"]["CIDEr"]
+    # The grounding answer's box is its mask's box: a hit, bucketed by the object's area (16² px).
+    assert summary["grounding"]["records"] == 1 and summary["grounding"]["accuracy"] == 1.0
+    assert summary["grounding"]["by_bucket"] == {"small": {"records": 1, "accuracy": 1.0}}
 
     # Per-target rows on S3 agree with pycocotools on the published predicted masks, and cIoU
     # is their Σ intersection / Σ union.

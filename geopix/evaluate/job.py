@@ -27,7 +27,7 @@ from geopix.answer_form import stated_count
 from geopix.config import GeoPixConfig
 from geopix.data import schema
 from geopix.data.images import decode_targets, record_image
-from geopix.evaluate.metrics import BUCKETS, grounding_hit, score_sample, summarize_scores
+from geopix.evaluate.metrics import BUCKETS, grounding_hit, score_sample, size_bucket, summarize_scores
 from geopix.infer.actor import ModelActor
 from geopix.outputs import prepare_output
 from geopix.vocabulary import ANY_SEG_RUN
@@ -135,6 +135,8 @@ class RecordEvaluator(ModelActor):
                     "stated_count": stated_count(answer.text)}  # fmt: skip
         elif task == "ground" and len(boxes):
             row["grounding_hit"] = grounding_hit(answer.text, boxes[0], width, height, self.cfg.evaluate)
+            if len(truths):  # the bucket of the boxed object, as segmentation buckets its targets
+                row["size_bucket"] = size_bucket(int(truths[0].sum()), self.cfg.evaluate)
         elif task == "vqa":
             row["vqa_correct"] = normalise_answer(answer.text) == normalise_answer(row["reference"])
         return row
@@ -143,7 +145,7 @@ class RecordEvaluator(ModelActor):
 ROW_KEYS = (
     "record_id", "image_id", "task", "phrase_type", "template_id", "instruction", "answer", "reference",
     "masks", "extra_masks", "targets", "predicted_masks", "predicted_classes", "grounding_hit",
-    "vqa_correct", "stated_count", "seconds", "error",
+    "size_bucket", "vqa_correct", "stated_count", "seconds", "error",
 )
 
 
@@ -286,6 +288,10 @@ def summarize(rows: list[dict[str, Any]], cfg: GeoPixConfig, class_names: list[s
         p: _accuracy([r for r in ground if r["phrase_type"] == p], "grounding_hit")
         for p in sorted({r["phrase_type"] or "unknown" for r in ground})
     }
+    grounding["by_bucket"] = {
+        b: _accuracy([r for r in ground if r.get("size_bucket") == b], "grounding_hit")
+        for b in BUCKETS if any(r.get("size_bucket") == b for r in ground)
+    }
     captions = [r for r in ok if r["task"] == "caption"]
     caption = caption_scores(
         {r["record_id"]: r["answer"] or "" for r in captions}, {r["record_id"]: [r["reference"]] for r in captions}
@@ -350,6 +356,8 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out |= {f"{prefix}_{k.replace('@', '_at_')}": float(v) for k, v in group.items() if isinstance(v, (int, float))}
     if summary["grounding"]["accuracy"] is not None:
         out["grounding_accuracy"] = summary["grounding"]["accuracy"]
+    for bucket, group in summary["grounding"].get("by_bucket", {}).items():
+        out[f"grounding_{bucket}_accuracy"] = group["accuracy"]
     if summary["vqa"]["accuracy"] is not None:
         out["vqa_accuracy"] = summary["vqa"]["accuracy"]
     for kind, group in summary["vqa"].get("by_kind", {}).items():

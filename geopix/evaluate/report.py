@@ -101,6 +101,8 @@ def write_report(
     if grounding["records"]:
         text.append(f"| grounding (box IoU ≥ {cfg.evaluate.grounding_iou}) | {grounding['records']} | "
                     f"{grounding['accuracy']:.3f} |")
+        for bucket, group in grounding.get("by_bucket", {}).items():
+            text.append(f"| grounding, {bucket} objects | {group['records']} | {group['accuracy']:.3f} |")
     if captions.get("captions"):
         text.append(f"| captions BLEU-4 | {captions['captions']} | {captions['BLEU-4']:.3f} |")
         text.append(f"| captions CIDEr | {captions['captions']} | {captions['CIDEr']:.3f} |")
