@@ -20,11 +20,11 @@ and "Sure, they are … and …" states none (``None``); their masks are their r
 
     Sure, it is [SEG0]…[SEG5] at {<12><40><31><58>}.
 
-The box a GeoPix model states after a seg run is the box of that run's mask: the model writes the
-box's form, and :func:`boxes_from_masks` writes its numbers from the mask the model drew
-(``chat`` does this for every answer), so box and mask always agree and the box is as good as the
-mask. A random LLM writing coordinates from image tokens learned nothing of them (Acc@0.5 0.07,
-the whole-image box, in every run). Where the mask is empty, the model's own numbers stay; a box
+The box a GeoPix model states after a seg run is the box of that run's mask (of its largest
+connected part): the model writes the box's form, and :func:`boxes_from_masks` writes its numbers
+from the mask the model drew (``chat`` does this for every answer), so box and mask always agree
+and the box is as good as the mask. A random LLM writing coordinates from image tokens learned
+nothing of them (Acc@0.5 0.07, the whole-image box, in every run). Where the mask is empty, the model's own numbers stay; a box
 with no run before it (the earlier form, "{<x1><y1><x2><y2>}" alone) is the model's own.
 """
 
@@ -78,8 +78,14 @@ def grounding_answer(run: str, box_text: str) -> str:
 
 
 def mask_box_text(mask: np.ndarray) -> str | None:
-    """The ``{<x1><y1><x2><y2>}`` box (0–100 of the mask's size) around every pixel of ``mask``, or
-    None for an empty mask."""
+    """The ``{<x1><y1><x2><y2>}`` box (0–100 of the mask's size) around the largest connected part
+    of ``mask`` (8-connected), or None for an empty mask. One object is one part: a stray blob of
+    the mask elsewhere would otherwise stretch the box over both (measured in docs/evaluation.md)."""
+    from scipy import ndimage
+
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count > 1:
+        mask = parts == np.bincount(parts.ravel())[1:].argmax() + 1
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows):
         return None

@@ -88,6 +88,12 @@ def test_a_box_after_a_run_is_rewritten_as_the_box_of_its_mask():
         f"{{<1><1><2><2>}} then {VOCAB.run}, and {VOCAB.run} at {{<30><20><60><40>}} {{<5><5><6><6>}}."
     )
     assert boxes_from_masks("{<0><0><9><9>}", VOCAB.run, []) == "{<0><0><9><9>}"
+    # A stray blob away from the object does not stretch its box; a diagonal touch is one part.
+    blob = mask.copy()
+    blob[45:47, 90:92] = True
+    assert boxes_from_masks(text, VOCAB.run, [blob]) == grounding_answer(VOCAB.run, "{<30><20><60><40>}")
+    blob[20, 60] = True  # touches (19, 59) at a corner: part of the object, which now ends at column 61
+    assert mask_box_text(blob) == "{<30><20><61><42>}"
 
 
 def test_every_synthetic_ground_answer_draws_its_target_and_boxes_it():
