@@ -24,8 +24,9 @@ The box a GeoPix model states after a seg run is the box of that run's mask (of 
 connected part): the model writes the box's form, and :func:`boxes_from_masks` writes its numbers
 from the mask the model drew (``chat`` does this for every answer), so box and mask always agree
 and the box is as good as the mask. A random LLM writing coordinates from image tokens learned
-nothing of them (Acc@0.5 0.07, the whole-image box, in every run). Where the mask is empty, the model's own numbers stay; a box
-with no run before it (the earlier form, "{<x1><y1><x2><y2>}" alone) is the model's own.
+nothing of them (Acc@0.5 0.07, the whole-image box, in every run). Where the mask is empty, the
+model's own numbers stay; a box with no run before it (the earlier form, "{<x1><y1><x2><y2>}"
+alone) is the model's own.
 """
 
 from __future__ import annotations

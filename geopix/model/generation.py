@@ -116,8 +116,9 @@ class GenerationMixin:
             for i in (~finished).nonzero()[:, 0].tolist():
                 hidden[i].append(out.last_hidden_state[i, -1])
             logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()
+        run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
         answers = [
-            self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer) for i in range(len(prompts))
+            self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer, run_text) for i in range(len(prompts))
         ]
         self.train(was_training)
         return answers
@@ -130,8 +131,10 @@ class GenerationMixin:
         feat_lo: torch.Tensor,
         feat_hi: torch.Tensor,
         tokenizer: Any,
+        run_text: str,
     ) -> ChatAnswer:
-        """Text and one mask per complete seg run of one generated answer."""
+        """Text and one mask per complete seg run of one generated answer (``run_text``: a run as
+        the tokenizer decodes it)."""
         text = decoded_answer(tokens, tokenizer)
         starts = seg_run_starts(tokens, self.seg_token_ids)
         run = len(self.seg_token_ids)
@@ -140,13 +143,7 @@ class GenerationMixin:
         seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
         target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
         masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
-        return self._boxed(ChatAnswer.from_logits(text, masks, class_logits), tokenizer)
-
-    def _boxed(self, answer: ChatAnswer, tokenizer: Any) -> ChatAnswer:
-        """The answer whose boxes stated after seg runs are the runs' mask boxes (geopix.answer_form)."""
-        run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
-        answer.text = boxes_from_masks(answer.text, run_text, answer.masks.numpy())
-        return answer
+        return _boxed(ChatAnswer.from_logits(text, masks, class_logits), run_text)
 
     def _answer_without_masks(self, text: str) -> ChatAnswer:
         size = self.config.image_size
@@ -183,9 +180,9 @@ class GenerationMixin:
         text = decoded_answer(answer_ids, tokenizer)
         k = len(starts)
         answers = [
-            self._boxed(
+            _boxed(
                 ChatAnswer.from_logits(text, out.mask_logits[i * k : (i + 1) * k], out.class_logits[i * k : (i + 1) * k]),
-                tokenizer,
+                run_text,
             )
             for i in range(batch)
         ]
@@ -212,6 +209,12 @@ class GenerationMixin:
             target_sample=torch.zeros(len(starts), dtype=torch.long, device=image.device),
         )
         return ChatAnswer.from_logits(text, out.mask_logits, out.class_logits)
+
+
+def _boxed(answer: ChatAnswer, run_text: str) -> ChatAnswer:
+    """The answer whose boxes stated after seg runs are the runs' mask boxes (geopix.answer_form)."""
+    answer.text = boxes_from_masks(answer.text, run_text, answer.masks.numpy())
+    return answer
 
 
 def decoded_answer(tokens: list[int], tokenizer: Any) -> str:
