@@ -5,10 +5,25 @@ without a system prompt)::
 
 Training batches, the tokenizer corpus and the model's generation all render turns through here,
 so the prompt of generation is exactly the prompt of training.
+
+Versions (a model records the one it was trained with, ``GeoPixModelConfig.chat_template``):
+
+1. as above: the answer follows ``ASSISTANT:``.
+2. the task tag of the instruction is said again where the answer starts, as part of the prompt::
+
+       USER: <image>\\n[caption] Write a detailed description … ASSISTANT: [caption] A harbour with …</s>
+
+   The tag decides the answer's form (a caption, "Sure, it is [SEG…]", a box, a short VQA answer),
+   and a small LLM reads it best right where it starts to write. Trained on a few phrasings per
+   task, the tiny model chose the form from the sentence instead: held-out phrasings got captions
+   answered like segmentations and count questions answered "Yes, there …" (docs/evaluation.md).
+   The tag is the user's own, so nothing is added that the instruction does not say; an
+   instruction without a tag is rendered as in version 1.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,11 +33,26 @@ EOS_TOKEN = "</s>"  # LLaMA's end of sequence; ends every assistant turn
 # answer as ` {text}` + eos, so the prompt of generation is exactly the prompt of training.
 USER_PREFIX = "USER: "
 ASSISTANT_PREFIX = " ASSISTANT:"
+VERSIONS = (1, 2)
+
+# A task tag ("[refer]", "[Visual Question Answering]") opening a line of the instruction (the
+# first line is "<image>").
+_TASK_TAG = re.compile(r"^[ \t]*(\[[^\]\n]+\])", re.MULTILINE)
 
 
-def prompt_text(user_text: str) -> str:
+def task_tag(user_text: str) -> str | None:
+    """The task tag the instruction opens with, or None."""
+    found = _TASK_TAG.search(user_text)
+    return found.group(1) if found else None
+
+
+def prompt_text(user_text: str, version: int = 1) -> str:
     """One user turn as the model sees it, up to where the assistant starts answering."""
-    return f"{USER_PREFIX}{user_text}{ASSISTANT_PREFIX}"
+    if version not in VERSIONS:
+        raise ValueError(f"chat template version {version!r}; GeoPix has {list(VERSIONS)}")
+    text = f"{USER_PREFIX}{user_text}{ASSISTANT_PREFIX}"
+    tag = task_tag(user_text) if version >= 2 else None
+    return f"{text} {tag}" if tag else text
 
 
 def assistant_turn_text(assistant_text: str) -> str:
@@ -30,12 +60,12 @@ def assistant_turn_text(assistant_text: str) -> str:
     return f" {assistant_text}"
 
 
-def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN) -> str:
+def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN, version: int = 1) -> str:
     """A whole conversation rendered with the template (for the tokenizer corpus and for reading)."""
     parts = []
     for turn in conversation:
         if turn["role"] == "user":
-            parts.append(prompt_text(turn["text"]))
+            parts.append(prompt_text(turn["text"], version))
         else:
             parts.append(assistant_turn_text(turn["text"]) + eos)
     return "".join(parts)

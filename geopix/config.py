@@ -170,6 +170,10 @@ class ModelConfig(_Section):
     new_token_rows_only: bool = True
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
+    # The chat template a new model is trained with (geopix/chat_template.py): 2 says the
+    # instruction's task tag again where the answer starts. A model keeps the version it was
+    # trained with; training from a saved model uses that model's.
+    chat_template: Literal[1, 2] = 1
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

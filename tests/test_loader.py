@@ -16,6 +16,7 @@ from PIL import Image
 
 from geopix import storage
 from geopix.answer_form import box_to_text, parse_box_text
+from geopix.chat_template import task_tag
 from geopix.data import schema
 from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
 from geopix.data.batches import encode_conversation, find_seg_runs, iter_batches
@@ -159,6 +160,28 @@ def test_labels_mask_every_prompt_token_and_supervise_answers(tokenizer):
     broken = np.asarray([*input_ids[:10], seg_ids[0], seg_ids[1], 5], dtype=np.int64)
     with pytest.raises(BadRecord, match="broken seg run"):
         find_seg_runs(broken, seg_ids)
+
+
+def test_template_2_says_the_task_tag_again_where_the_answer_starts(tokenizer):
+    """Version 2 of the chat template: the first user turn's tag is repeated after "ASSISTANT:" as
+    part of the prompt (never supervised); a turn without a tag and every answer are as in version 1."""
+    conversation = [
+        {"role": "user", "text": f"{IMAGE_TOKEN}\n[Visual Question Answering] How many ships are there?"},
+        {"role": "assistant", "text": "There are 2 ships."},
+        {"role": "user", "text": "and cars?"},
+        {"role": "assistant", "text": "There are no cars."},
+    ]
+    old_ids, old_labels = encode_conversation(tokenizer, conversation)
+    ids, labels = encode_conversation(tokenizer, conversation, chat_template=2)
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == tokenizer.decode(old_labels[old_labels != IGNORE_INDEX])
+    text = tokenizer.decode(ids)
+    assert text.count("[Visual Question Answering]") == 2
+    assert "ASSISTANT: [Visual Question Answering] There are 2 ships." in text
+    assert "and cars? ASSISTANT: There are no cars." in text
+    assert len(ids) > len(old_ids)
+    assert task_tag("[refer] the ship") == "[refer]" and task_tag(f"{IMAGE_TOKEN}\nthe ship [refer]") is None
+    with pytest.raises(ValueError, match="chat template version 3"):
+        encode_conversation(tokenizer, conversation, chat_template=3)
 
 
 # ------------------------------------------------------------------------------ augmentation

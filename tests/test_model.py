@@ -333,6 +333,23 @@ def test_a_batch_of_eight_answers_as_each_of_its_requests_alone(fitted, records,
         assert torch.allclose(alone.class_probs, together[k].class_probs, atol=1e-4)
 
 
+@pytest.mark.parametrize("chat_template", [1, 2])
+def test_generation_prompt_is_the_training_prompt(cfg, tokenizer, records, chat_template):
+    """A model answers from exactly the tokens its training batches put before the answer, in the
+    chat template version it records (2: the task tag again after "ASSISTANT:")."""
+    model = new_model(cfg, tokenizer, chat_template=chat_template)
+    assert model.config.chat_template == chat_template
+    batch = next(iter(iter_batches(records, tokenizer, image_size=SIZE, batch_size=len(records), max_length=None,
+                                   augment=False, seed=0, seg_vocab=SEG_VOCAB, chat_template=chat_template)))  # fmt: skip
+    for i, text in enumerate(user_texts(records)):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        start = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+        prompt = [t for t in ids[:start] if t != model.pad_token_id]
+        assert model.prompt_ids(text, tokenizer) == prompt
+        said_again = tokenizer.decode(prompt).rsplit("ASSISTANT:", 1)[1].strip()
+        assert said_again == ("" if chat_template == 1 else "[refer]" if "[refer]" in text else "[segment]")
+
+
 def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer)
     pixels = batch["pixel_values"][:2]
@@ -719,6 +736,7 @@ def test_a_format_1_config_reads_as_the_model_config_it_describes(tmp_path):
     assert config.image_size == old["model"]["image_size"] and config.memory_len == old["model"]["memory_len"]
     assert config.lora == {"r": old["model"]["lora_rank"], "alpha": old["model"]["lora_alpha"]}
     assert not config.llm_pretrained and config.stage == 2 and config.class_names == old["class_names"]
+    assert config.chat_template == 1  # trained before template versions: the answer follows "ASSISTANT:"
     config.save_pretrained(tmp_path)
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["format_version"] == 2
     assert GeoPixModelConfig.from_pretrained(tmp_path) == config

@@ -49,13 +49,16 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def encode_conversation(
-    tokenizer: Any, conversation: Sequence[Mapping[str, Any]], max_length: int | None = None
+    tokenizer: Any,
+    conversation: Sequence[Mapping[str, Any]],
+    max_length: int | None = None,
+    chat_template: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels) of a conversation in the chat template.
+    """(input_ids, labels) of a conversation in the chat template (of version ``chat_template``).
 
     Layout: ``<s>`` (when the tokenizer has one), then per turn pair ``USER: {q} ASSISTANT:``
-    (labels IGNORE_INDEX) and `` {answer}</s>`` (labels = ids, so seg tokens and eos are
-    supervised). A conversation longer than ``max_length`` raises :class:`BadRecord` ("too
+    (version 2: ``… ASSISTANT: [tag]``; labels IGNORE_INDEX) and `` {answer}</s>`` (labels = ids,
+    so seg tokens and eos are supervised). A conversation longer than ``max_length`` raises :class:`BadRecord` ("too
     long"): cutting it would cut seg runs away from their targets, so it is dropped and counted.
     """
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -64,7 +67,7 @@ def encode_conversation(
     labels: list[int] = [] if bos is None else [IGNORE_INDEX]
     for turn in conversation:
         if turn["role"] == "user":
-            piece = _encode(tokenizer, prompt_text(turn["text"]))
+            piece = _encode(tokenizer, prompt_text(turn["text"], chat_template))
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
         else:
@@ -118,6 +121,7 @@ def prepare_sample(
     seg_ids: Sequence[int],
     rng: np.random.Generator | None = None,
     keep_original_masks: bool = False,
+    chat_template: int = 1,
 ) -> tuple[Sample, Augmented | None]:
     """Decode, augment (when ``rng`` is given), resize and tokenise one record.
 
@@ -141,7 +145,7 @@ def prepare_sample(
         image, masks, boxes, conversation = augmented[:4]
     original_size = image.shape[:2]
 
-    input_ids, labels = encode_conversation(tokenizer, conversation, max_length)
+    input_ids, labels = encode_conversation(tokenizer, conversation, max_length, chat_template)
     positions = find_seg_runs(input_ids, seg_ids)
     if positions and len(positions) != len(masks):
         raise BadRecord("seg runs", f"{len(positions)} seg runs for {len(masks)} targets")
@@ -292,6 +296,7 @@ class BatchIterator:
         std: Sequence[float] = IMAGENET_STD,
         prefetch_batches: int = 1,
         read_batch_size: int | None = None,
+        chat_template: int = 1,
     ):
         self.data = data
         self.tokenizer = tokenizer
@@ -305,6 +310,7 @@ class BatchIterator:
         self.drop_last = drop_last
         self.mean, self.std = mean, std
         self.prefetch_batches = prefetch_batches
+        self.chat_template = chat_template  # the trained model's version (geopix.chat_template)
         # Rows are fetched from Ray in bigger blocks than training batches: fewer round trips.
         self.read_batch_size = read_batch_size or max(batch_size, 64)
         self.seg_ids = seg_vocab.token_ids(tokenizer)
@@ -362,6 +368,7 @@ class BatchIterator:
                 seg_ids=self.seg_ids,
                 rng=rng,
                 keep_original_masks=self.keep_original_masks,
+                chat_template=self.chat_template,
             )
         except BadRecord as exc:
             self._drop(record_id, exc.reason, str(exc))

@@ -47,6 +47,7 @@ class GeoPixModelConfig:
     num_classes: int = 8
     memory_ema_momentum: float = 0.0
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
+    chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
     # What the weights went through (training's stage policy reads these; loading rebuilds adapters).
     llm_pretrained: bool = False
     projector_pretrained: bool = False

@@ -45,7 +45,7 @@ class GenerationMixin:
     def prompt_ids(self, instruction: str, tokenizer: Any) -> list[int]:
         """Token ids of one user turn up to where the answer starts (``<image>`` added when missing)."""
         text = instruction if IMAGE_TOKEN in instruction else f"{IMAGE_TOKEN}\n{instruction}"
-        ids = tokenizer.encode(prompt_text(text), add_special_tokens=False)
+        ids = tokenizer.encode(prompt_text(text, self.config.chat_template), add_special_tokens=False)
         return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
 
     @torch.no_grad()

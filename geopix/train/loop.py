@@ -62,9 +62,10 @@ def deepspeed_config(train: TrainConfig, stage: StageConfig, bf16: bool) -> dict
 
 
 def batch_stream(
-    reader: RankReader, start: Position, tokenizer: Any, cfg: GeoPixConfig, mean, std
+    reader: RankReader, start: Position, tokenizer: Any, cfg: GeoPixConfig, model: Any
 ) -> Iterator[tuple[dict[str, Any], Position, LoaderStats]]:
-    """(batch, position after it, that epoch's loader stats), epoch after epoch from ``start``."""
+    """(batch, position after it, that epoch's loader stats), epoch after epoch from ``start``, in
+    the model's image statistics and chat template."""
     epoch, skip = start.epoch, start.rows
     while True:
         consumed = [skip]
@@ -84,8 +85,9 @@ def batch_stream(
             seed=cfg.train.seed,
             epoch=epoch,
             seg_vocab=cfg.model.seg_vocabulary,
-            mean=mean,
-            std=std,
+            mean=model.vision.image_mean,
+            std=model.vision.image_std,
+            chat_template=model.config.chat_template,
         )
         produced = 0
         for batch in batches:
@@ -297,7 +299,7 @@ def _train(loop: dict[str, Any]) -> None:
     reader = RankReader(
         loop["shards_uri"], "train", rank=rank, world=world, seed=cfg.train.seed, tasks=stage.tasks
     )
-    stream = batch_stream(reader, position, tokenizer, cfg, model.vision.image_mean, model.vision.image_std)
+    stream = batch_stream(reader, position, tokenizer, cfg, model)
     writer = MetricsWriter(loop["mlflow_run_id"]) if rank == 0 and loop.get("mlflow_run_id") else None
     if writer is not None and checkpoint is not None:
         writer.log({"resumed_at_step": step}, step)  # the checkpoint's step; training goes on after it
