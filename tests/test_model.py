@@ -379,26 +379,58 @@ def test_chat_sampling_and_argument_checks(cfg, tokenizer, batch):
 
 
 # ----------------------------------------------------------------------------------- memory
-def test_memory_changes_masks_only_through_open_gate(cfg, tokenizer, batch):
+def open_memory(memory) -> None:
+    """Give a fresh memory's read a way in (its output projections start at zero)."""
+    for attn in memory.attn:
+        attn.out_proj.weight.normal_(0, 0.1)
+
+
+def test_a_fresh_memory_is_the_identity_until_its_read_enters(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer).eval()
     memory = model.mask_predictor.memory
     with torch.no_grad():
         base = model(**batch).mask_logits
-        memory.learned.normal_(0, 1.0)  # new contents, gate closed (α = 0): identity
+        memory.learned.normal_(0, 1.0)  # new contents, output projection still zero: identity
         assert torch.allclose(model(**batch).mask_logits, base)
-        memory.gate.fill_(1.0)  # gate open
+        open_memory(memory)
         opened = model(**batch).mask_logits
         memory.ema.normal_(0, 1.0)  # the EMA part is read too
         changed = model(**batch).mask_logits
+        memory.gate.zero_()  # the gate shut: identity again
+        shut = model(**batch).mask_logits
     assert not torch.allclose(opened, base, atol=1e-4)
     assert (changed - opened).abs().max() > 1e-3
+    assert torch.allclose(shut, base)
+
+
+def test_the_memory_is_learned_into_use(cfg, tokenizer, batch):
+    """From the identity, training brings the memory into the masks: its output projections have
+    a gradient at the first step, and after a few optimizer steps shutting the gate changes the
+    masks. (With the gate at 0 at the start, nothing of the memory but α had a gradient and a
+    whole training stage left it shut.)"""
+    model = new_model(cfg, tokenizer).train()
+    memory = model.mask_predictor.memory
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(10):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        if step == 0:
+            assert all(float(attn.out_proj.weight.grad.abs().sum()) > 0 for attn in memory.attn)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).mask_logits
+        memory.gate.zero_()
+        shut = model(**batch).mask_logits
+    print("memory's effect after 10 steps:", float((trained - shut).abs().max()))
+    assert (trained - shut).abs().max() > 1e-3
 
 
 def test_memory_reads_class_head_mixture(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer).eval()
     memory = model.mask_predictor.memory
     with torch.no_grad():
-        memory.gate.fill_(1.0)
+        open_memory(memory)
         before = model(**batch).mask_logits
         model.class_head.bias[0] += 20.0  # the head now puts all mass on class 0
         memory.learned[0].normal_(0, 1.0)  # only class 0's slots change
@@ -506,7 +538,7 @@ def test_save_load_round_trip(cfg, tokenizer, batch, tmp_path):
     model = new_model(cfg, tokenizer)
     set_stage(model, 2)
     with torch.no_grad():
-        model.mask_predictor.memory.gate.fill_(0.5)
+        open_memory(model.mask_predictor.memory)
         for name, p in model.llm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)  # make the adapters matter

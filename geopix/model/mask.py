@@ -51,8 +51,13 @@ class ClassMemory(nn.Module):
     """``M[class, scale] ∈ R^{K×d}`` read by cross-attention of image features, gated by tanh(α).
 
     The class comes from a distribution ``class_probs [T, C]`` (the class head's own prediction),
-    so the read is a soft mixture of class memories, never a hard-coded index. α starts at 0, so a
-    fresh memory is the identity and only enters through learning.
+    so the read is a soft mixture of class memories, never a hard-coded index. The attention's
+    output projection starts at zero, so a fresh memory is the identity and only enters through
+    learning; the gate starts open (α = 1) so that it can: the output projection's gradient (the
+    features' loss gradient times the read before it) is there from the first step. With α = 0 at
+    the start instead, only α had a gradient, against a read of random slots that carries no
+    consistent sign: after a whole tiny-preset stage α was still ~3e-4 and the memory never
+    entered (docs/evaluation.md, bench/memory_probe.py).
 
     The slots read are ``M = learned + ema``: ``learned`` is a parameter (the gradient write);
     ``ema`` is a buffer holding the optional EMA write. Keeping the EMA part out of the parameter
@@ -70,12 +75,25 @@ class ClassMemory(nn.Module):
             nn.MultiheadAttention(dim, heads, kdim=mem_dim, vdim=mem_dim, batch_first=True)
             for _ in range(num_scales)
         )
-        self.gate = nn.Parameter(torch.zeros(num_scales))  # α per scale
+        for attn in self.attn:  # the identity at the start, learnable from the first step (above)
+            nn.init.zeros_(attn.out_proj.weight)
+            nn.init.zeros_(attn.out_proj.bias)
+        self.gate = nn.Parameter(torch.ones(num_scales))  # α per scale
 
     @property
     def slots(self) -> torch.Tensor:
         """The memory as read: ``[C, scales, K, d]``."""
         return self.learned + self.ema
+
+    @torch.no_grad()
+    def openness(self) -> dict[str, float]:
+        """How far the read is let in, per scale: the gate tanh(α) and the norm of the output
+        projection it multiplies (both 0 ⇒ the memory changes nothing). Training logs these."""
+        out = {}
+        for s, attn in enumerate(self.attn):
+            out[f"memory/gate_{s}"] = float(torch.tanh(self.gate[s]))
+            out[f"memory/out_proj_norm_{s}"] = float(attn.out_proj.weight.norm())
+        return out
 
     def forward(self, feats: torch.Tensor, class_probs: torch.Tensor, scale: int) -> torch.Tensor:
         """feats [T, D, g, g] → same shape, ``feats + tanh(α_s) · attn(feats, mixed slots)``."""
