@@ -99,6 +99,9 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     assert end < 0.8 * start, (start, end)
     text_start, text_end = first_and_last(history(first.mlflow_run_id, "loss/text"))
     assert text_end < text_start
+    # The memory starts as the identity (output projection 0) and is learned into use under ZeRO.
+    read_in = [v for _, v in sorted(history(first.mlflow_run_id, "memory/out_proj_norm_0"))]
+    assert cfg.model.memory_len > 0 and read_in and read_in[-1] > 0.01, read_in
     lrs = [v for _, v in sorted(dict(history(first.mlflow_run_id, "lr")).items())]  # a redone step once
     assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2 * max(lrs)  # warm-up, then cosine
     artifacts = {a.path for a in client.list_artifacts(first.mlflow_run_id)}

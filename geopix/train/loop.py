@@ -353,6 +353,8 @@ def _train(loop: dict[str, Any]) -> None:
                 **{f"loader/{k}": v for k, v in stats.as_dict().items() if k in ("dropped", "samples")},
             }
             if rank == 0:
+                memory = engine.module.mask_predictor.memory  # ZeRO-1/2: every rank holds the weights
+                metrics |= memory.openness() if memory is not None else {}
                 per_step = (time.perf_counter() - attempt_start) / max(step - first_step, 1)
                 terms = " ".join(f"{k} {losses[f'loss/{k}']:.3f}" for k in LOSS_KEYS if f"loss/{k}" in losses)
                 log.info(
