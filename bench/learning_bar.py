@@ -10,7 +10,8 @@ Needs the tiny preset's shards (`geopix data synth --config tiny && geopix data 
 Machines differ, so the script first times the plain torch loop of bench/train_throughput.py on
 this machine and records it beside every run (the training-time bar holds on a machine at least
 as fast as the one docs/training.md quotes). The spread is half the range over seeds. The bars
-are read on the first memory size given (the preset's); the memory bars compare it with K = 0.
+are read on the first memory size given (default: the preset's); the memory bars compare the
+first K > 0 given with K = 0 (default: the preset's K and 0, or 0 and 8 when the preset has none).
 
 Writes docs/benchmarks/learning_bar.json (``--json``) after every run, so a stopped bench keeps
 what it measured: ``{"bars": [{"name", "value", "spread", "bar", "pass"}, …], "runs": [{"seed",
@@ -68,7 +69,8 @@ COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--memory-len", type=int, nargs="+", default=None, help="memory sizes K (default: preset, 0)")
+    parser.add_argument("--memory-len", type=int, nargs="+", default=None,
+                        help="memory sizes K (default: the preset's and 0, or 0 and 8)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget-s", type=float, default=900.0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parents[1] / "docs/benchmarks/learning_bar.json")
@@ -80,7 +82,8 @@ def main() -> None:
     ray.init()
     base = load_config("tiny", args.overrides)
     tracking.configure(base.tracking)
-    sizes = args.memory_len if args.memory_len is not None else [base.model.memory_len, 0]
+    preset = base.model.memory_len
+    sizes = args.memory_len if args.memory_len is not None else [preset, 0] if preset else [0, 8]
     # Timed before any training starts, on an idle machine (20 steps, as bench/train_throughput.py).
     plain = reference_loop()
     print(f"plain torch loop on this machine: {plain:.1f} samples/s", flush=True)
@@ -165,8 +168,10 @@ def bar_report(runs: list[dict[str, Any]], sizes: list[int], budget_s: float) ->
         stats = _stats(preset, key)
         bars.append({"name": name, "figure": key, "value": stats and stats[0], "spread": stats and stats[1],
                      "bar": "reported", "pass": None})
-    if sizes[0] != 0 and 0 in sizes:
-        bars += memory_bars(preset, [r for r in runs if r["memory_len"] == 0], sizes[0])
+    memory = next((k for k in sizes if k > 0), None)
+    if memory is not None and 0 in sizes:
+        with_memory = [r for r in runs if r["memory_len"] == memory]
+        bars += memory_bars(with_memory, [r for r in runs if r["memory_len"] == 0], memory)
     slim = [{k: v for k, v in r.items() if k not in ("summary", "stage1_summary")} for r in runs]
     return {"bars": bars, "runs": slim, "seeds": sorted({r["seed"] for r in runs}), "memory_lens": sizes}
 

@@ -67,6 +67,7 @@ def main() -> None:
                 augment=False,
                 seed=0,
                 seg_vocab=cfg.model.seg_vocabulary,
+                chat_template=cfg.model.chat_template,
             )
         )
     )

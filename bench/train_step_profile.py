@@ -64,7 +64,7 @@ def main() -> None:
     def make_batches():
         return iter_batches(records, tokenizer, image_size=cfg.model.image_size, batch_size=args.batch,
                             max_length=cfg.train.max_length, augment=cfg.train.augment, seed=0,
-                            seg_vocab=vocab, drop_last=True)  # fmt: skip
+                            seg_vocab=vocab, chat_template=cfg.model.chat_template, drop_last=True)  # fmt: skip
 
     started = time.perf_counter()
     batches = list(make_batches())

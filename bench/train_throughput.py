@@ -73,7 +73,7 @@ def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: 
     mine = records[rank::world]
     return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,
                              max_length=None, augment=False, seed=0, seg_vocab=cfg.model.seg_vocabulary,
-                             drop_last=True))
+                             chat_template=cfg.model.chat_template, drop_last=True))
 
 
 def tensor_bytes(tensors) -> int:

@@ -15,10 +15,10 @@ def test_presets_load_with_their_sizes():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("tiny", ["train.stage1.lr=5e-4", "stack.ray_num_cpus=null", "model.memory_len=0"])
+    cfg = load_config("tiny", ["train.stage1.lr=5e-4", "stack.ray_num_cpus=null", "model.memory_len=4"])
     assert cfg.train.stage1.lr == pytest.approx(5e-4)
     assert cfg.stack.ray_num_cpus is None
-    assert cfg.model.memory_len == 0
+    assert cfg.model.memory_len == 4
 
 
 def test_yaml_path_and_defaults(tmp_path):
@@ -69,7 +69,7 @@ def test_unreadable_and_malformed_files_name_the_file(tmp_path):
 def test_config_hash_tracks_what_shapes_outputs():
     base = load_config("tiny")
     assert base.config_hash() == load_config("tiny").config_hash()
-    assert base.config_hash() != load_config("tiny", ["model.memory_len=0"]).config_hash()
+    assert base.config_hash() != load_config("tiny", ["model.memory_len=8"]).config_hash()
     # Where the local stack runs does not change what a step produces.
     assert base.config_hash() == load_config("tiny", ["stack.s3_port=9999"]).config_hash()
     # Training's identity ignores the sections that act after training.

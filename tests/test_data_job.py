@@ -65,7 +65,8 @@ def test_synth_then_shard_through_the_cli(stack, ray_cluster):
     batch = next(
         iter(
             iter_batches(
-                dataset, tokenizer, image_size=128, batch_size=8, max_length=256, augment=True, seed=0, seg_vocab=SEG_VOCAB
+                dataset, tokenizer, image_size=128, batch_size=8, max_length=256, augment=True, seed=0, seg_vocab=SEG_VOCAB,
+                chat_template=1,
             )
         )
     )

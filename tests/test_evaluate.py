@@ -158,7 +158,8 @@ def fitted_model(cfg, records, tokenizer, max_steps: int = 1000):
         model = build_model(cfg.model, tokenizer)
         set_stage(model, 1)
         batch = next(iter(iter_batches(records, tokenizer, image_size=64, batch_size=len(records),
-                                       max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB)))  # fmt: skip
+                                       max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB,
+                                       chat_template=model.config.chat_template)))  # fmt: skip
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
         ciou = 0.0
         for step in range(1, max_steps + 1):

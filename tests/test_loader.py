@@ -307,7 +307,7 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
     records = mixed_records(7)
     records.insert(3, make_record("broken", image=b"\x89PNG but not really"))
     batches = iter_batches(
-        records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB
+        records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB, chat_template=1
     )
     out = list(batches)
     assert [len(b["record_ids"]) for b in out] == [3, 3, 1]
@@ -346,19 +346,19 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
 
     # Same seed and epoch → same batches; another epoch → other draws.
     again = list(
-        iter_batches(records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB)
+        iter_batches(records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, seg_vocab=SEG_VOCAB, chat_template=1)
     )
     assert all(torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(out, again, strict=True))
     assert [x["transforms"] for x in out] == [y["transforms"] for y in again]
     other = list(
         iter_batches(
-            records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, epoch=1, seg_vocab=SEG_VOCAB
+            records, tokenizer, image_size=32, batch_size=3, max_length=128, augment=True, seed=1, epoch=1, seg_vocab=SEG_VOCAB, chat_template=1
         )
     )
     assert [x["transforms"] for x in out] != [y["transforms"] for y in other]
 
     short = iter_batches(
-        records, tokenizer, image_size=32, batch_size=8, max_length=20, augment=False, seed=1, seg_vocab=SEG_VOCAB
+        records, tokenizer, image_size=32, batch_size=8, max_length=20, augment=False, seed=1, seg_vocab=SEG_VOCAB, chat_template=1
     )
     assert list(short) == [] and short.stats.dropped["too long"] == 7
 
@@ -371,7 +371,7 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
             max_length=128,
             augment=False,
             seed=0,
-            keep_original_masks=True, seg_vocab=SEG_VOCAB
+            keep_original_masks=True, seg_vocab=SEG_VOCAB, chat_template=1
         )
     )
     assert [m.shape for m in kept["original_masks"]] == [(1, SIZE, SIZE), (0, SIZE, SIZE)]
@@ -417,7 +417,7 @@ def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer,
 
     def worker(rank: int, shard) -> None:  # what a Ray Train worker does with get_dataset_shard("train")
         batches = iter_batches(
-            shard, tokenizer, image_size=32, batch_size=4, max_length=128, augment=True, seed=0, seg_vocab=SEG_VOCAB
+            shard, tokenizer, image_size=32, batch_size=4, max_length=128, augment=True, seed=0, seg_vocab=SEG_VOCAB, chat_template=1
         )
         for batch in batches:
             seen[rank] += batch["record_ids"]
@@ -450,7 +450,7 @@ def test_two_workers_stream_every_s3_record_exactly_once(ray_cluster, tokenizer,
             batch_size=8,
             max_length=128,
             augment=False,
-            seed=0, seg_vocab=SEG_VOCAB
+            seed=0, seg_vocab=SEG_VOCAB, chat_template=1
         )
     )
     assert sorted(batch["record_ids"]) == sorted(r["record_id"] for r in records[:5])

@@ -29,6 +29,7 @@ SMALL = [
     "model.llm_intermediate_size=128",
     "model.decoder_dim=32",
     "model.memory_dim=32",
+    "model.memory_len=8",  # the tiny preset has none (docs/evaluation.md); the memory's tests need one
     # GEOPIX.md's mask loss weights: with the tiny preset's Dice 2.0 this 64-px model does not
     # overfit one batch at 3e-3 within 300 steps (cIoU 0.37), which the tests below rely on.
     "model.mask_dice_weight=0.5",
@@ -66,16 +67,15 @@ def cfg():
     return load_config("tiny", SMALL).model
 
 
-def make_batch(records, tokenizer, batch_size: int) -> dict:
-    batches = iter_batches(
-        records, tokenizer, image_size=SIZE, batch_size=batch_size, max_length=None, augment=False, seed=0, seg_vocab=SEG_VOCAB
-    )
+def make_batch(records, tokenizer, batch_size: int, chat_template: int) -> dict:
+    batches = iter_batches(records, tokenizer, image_size=SIZE, batch_size=batch_size, max_length=None, augment=False,
+                           seed=0, seg_vocab=SEG_VOCAB, chat_template=chat_template)  # fmt: skip
     return next(iter(batches))
 
 
 @pytest.fixture(scope="module")
-def batch(records, tokenizer):
-    return make_batch(records, tokenizer, 4)
+def batch(records, tokenizer, cfg):
+    return make_batch(records, tokenizer, 4, cfg.chat_template)
 
 
 def new_model(cfg, tokenizer, seed: int = 0, **overrides) -> GeoPixModel:
@@ -143,7 +143,7 @@ def test_light_fine_scale_reads_out_without_a_transformer(cfg, tokenizer, batch,
 # ------------------------------------------------------------------------- forward / backward
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_forward_backward_shapes(cfg, tokenizer, records, batch_size):
-    batch = make_batch(records[-batch_size:], tokenizer, batch_size)  # the last sample has 2 targets
+    batch = make_batch(records[-batch_size:], tokenizer, batch_size, cfg.chat_template)  # the last sample has 2 targets
     model = new_model(cfg, tokenizer)
     out = model(**batch)
     t = int(batch["target_counts"].sum())

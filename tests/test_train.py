@@ -28,6 +28,7 @@ SMALL = [
     "model.llm_intermediate_size=128",
     "model.decoder_dim=32",
     "model.memory_dim=32",
+    "model.memory_len=8",  # the tiny preset has none; training still learns one into use under ZeRO
     "train.batch_size=4",
     # The mechanics tests train stage 1 on the seg tasks, whatever the preset: 30 steps of all five
     # tasks' text (long captions among them) do not bring the total loss down by a fifth.
@@ -124,7 +125,8 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     answers = model.chat(processor([record["image"]]), ["[refer] the ship"], tokenizer, max_new_tokens=8)
     assert isinstance(answers[0].text, str) and answers[0].masks.dtype.is_floating_point is False
     batch = next(iter(iter_batches([record], tokenizer, image_size=64, batch_size=1, max_length=None,
-                                   augment=False, seed=0, seg_vocab=SEG_VOCAB)))
+                                   augment=False, seed=0, seg_vocab=SEG_VOCAB,
+                                   chat_template=model.config.chat_template)))
     assert model(**batch).mask_logits.shape[-1] == 64
 
     version = client.get_model_version_by_alias(cfg.train.registered_model, "candidate")

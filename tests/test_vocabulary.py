@@ -65,7 +65,8 @@ def test_a_two_by_two_vocabulary_goes_from_generation_to_answer(stack, ray_clust
     assert model.seg_token_ids == vocab.token_ids(tokenizer)
     seg_rows = [r for r in rows if r["task"] in SEG_TASKS][:4]
     batch = next(iter(iter_batches(seg_rows, tokenizer, image_size=64, batch_size=4, max_length=None,
-                                   augment=False, seed=0, seg_vocab=vocab)))  # fmt: skip
+                                   augment=False, seed=0, seg_vocab=vocab,
+                                   chat_template=model.config.chat_template)))  # fmt: skip
     out = model(**batch)
     assert out.mask_logits.shape[0] == int(batch["target_counts"].sum()) == sum(len(r["targets"]) for r in seg_rows)
     before = model.seg_projection.mlp[0].weight.detach().clone()

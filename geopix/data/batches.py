@@ -8,7 +8,7 @@ shard files (:class:`geopix.train.rank_reader.RankReader`) and turns the rows in
 
     batches = iter_batches(records, tokenizer, image_size=256, batch_size=16, max_length=256,
                            augment=True, seed=cfg.data.seed, seg_vocab=cfg.model.seg_vocabulary,
-                           epoch=epoch)
+                           chat_template=model.config.chat_template, epoch=epoch)
     for batch in batches: ...
     log(batches.stats.as_dict())                        # bad and dropped rows, never silent
 
@@ -296,7 +296,7 @@ class BatchIterator:
         std: Sequence[float] = IMAGENET_STD,
         prefetch_batches: int = 1,
         read_batch_size: int | None = None,
-        chat_template: int = 1,
+        chat_template: int,
     ):
         self.data = data
         self.tokenizer = tokenizer
@@ -310,7 +310,9 @@ class BatchIterator:
         self.drop_last = drop_last
         self.mean, self.std = mean, std
         self.prefetch_batches = prefetch_batches
-        self.chat_template = chat_template  # the trained model's version (geopix.chat_template)
+        # The version of the model these batches train (its config's), never a default: batches in
+        # another version than the model answers in teach it a prompt it never sees.
+        self.chat_template = chat_template
         # Rows are fetched from Ray in bigger blocks than training batches: fewer round trips.
         self.read_batch_size = read_batch_size or max(batch_size, 64)
         self.seg_ids = seg_vocab.token_ids(tokenizer)
@@ -396,7 +398,8 @@ class BatchIterator:
 def iter_batches(data: Any, tokenizer: Any, **options: Any) -> BatchIterator:
     """Collated batches from an iterable of records, a pyarrow Table, a Ray ``Dataset`` or
     ``DataIterator``; ``.stats`` counts what was dropped. ``options`` are :class:`BatchIterator`'s:
-    ``image_size``, ``batch_size``, ``max_length``, ``augment``, ``seed`` and ``seg_vocab`` always.
+    ``image_size``, ``batch_size``, ``max_length``, ``augment``, ``seed``, ``seg_vocab`` and
+    ``chat_template`` (the trained model's version) always.
 
     Deterministic for a given ``seed``/``epoch`` and row order (augmentation draws depend only on
     seed, epoch and record id).
