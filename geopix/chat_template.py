@@ -60,12 +60,12 @@ def assistant_turn_text(assistant_text: str) -> str:
     return f" {assistant_text}"
 
 
-def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN, version: int = 1) -> str:
+def chat_text(conversation: Sequence[Mapping[str, Any]], eos: str = EOS_TOKEN) -> str:
     """A whole conversation rendered with the template (for the tokenizer corpus and for reading)."""
     parts = []
     for turn in conversation:
         if turn["role"] == "user":
-            parts.append(prompt_text(turn["text"], version))
+            parts.append(prompt_text(turn["text"]))
         else:
             parts.append(assistant_turn_text(turn["text"]) + eos)
     return "".join(parts)

@@ -58,8 +58,9 @@ def encode_conversation(
 
     Layout: ``<s>`` (when the tokenizer has one), then per turn pair ``USER: {q} ASSISTANT:``
     (version 2: ``… ASSISTANT: [tag]``; labels IGNORE_INDEX) and `` {answer}</s>`` (labels = ids,
-    so seg tokens and eos are supervised). A conversation longer than ``max_length`` raises :class:`BadRecord` ("too
-    long"): cutting it would cut seg runs away from their targets, so it is dropped and counted.
+    so seg tokens and eos are supervised). A conversation longer than ``max_length`` raises
+    :class:`BadRecord` ("too long"): cutting it would cut seg runs away from their targets, so it
+    is dropped and counted.
     """
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = tokenizer.eos_token_id
