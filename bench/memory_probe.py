@@ -180,7 +180,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     records = refer_records(load_config(args.config).data.shards_uri, args.split, args.limit)
     results = []
     for uri in args.models:

@@ -422,7 +422,6 @@ def test_the_memory_is_learned_into_use(cfg, tokenizer, batch):
         trained = model(**batch).mask_logits
         memory.gate.zero_()
         shut = model(**batch).mask_logits
-    print("memory's effect after 10 steps:", float((trained - shut).abs().max()))
     assert (trained - shut).abs().max() > 1e-3
 
 
