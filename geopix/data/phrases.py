@@ -46,7 +46,8 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # 4: 5–9 training phrasings per task instead of 1–3 (held-out ones unchanged).
 # 5: + one bare training form per task: the task tag and its slot only ("[segment] ships").
 # 6: grounding answers draw the object and state its box: "Sure, it is [SEG…] at {<x1>…}.".
-TEXT_VERSION = 6
+# 7: 6–8 training phrasings per VQA question kind instead of 3–5 (held-out ones unchanged).
+TEXT_VERSION = 7
 
 # The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
 # teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
@@ -124,6 +125,9 @@ VQA_COUNT = _group(
         "How many {plural} can you see?",
         "Tell me how many {plural} there are.",
         "Count how many {plural} this aerial image shows.",
+        "What is the count of {plural} in this image?",
+        "Give the number of {plural} in the scene.",
+        "How many {plural} does this aerial image contain?",
     ],
     ["What is the number of {plural} visible here?"],
 )
@@ -135,12 +139,22 @@ VQA_PRESENCE = _group(
         "Can you see {a_label} here?",
         "Does the scene show any {plural}?",
         "Is {a_label} visible in this aerial image?",
+        "Is any {label} present in the scene?",
+        "Do you see {a_label} in this picture?",
+        "Are {plural} present in this aerial image?",
     ],
     ["Does this image contain {a_label}?"],
 )
 VQA_COLOUR = _group(
     "vqa.colour",
-    ["What colour is {phrase}?", "What is the colour of {phrase}?", "Tell me the colour of {phrase}."],
+    [
+        "What colour is {phrase}?",
+        "What is the colour of {phrase}?",
+        "Tell me the colour of {phrase}.",
+        "Name the colour of {phrase}.",
+        "Say what colour {phrase} is.",
+        "What colour is {phrase} in this image?",
+    ],
     ["Which colour does {phrase} have?"],
 )
 
