@@ -12,7 +12,8 @@ Input:
 
 Output, per image: one ``segment`` record per class present ("Segment all ships." → every
 instance of the class), and per referring sentence one ``refer`` record and one ``ground``
-record. Images are referenced by URI and fetched (and checked) by sharding. Crowd annotations
+record (whose answer draws the object and states its box, as GeoPix answers: "Sure, it is
+[SEG…] at {<x1><y1><x2><y2>}."). Images are referenced by URI and fetched (and checked) by sharding. Crowd annotations
 are skipped and counted.
 """
 
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from geopix import storage
-from geopix.answer_form import box_to_text, count_answer
+from geopix.answer_form import box_to_text, count_answer, grounding_answer
+from geopix.data.phrases import label, plural
 from geopix.data.schema import (
     TASK_TAGS,
     ClassCatalog,
@@ -119,11 +121,6 @@ def _segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndar
     if isinstance(segmentation, Mapping):
         return decode_mask(segmentation)
     raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-
-
-def _plural(name: str) -> str:
-    name = name.replace("_", " ")
-    return name if name.endswith("s") else name + "s"
 
 
 def coco_records(
@@ -234,9 +231,9 @@ def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -
         for target in targets.values():
             by_class[target["class_id"]].append(target)
         for class_id, members in sorted(by_class.items()):
-            singular = catalog.names.get(class_id, str(class_id)).replace("_", " ")
-            name = _plural(singular)
-            answer = count_answer(len(members), singular, name, run)
+            class_name = catalog.names.get(class_id, str(class_id))
+            name = plural(class_name)
+            answer = count_answer(len(members), label(class_name), name, run)
             stats.records["segment"] += 1
             yield base | {
                 "record_id": f"{image_id}-segment-{class_id}",
@@ -287,7 +284,7 @@ def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -
                     "template_id": "coco-ground",
                     "conversation": [
                         {"role": "user", "text": f"{IMAGE_TOKEN}\n{TASK_TAGS['ground']} Where is {phrase}?"},
-                        {"role": "assistant", "text": box_to_text(target["box"], width, height)},
+                        {"role": "assistant", "text": grounding_answer(run, box_to_text(target["box"], width, height))},
                     ],
                     "targets": [described],
                 }

@@ -287,7 +287,8 @@ OFF_ROAD = 0.1
 
 
 def label(class_name: str) -> str:
-    return class_name.replace("_", " ")
+    """A class name as words: "storage_tank", "storage-tank" → "storage tank"."""
+    return class_name.replace("_", " ").replace("-", " ")
 
 
 def with_article(words: str) -> str:
@@ -295,7 +296,13 @@ def with_article(words: str) -> str:
 
 
 def plural(class_name: str) -> str:
-    return label(class_name) + "s"
+    """English plural of a class name's words (imported class names end in anything)."""
+    words = label(class_name)
+    if words.endswith(("s", "x", "z", "ch", "sh")):
+        return words + "es"
+    if words.endswith("y") and len(words) > 1 and words[-2] not in "aeiou":
+        return words[:-1] + "ies"
+    return words + "s"
 
 
 @dataclass(frozen=True)
