@@ -414,6 +414,53 @@ def data_import_coco(
         typer.echo(f"  {stats.boxes_from_masks} annotations had no bbox: their boxes were taken from their masks")
 
 
+@data_app.command("import-geopixinstruct")
+def data_import_geopixinstruct(
+    annotations: Annotated[
+        str, typer.Option(help="The downloaded GeoPixInstruct-Anno folder or S3 prefix (its Parquet files, or data/).")
+    ],
+    images: Annotated[
+        list[str],
+        typer.Option(help="Image root (SAMRS) for every subset, or SUBSET=ROOT per subset (repeatable)."),
+    ],
+    out: Annotated[str, typer.Option(help="Where to write the record source.")],
+    subset: Annotated[
+        list[str] | None, typer.Option(help="Import only this subset (repeatable): SIOR_T, FAST_T, SOTA_T.")
+    ] = None,
+    box_format: Annotated[
+        str, typer.Option(help="How bbox reads: auto (agreeing with the masks), xyxy or xywh.")
+    ] = "auto",
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+) -> None:
+    """Turn the GeoPixInstruct annotations into a GeoPix record source: segment-every-category,
+    refer and ground records; upstream train → train (+ data.val_fraction of its images → val),
+    valid → test. Rejections are counted by reason and written to import_report.json."""
+    from geopix.data.geopixinstruct import GeoPixInstructError, import_geopixinstruct
+
+    cfg = _load(config, overrides)
+    try:
+        report = import_geopixinstruct(
+            annotations, images, out, seg_vocab=cfg.model.seg_vocabulary, subsets=subset,
+            box_format=box_format, val_fraction=cfg.data.val_fraction,
+        )  # fmt: skip
+    except GeoPixInstructError as exc:
+        fail(str(exc))
+    typer.echo(
+        f"imported {sum(report.images.values())} images {dict(report.images)} → "
+        f"{sum(report.records.values())} records {dict(report.records)} at {out}"
+    )
+    typer.echo(f"  boxes read as {report.box_format}: {report.box_format_evidence}")
+    if report.images_found_by_name:
+        typer.echo(f"  {report.images_found_by_name} images found by file name, not at <root>/<image_path>")
+    if report.instances_without_description:
+        typer.echo(f"  {report.instances_without_description} instances without a description (segment records only)")
+    for reason, count in sorted(report.rejected.items()):
+        typer.echo(f"  rejected {count}: {reason}")
+        for example in report.examples.get(reason, []):
+            typer.echo(f"      {example}")
+
+
 @data_app.command("shard")
 def data_shard(
     config: ConfigOption = "tiny",

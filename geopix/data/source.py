@@ -5,6 +5,7 @@ Layout under one local directory or S3 prefix::
     <source>/classes.json                 [{"id": 0, "name": "storage_tank"}, ...]
     <source>/records/part-00000.parquet   rows of RECORD_SCHEMA (split may be null)
     <source>/records/part-00001.parquet   ...
+    <source>/import_report.json           (importers) what was imported and what rejected, and why
 
 Parts are written whole and the ``_SUCCESS`` marker last, so a reader never sees half a source.
 """
@@ -25,6 +26,7 @@ from geopix.outputs import prepare_output
 
 CLASSES_FILE = "classes.json"
 RECORDS_DIR = "records"
+IMPORT_REPORT_FILE = "import_report.json"
 SUCCESS_MARKER = storage.SUCCESS_MARKER
 
 
@@ -37,7 +39,7 @@ def records_to_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
 
 
 SOURCE_KIND = "record source"
-SOURCE_LAYOUT = (f"{RECORDS_DIR}/part-*.parquet", CLASSES_FILE)
+SOURCE_LAYOUT = (f"{RECORDS_DIR}/part-*.parquet", CLASSES_FILE, IMPORT_REPORT_FILE)
 
 
 class SourceWriter:
@@ -76,6 +78,12 @@ class SourceWriter:
         self.parts.append(part)
         self.rows += len(self._pending)
         self._pending = []
+
+    def attach(self, name: str, payload: bytes) -> None:
+        """A file beside the records (an importer's report), published with them by the marker."""
+        if name not in SOURCE_LAYOUT:
+            raise ValueError(f"{name} is not part of a record source's layout")
+        storage.write_bytes(storage.join_uri(self.uri, name), payload)
 
     def close(self) -> None:
         self._flush()
