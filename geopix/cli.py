@@ -453,6 +453,8 @@ def data_import_geopixinstruct(
     typer.echo(f"  boxes read as {report.box_format}: {report.box_format_evidence}")
     if report.images_found_by_name:
         typer.echo(f"  {report.images_found_by_name} images found by file name, not at <root>/<image_path>")
+    if report.images_without_instances:
+        typer.echo(f"  {report.images_without_instances} images without instances (no records)")
     if report.instances_without_description:
         typer.echo(f"  {report.instances_without_description} instances without a description (segment records only)")
     for reason, count in sorted(report.rejected.items()):

@@ -81,11 +81,13 @@ def write_card_file(name: str, rows: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def release(stack):
     """Two subsets: SIOR_T (train: a good image, a damaged one, a missing one; valid: an image with
-    a duplicate instance id) and FAST_T (train: an image path from the authors' machine)."""
+    a duplicate instance id) and FAST_T (train: an image path from the authors' machine, an image
+    without instances)."""
     storage.write_bytes(f"{SAMRS}/SIOR/JPEGImages/00001.jpg", image_bytes("JPEG", 1))
     storage.write_bytes(f"{SAMRS}/SIOR/JPEGImages/00002.jpg", image_bytes("JPEG", 2))
     storage.write_bytes(f"{SAMRS}/SIOR/JPEGImages/00004.jpg", image_bytes("JPEG", 4))
     storage.write_bytes(f"{SAMRS}/FAST/images/f1.png", image_bytes("PNG", 5))
+    storage.write_bytes(f"{SAMRS}/FAST/images/f2.png", image_bytes("PNG", 6))
     write_card_file("train.SIOR_T-00000-of-00001.parquet", [
         {"image_id": "00001", "image_path": "SIOR/JPEGImages/00001.jpg", "instances": [
             instance("1", 0, "airplane", (4, 6, 12, 9), "The airplane on the left."),
@@ -112,6 +114,7 @@ def release(stack):
         {"image_id": "f1", "image_path": "/home/authors/data/FAST/images/f1.png", "instances": [
             instance("11", 2, "Boeing737", (8, 10, 20, 12), "The white Boeing737 near the top."),
         ]},
+        {"image_id": "f2", "image_path": "images/f2.png", "instances": []},
     ])  # fmt: skip
     return {"SIOR_T": f"{SAMRS}", "FAST_T": f"{SAMRS}/FAST"}
 
@@ -130,7 +133,7 @@ def imported(release):
 def test_every_rejection_is_counted_with_its_reason_and_place(imported):
     _, report = imported
     assert report.box_format == "xywh", report.box_format_evidence  # these files write [x, y, w, h]
-    assert dict(report.images) == {"SIOR_T.train": 2, "SIOR_T.valid": 1, "FAST_T.train": 1}
+    assert dict(report.images) == {"SIOR_T.train": 2, "SIOR_T.valid": 1, "FAST_T.train": 2}
     assert dict(report.rejected) == {
         "image not found or unreadable": 1,
         "mask size differs from the image": 1,
@@ -147,6 +150,7 @@ def test_every_rejection_is_counted_with_its_reason_and_place(imported):
     assert "valid.SIOR_T" in report.examples["instance_id used twice in one image"][0]
     assert dict(report.records) == {"segment": 4, "refer": 5, "ground": 5}
     assert report.instances_without_description == 1 and report.images_found_by_name == 1
+    assert report.images_without_instances == 1
 
 
 def test_records_keep_subset_split_classes_masks_and_boxes(imported, release):

@@ -76,6 +76,7 @@ class ImportReport:
     rejected: Counter = field(default_factory=Counter)  # reason → count (images or instances)
     examples: dict[str, list[str]] = field(default_factory=dict)
     instances_without_description: int = 0  # in segment records only (no refer/ground record)
+    images_without_instances: int = 0  # imported, but no record to make of them
     images_found_by_name: int = 0  # not at <root>/<image_path>, found by file name under the root
     box_format: str = ""
     box_format_evidence: str = ""
@@ -94,6 +95,7 @@ class ImportReport:
             "rejected": dict(sorted(self.rejected.items())),
             "examples": self.examples,
             "instances_without_description": self.instances_without_description,
+            "images_without_instances": self.images_without_instances,
             "images_found_by_name": self.images_found_by_name,
             "box_format": self.box_format,
             "box_format_evidence": self.box_format_evidence,
@@ -380,6 +382,7 @@ def _image_records(row, subset, upstream_split, image_uri, size, where, run, rep
         split = "val"
     targets, torn = _targets(row.get("instances") or [], width, height, where, report, names)
     report.images[f"{subset}.{upstream_split}"] += 1
+    report.images_without_instances += not row.get("instances")
     base = {
         "image_id": image_id,
         "image": None,
