@@ -48,6 +48,11 @@ class GeoPixModelConfig:
     memory_ema_momentum: float = 0.0
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
     chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
+    # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
+    mask_decoder: str = "geopix"  # or "release" (geopix/model/release_mask.py)
+    release_neck_dim: int = 512  # the release necks' middle width
+    seg_hidden_offset: int = 0  # −1: a seg token's prompt is the hidden state that predicted it
+    seg_token_weighting: str = "softmax"  # or "linear": free weights of a scale's seg tokens
     # What the weights went through (training's stage policy reads these; loading rebuilds adapters).
     llm_pretrained: bool = False
     projector_pretrained: bool = False
@@ -61,6 +66,10 @@ class GeoPixModelConfig:
         if len(self.seg_token_ids) != self.seg_vocabulary.run_length:
             raise ValueError(f"{len(self.seg_token_ids)} seg token ids for a run of {self.seg_vocabulary.run_length} "
                              f"(seg_token_num × num_scales: {self.seg_vocabulary.run})")  # fmt: skip
+        if self.mask_decoder not in ("geopix", "release"):
+            raise ValueError(f"mask_decoder {self.mask_decoder!r}: expected 'geopix' or 'release'")
+        if self.seg_hidden_offset not in (0, -1):
+            raise ValueError(f"seg_hidden_offset {self.seg_hidden_offset!r}: expected 0 or -1")
         if not self.class_names:
             self.class_names = [f"class_{k}" for k in range(self.num_classes)]
 

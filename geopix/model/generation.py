@@ -93,7 +93,9 @@ class GenerationMixin:
         logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()
         eos = tokenizer.eos_token_id
         tokens: list[list[int]] = [[] for _ in prompts]
-        hidden: list[list[torch.Tensor]] = [[] for _ in prompts]
+        # Each row's hidden states from its last prompt token on: entry j + 1 is generated token j's,
+        # entry j the one that predicted it (a release model's seg prompts, seg_hidden_offset = −1).
+        hidden: list[list[torch.Tensor]] = [[out.last_hidden_state[i, -1]] for i in range(len(prompts))]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             token = sample_next(logits, do_sample, temperature, top_p, generator)
@@ -140,7 +142,8 @@ class GenerationMixin:
         run = len(self.seg_token_ids)
         if not starts:
             return self._answer_without_masks(text)
-        seg_hidden = torch.stack([torch.stack(hidden[p : p + run]) for p in starts])
+        first = 1 + self.config.seg_hidden_offset
+        seg_hidden = torch.stack([torch.stack(hidden[first + p : first + p + run]) for p in starts])
         target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
         masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
         return _boxed(ChatAnswer.from_logits(text, masks, class_logits), run_text)

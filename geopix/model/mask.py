@@ -30,20 +30,24 @@ PRIOR_SIZE = 8  # the coarse spatial prior's grid (GEOPIX.md §1)
 
 
 class SegProjection(nn.Module):
-    """LLM hidden → hidden → D, reshaped per scale; a learnable softmax-weighted sum per scale."""
+    """LLM hidden → hidden → D, reshaped per scale; a learnable softmax-weighted sum per scale
+    (``weighting="linear"``: the weights as they are, as the authors' release has them)."""
 
-    def __init__(self, llm_hidden: int, dim: int, num_scales: int, tokens_per_scale: int):
+    def __init__(self, llm_hidden: int, dim: int, num_scales: int, tokens_per_scale: int, weighting: str = "softmax"):
         super().__init__()
-        self.num_scales, self.tokens = num_scales, tokens_per_scale
+        if weighting not in ("softmax", "linear"):
+            raise ValueError(f"seg token weighting {weighting!r}: expected 'softmax' or 'linear'")
+        self.num_scales, self.tokens, self.weighting = num_scales, tokens_per_scale, weighting
         self.mlp = nn.Sequential(
             nn.Linear(llm_hidden, llm_hidden), nn.ReLU(inplace=True), nn.Linear(llm_hidden, dim)
         )
-        self.token_logits = nn.Parameter(torch.zeros(num_scales, tokens_per_scale))  # uniform at init
+        start = 0.0 if weighting == "softmax" else 1.0 / tokens_per_scale  # uniform at init either way
+        self.token_logits = nn.Parameter(torch.full((num_scales, tokens_per_scale), start))
 
     def forward(self, seg_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, scales·tokens, H] → (prompts [T, scales, tokens, D], pooled [T, scales, D])."""
         prompts = self.mlp(seg_hidden).reshape(seg_hidden.shape[0], self.num_scales, self.tokens, -1)
-        weights = self.token_logits.softmax(-1)[None, :, :, None]
+        weights = (self.token_logits.softmax(-1) if self.weighting == "softmax" else self.token_logits)[None, :, :, None]
         return prompts, (prompts * weights).sum(2)
 
 

@@ -24,6 +24,7 @@ from geopix.model.generation import GenerationMixin
 from geopix.model.layers import local_path
 from geopix.model.mask import MaskPredictor, SegProjection
 from geopix.model.processor import GeoPixProcessor
+from geopix.model.release_mask import ReleaseMaskPredictor
 from geopix.model.vision import build_vision_encoder, lite0_weights_path
 from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 
@@ -59,6 +60,18 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
+def build_mask_predictor(config: GeoPixModelConfig, lo_channels: int, hi_channels: int) -> nn.Module:
+    """GeoPix's mask predictor, or the release's (``mask_decoder="release"``: imported checkpoints)."""
+    shared = {"lo_channels": lo_channels, "hi_channels": hi_channels, "dim": config.decoder_dim,
+              "num_scales": config.num_scales, "num_classes": config.num_classes,
+              "memory_len": config.memory_len, "memory_dim": config.memory_dim}  # fmt: skip
+    if config.mask_decoder == "release":
+        return ReleaseMaskPredictor(**shared, neck_dim=config.release_neck_dim)
+    return MaskPredictor(
+        **shared, image_size=config.image_size, grid_stride=config.mask_grid_stride, fine_scale=config.fine_scale
+    )
+
+
 class GeoPixModel(GenerationMixin, nn.Module):
     """The whole model, built from its own :class:`GeoPixModelConfig` (random weights, unless local
     weight files are named: a vision checkpoint, a LLaMA directory, a LLaVA projector)."""
@@ -88,19 +101,10 @@ class GeoPixModel(GenerationMixin, nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(self.vision.token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
-        self.seg_projection = SegProjection(hidden, config.decoder_dim, config.num_scales, config.seg_token_num)
-        self.mask_predictor = MaskPredictor(
-            lo_channels=self.vision.lo_channels,
-            hi_channels=self.vision.hi_channels,
-            dim=config.decoder_dim,
-            image_size=config.image_size,
-            grid_stride=config.mask_grid_stride,
-            num_scales=config.num_scales,
-            num_classes=config.num_classes,
-            memory_len=config.memory_len,
-            memory_dim=config.memory_dim,
-            fine_scale=config.fine_scale,
+        self.seg_projection = SegProjection(
+            hidden, config.decoder_dim, config.num_scales, config.seg_token_num, config.seg_token_weighting
         )
+        self.mask_predictor = build_mask_predictor(config, self.vision.lo_channels, self.vision.hi_channels)
         self.class_head = nn.Linear(config.decoder_dim * config.num_scales, config.num_classes)
         if projector_weights:
             load_projector_weights(self.projector, str(projector_weights))
@@ -248,7 +252,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
             raise ValueError(
                 f"a seg run starting at {int(positions.max())} does not fit in {hidden.shape[1]} positions"
             )
-        index = positions[:, None] + torch.arange(run, device=positions.device)  # [T, run]
+        offset = self.config.seg_hidden_offset  # 0: each seg token's own state; −1: the one before it
+        index = positions[:, None] + offset + torch.arange(run, device=positions.device)  # [T, run]
         seg_hidden = hidden[target_sample[:, None], index]  # [T, run, H]
         return self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi, ema_targets)
 

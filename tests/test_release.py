@@ -1,0 +1,128 @@
+"""The release's mask path in GeoPix gives the masks the authors' modules give (recorded fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from geopix.model.mask import SegProjection
+from geopix.model.release_import import ReleaseImportError, release_mask_state
+from geopix.model.release_mask import ReleaseMaskPredictor
+from tests.release_checkpoint import FIXTURE, SIZES, fixture_tensor
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    with safe_open(str(FIXTURE), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        shapes = json.loads(f.metadata()["shapes"])
+    release = {f"{part}/{k}": fixture_tensor(f"{part}/{k}", shape) for part, keys in shapes.items() for k, shape in keys.items()}
+    return tensors, release
+
+
+def geopix_mask_path(release: dict[str, torch.Tensor]) -> tuple[SegProjection, ReleaseMaskPredictor, dict[str, str]]:
+    d = SIZES["dim"]
+    projection = SegProjection(SIZES["llm_hidden"], d, 2, 3, weighting="linear")
+    predictor = ReleaseMaskPredictor(lo_channels=SIZES["clip_hidden"], hi_channels=SIZES["clip_hidden"], dim=d,
+                                     neck_dim=SIZES["neck_mid"], num_scales=2, num_classes=4, memory_len=0,
+                                     memory_dim=8)  # fmt: skip
+    state, dropped = release_mask_state(release, num_scales=2)
+    prefixes = {"seg_projection.": projection, "mask_predictor.": predictor}
+    for prefix, module in prefixes.items():
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(part, strict=True)  # every GeoPix parameter comes from the release
+    assert all(k.startswith(tuple(prefixes)) for k in state)
+    return projection.eval(), predictor.eval(), dropped
+
+
+def test_imported_mask_path_gives_the_authors_masks(fixture):
+    recorded, release = fixture
+    projection, predictor, dropped = geopix_mask_path(release)
+    grid = SIZES["patches"]
+
+    def level(x: torch.Tensor) -> torch.Tensor:  # [1, patches, C] → [1, C, g, g], row-major patches
+        return x.transpose(1, 2).reshape(1, -1, grid, grid)
+
+    with torch.no_grad():
+        _, pooled = projection(recorded["seg_hidden"])
+        masks, per_level = predictor(level(recorded["layer_m11"]), level(recorded["layer_m2"]), pooled,
+                                     torch.zeros(SIZES["targets"], dtype=torch.long), None, out_size=128)  # fmt: skip
+    assert [tuple(p.shape[-2:]) for p in per_level] == [(64, 64), (128, 128)]
+    expected = recorded["masks"]
+    assert expected.abs().max() > 1  # not a degenerate fixture
+    torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)  # measured: 1e-6
+    assert ((masks > 0) == (expected > 0)).float().mean() > 0.999
+    # what was left out, and why
+    assert any("learnable_memory" in name for name in dropped)
+    assert all(reason for reason in dropped.values())
+
+
+def test_every_release_tensor_is_mapped_or_dropped_with_a_reason(fixture):
+    _, release = fixture
+    state, dropped = release_mask_state(release, num_scales=2)
+    scalars = [n for n in release if "scalar" in n]
+    # one GeoPix tensor per upstream tensor, except: the 2 levels' Fourier matrices → 1 stacked
+    # buffer, the 3 + 2 scalars → 2 tensors
+    assert len(state) - 1 - 2 + len(dropped) == len(release) - 2 - len(scalars)
+    with pytest.raises(ReleaseImportError, match="seg/mask_decoder.something_new"):
+        release_mask_state({**release, "seg/mask_decoder.something_new": torch.zeros(1)}, num_scales=2)
+
+
+# ------------------------------------------------------------------ a whole model with the release's decoder
+@pytest.fixture(scope="module")
+def release_model():
+    """A tiny CLIP + LLaMA GeoPix model decoding masks the release's way (random weights)."""
+    from dataclasses import replace
+
+    from transformers import CLIPVisionConfig
+
+    from geopix.config import load_config
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+    from geopix.model import GeoPixModel
+    from geopix.model.modeling import add_geopix_tokens, model_config
+    from tests.records import SEG_VOCAB, make_record
+
+    records = [make_record(i, size=56, class_id=i % 3) for i in range(4)]
+    tokenizer = train_tokenizer(corpus_texts(records), vocab_size=300, seg_vocab=SEG_VOCAB)
+    cfg = load_config("tiny", ["model.vision_encoder=clip", "model.image_size=56", "model.llm_hidden_size=64",
+                               "model.llm_num_layers=2", "model.llm_intermediate_size=128", "model.memory_len=0"]).model  # fmt: skip
+    add_geopix_tokens(tokenizer, cfg)
+    config = model_config(cfg, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                          seg_token_ids=cfg.seg_vocabulary.token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=11, num_attention_heads=4,
+                              patch_size=14, image_size=56).to_dict()  # fmt: skip
+    config = replace(config, vision_config=vision, mask_decoder="release", release_neck_dim=32, decoder_dim=64,
+                     seg_hidden_offset=-1, seg_token_weighting="linear", chat_template=2)  # fmt: skip
+    torch.manual_seed(0)
+    return GeoPixModel(config), tokenizer, records
+
+
+def test_a_release_decoder_model_trains_chats_in_batches_and_reloads(release_model, tmp_path):
+    from geopix.data.batches import iter_batches
+    from geopix.model import GeoPixModel
+    from tests.records import SEG_VOCAB
+
+    model, tokenizer, records = release_model
+    batch = next(iter(iter_batches(records, tokenizer, image_size=56, batch_size=4, max_length=None, augment=False,
+                                   seed=0, seg_vocab=SEG_VOCAB, chat_template=2)))  # fmt: skip
+    model.train()
+    out = model(**batch)
+    assert out.mask_logits.shape == (4, 56, 56) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.mask_predictor.transformers[0].layers[0].self_attn.q_proj.weight.grad is not None
+    model.zero_grad()
+    pixels = batch["pixel_values"][:2]
+    prompts = [r["conversation"][0]["text"] for r in records[:2]]
+    batched = model.chat(pixels, prompts, tokenizer, max_new_tokens=12)
+    alone = [model.chat(pixels[i : i + 1], prompts[i : i + 1], tokenizer, max_new_tokens=12)[0] for i in range(2)]
+    assert [a.text for a in batched] == [a.text for a in alone]
+    forced = model.answer_forced(pixels, prompts[0], "Sure, it is {seg}.", tokenizer)
+    model.save(tmp_path / "m", tokenizer)
+    again = GeoPixModel.load(tmp_path / "m")
+    assert again.config.mask_decoder == "release" and again.config.seg_hidden_offset == -1
+    reloaded = again.answer_forced(pixels, prompts[0], "Sure, it is {seg}.", tokenizer)
+    for a, b in zip(forced, reloaded, strict=True):
+        torch.testing.assert_close(a.mask_probs, b.mask_probs)
