@@ -137,6 +137,22 @@ class ClassMemory(nn.Module):
             self.ema.div_(dist.get_world_size())
 
 
+def read_memory(
+    memory: ClassMemory | None,
+    image: torch.Tensor,
+    class_probs: torch.Tensor,
+    scale: int,
+    ema_targets: tuple[torch.Tensor, torch.Tensor, float] | None,
+) -> torch.Tensor:
+    """A scale's features after the class memory (if any), EMA-writing it first when asked
+    (``ema_targets`` = (target masks [T, S, S], class ids [T], momentum))."""
+    if memory is None:
+        return image
+    if ema_targets is not None:
+        memory.ema_write(image.detach(), *ema_targets[:2], scale, ema_targets[2])
+    return memory(image, class_probs, scale)
+
+
 def coord_channels(size: int, batch: int, like: torch.Tensor) -> torch.Tensor:
     """[batch, 2, size, size] normalised x/y in [−1, 1] (pixel centres)."""
     axis = (torch.arange(size, device=like.device, dtype=like.dtype) + 0.5) / size * 2 - 1
@@ -295,10 +311,7 @@ class MaskPredictor(nn.Module):
                     per_scale[-1][:, None], size=image.shape[-2:], mode="bilinear", align_corners=False
                 )
                 image = image * (torch.sigmoid(prev) + 1)
-            if self.memory is not None:
-                if ema_targets is not None:
-                    self.memory.ema_write(image.detach(), *ema_targets[:2], s, ema_targets[2])
-                image = self.memory(image, class_probs, s)
+            image = read_memory(self.memory, image, class_probs, s, ema_targets)
             if isinstance(decoder, ReadoutDecoder):
                 logits = decoder(image, pooled[:, s], coarse_token)
             else:

@@ -28,7 +28,7 @@ from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamLayerNorm, SamTwoWayTransformer
 
 from geopix.model.layers import Float32BatchNorm2d
-from geopix.model.mask import ClassMemory
+from geopix.model.mask import ClassMemory, read_memory
 
 RELEASE_GRID = 32  # the release's necks resize every CLIP level to 32 × 32
 MASK_TOKENS = 4  # SAM's: the first is read out, the others take part in the decoder's attention
@@ -144,10 +144,7 @@ class ReleaseMaskPredictor(nn.Module):
         per_scale: list[torch.Tensor] = []
         for s, neck in enumerate(self.necks):
             image = self.norm(neck(feat_hi if s == 0 else feat_lo))[target_sample]
-            if self.memory is not None:
-                if ema_targets is not None:
-                    self.memory.ema_write(image.detach(), *ema_targets[:2], s, ema_targets[2])
-                image = self.memory(image, class_probs, s)
+            image = read_memory(self.memory, image, class_probs, s, ema_targets)
             if per_scale:  # the finer level: upsampled, gated by the coarser level's mask
                 image = self.upsample(image)
                 prev = per_scale[-1][:, None]
