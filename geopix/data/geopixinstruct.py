@@ -414,7 +414,7 @@ def _image_records(row, subset, upstream_split, image_uri, size, where, run, rep
             "conversation": _conversation(
                 "segment", template.text.format(label=label(name), plural=plural(name)), answer
             ),
-            "targets": [t | {"description": f"all {plural(name)}"} for t in members],
+            "targets": [_public(t) | {"description": f"all {plural(name)}"} for t in members],
         }
     for target in targets:
         if not target["description"]:
