@@ -35,6 +35,8 @@ data_app = typer.Typer(help="Instruction data: generate, import, shard, preview.
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+model_app = typer.Typer(help="Model directories: import the GeoPix authors' release.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 ConfigOption = Annotated[
     str, typer.Option("--config", "-c", help="Preset name (tiny, full) or path to a YAML file.")
@@ -461,6 +463,36 @@ def data_import_geopixinstruct(
         typer.echo(f"  rejected {count}: {reason}")
         for example in report.examples.get(reason, []):
             typer.echo(f"      {example}")
+
+
+@model_app.command("import-release")
+def model_import_release(
+    directory: Annotated[Path, typer.Argument(help="The downloaded release checkpoint (a local directory).")],
+    out: Annotated[str, typer.Option(help="Where to write the GeoPix model directory (local or s3://).")],
+    memory_len: Annotated[int, typer.Option(min=0, help="GeoPix's class memory slots (0: none).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model GeoPix wrote there before.")] = False,
+) -> None:
+    """Convert the GeoPix authors' released checkpoint into a GeoPix model directory that every
+    command loads; every release tensor is mapped or dropped with its reason (import_report.json)."""
+    import tempfile
+
+    from geopix import storage
+    from geopix.model.release_import import ReleaseImportError, import_release
+    from geopix.outputs import OutputRefused, prepare_output
+    from geopix.train.loop import MODEL_KIND, MODEL_LAYOUT
+
+    try:
+        prepare_output(out, MODEL_KIND, MODEL_LAYOUT, replace=overwrite)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = import_release(directory, Path(tmp) / "model", memory_len=memory_len)
+            storage.upload_directory(Path(tmp) / "model", out)
+    except (ReleaseImportError, OutputRefused, storage.StorageError) as exc:
+        fail(str(exc))
+    typer.echo(f"imported {report['release_tensors']} release tensors → {out}: {report['mapped']} mapped")
+    for reason, count in report["dropped"].items():
+        typer.echo(f"  dropped {count}: {reason}")
+    if report["geopix_own_at_their_start"]:
+        typer.echo(f"  GeoPix's own, at their start: {', '.join(report['geopix_own_at_their_start'])}")
 
 
 @data_app.command("shard")

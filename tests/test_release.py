@@ -126,3 +126,118 @@ def test_a_release_decoder_model_trains_chats_in_batches_and_reloads(release_mod
     reloaded = again.answer_forced(pixels, prompts[0], "Sure, it is {seg}.", tokenizer)
     for a, b in zip(forced, reloaded, strict=True):
         torch.testing.assert_close(a.mask_probs, b.mask_probs)
+
+
+# ------------------------------------------------------------------ a tiny checkpoint in the release's layout
+def write_tiny_release(directory, shapes: dict[str, dict[str, list[int]]]) -> None:
+    """A checkpoint directory as the release has it: ``vlm/`` (a tiny LLaVA saved by transformers,
+    with ``vision/`` and ``text/`` configs), ``seg/``, ``pec/``, ``clm/`` (safetensors + config), the
+    ``.pth`` files, the root config and tokenizer. Mask-path sizes are the fixture's (D = 256, CLIP
+    width 32, LLM width 64); the memory slots, which the release never reads, are cut small."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from geopix.config import load_config
+    from geopix.data.tokenizer import corpus_texts, train_tokenizer
+    from geopix.model.modeling import add_geopix_tokens
+    from tests.records import SEG_VOCAB, make_record
+    from tests.release_checkpoint import PART_CONFIGS
+
+    tokenizer = train_tokenizer(corpus_texts([make_record(i, size=56) for i in range(4)]), vocab_size=300, seg_vocab=SEG_VOCAB)
+    add_geopix_tokens(tokenizer, load_config("tiny").model)
+    tokenizer.save_pretrained(str(directory))
+    vision = CLIPVisionConfig(hidden_size=SIZES["clip_hidden"], intermediate_size=64, num_hidden_layers=11,
+                              num_attention_heads=4, patch_size=14, image_size=56)  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=SIZES["llm_hidden"], intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
+                                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>")))  # fmt: skip
+    llava.save_pretrained(str(directory / "vlm"))
+    for sub, cfg in (("vision", vision), ("text", text)):
+        cfg.save_pretrained(str(directory / "vlm" / sub))
+    (directory / "config.json").write_text(json.dumps({"seg_token_num": 3, "image_feature_scale_num": 2,
+                                                       "bce_loss_weight": 2.0, "dice_loss_weight": 0.5}))  # fmt: skip
+    for part, keys in shapes.items():
+        tensors = {k: fixture_tensor(f"{part}/{k}", [1] * len(v) if "learnable_memory" in k else v) for k, v in keys.items()}
+        if part.endswith(".pth"):
+            torch.save(list(tensors.values()) if "scalar" in part else tensors, directory / part)
+        else:
+            (directory / part).mkdir()
+            save_file(tensors, str(directory / part / "model.safetensors"))
+            (directory / part / "config.json").write_text(json.dumps(PART_CONFIGS[part]))
+
+
+def test_import_release_accounts_for_every_tensor_and_the_model_answers(fixture, tmp_path):
+    from geopix.model import GeoPixModel
+    from geopix.model.release_import import import_release
+    from geopix.model.release_mask import ReleaseMaskPredictor
+
+    with safe_open(str(FIXTURE), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    write_tiny_release(tmp_path / "release", shapes)
+    report = import_release(tmp_path / "release", tmp_path / "geopix")
+    assert report["mapped"] + len(report["dropped_tensors"]) == report["release_tensors"]
+    assert report["geopix_own_at_their_start"] == ["class_head.bias", "class_head.weight"]
+    assert any("discards" in reason for reason in report["dropped"])
+    model = GeoPixModel.load(tmp_path / "geopix")
+    assert isinstance(model.mask_predictor, ReleaseMaskPredictor) and model.config.seg_hidden_offset == -1
+    _, release = fixture
+    state, _ = release_mask_state(release, num_scales=2)
+    torch.testing.assert_close(model.mask_predictor.transformers[1].layers[0].self_attn.q_proj.weight,
+                               state["mask_predictor.transformers.1.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "geopix" / "tokenizer"))
+    pixels = torch.randn(2, 3, 56, 56)
+    answers = model.answer_forced(pixels, "<image>\n[refer] the ship", "Sure, it is {seg}.", tokenizer)
+    assert [a.masks.shape for a in answers] == [(1, 56, 56)] * 2
+    chat = model.chat(pixels, ["<image>\n[refer] the ship"] * 2, tokenizer, max_new_tokens=8)
+    assert len(chat) == 2
+
+
+def test_cli_imports_a_release_to_s3_and_chats_with_it(fixture, stack, tmp_path):
+    import subprocess
+
+    import numpy as np
+
+    from geopix import storage
+    from tests.conftest import geopix_cli
+    from tests.records import png_bytes
+
+    with safe_open(str(FIXTURE), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    write_tiny_release(tmp_path / "release", shapes)
+    out = "s3://geopix-checkpoints/tests/release-import"
+    imported = subprocess.run([*geopix_cli(), "model", "import-release", str(tmp_path / "release"), "--out", out,
+                               "--overwrite"], check=False, capture_output=True, text=True)  # fmt: skip
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert "dropped" in imported.stdout and storage.is_finished(out)
+    report = json.loads(storage.read_bytes(f"{out}/import_report.json"))
+    assert report["config"]["mask_decoder"] == "release"
+    image = tmp_path / "scene.png"
+    image.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)))
+    chat = subprocess.run([*geopix_cli(), "chat", "--model", out, "--image", str(image), "--instruction",
+                           "[refer] the ship", "--out", str(tmp_path / "overlay.png"), "--max-new-tokens", "8"],
+                          check=False, capture_output=True, text=True)  # fmt: skip
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert (tmp_path / "overlay.png").exists()
+
+
+@pytest.mark.parametrize("layout", ["before 4.52", "after 4.52"])
+def test_vlm_keys_of_both_transformers_layouts_map_to_the_same_geopix_keys(layout):
+    from geopix.model.release_import import _vlm_key
+
+    old = {"vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight": "vision.clip.encoder.layers.0.mlp.fc1.weight",
+           "multi_modal_projector.linear_2.bias": "projector.2.bias",
+           "language_model.model.layers.1.self_attn.q_proj.weight": "llm.model.layers.1.self_attn.q_proj.weight",
+           "language_model.lm_head.weight": "llm.lm_head.weight"}  # fmt: skip
+    new = {"model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight": old["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"],
+           "model.multi_modal_projector.linear_2.bias": "projector.2.bias",
+           "model.language_model.layers.1.self_attn.q_proj.weight": "llm.model.layers.1.self_attn.q_proj.weight",
+           "lm_head.weight": "llm.lm_head.weight"}  # fmt: skip
+    for key, ours in (old if layout == "before 4.52" else new).items():
+        assert _vlm_key(key) == ours
+    assert _vlm_key("vision_tower.vision_model.embeddings.position_ids") is None
+    with pytest.raises(ReleaseImportError, match="something_else"):
+        _vlm_key("something_else.weight")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -120,3 +121,192 @@ def release_mask_state(
         # the token weights are shared by the levels upstream; GeoPix keeps a row per level
         ours[key] = weights if size else weights[None].repeat(num_scales, 1)
     return ours, dropped
+
+
+# ------------------------------------------------------------------------------ the whole checkpoint
+MASK_PARTS = ("seg", "pec", "clm")
+PTH_FILES = ("image_neck_rough.pth", "image_neck_detail.pth", "text_hidden_fcs.pth",
+             "multiseg_scalar.pth", "multiscale_scalar.pth")  # fmt: skip
+
+
+def _vlm_key(key: str) -> str | None:
+    """A ``vlm/`` (transformers LLaVA) tensor → GeoPix key, for the layouts before and after
+    transformers 4.52 (None: a buffer GeoPix rebuilds, such as CLIP's ``position_ids``)."""
+    key = key.removeprefix("model.")
+    if key.endswith("position_ids"):
+        return None
+    if key.startswith("vision_tower."):
+        return "vision.clip." + key.removeprefix("vision_tower.").removeprefix("vision_model.")
+    if m := re.match(r"multi_modal_projector\.linear_([12])\.(weight|bias)$", key):
+        return f"projector.{0 if m[1] == '1' else 2}.{m[2]}"
+    if key in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "llm.lm_head.weight"
+    if key.startswith("language_model."):
+        rest = key.removeprefix("language_model.")
+        return "llm.model." + rest.removeprefix("model.")
+    raise ReleaseImportError(f"vlm/: tensor {key!r} is none of the LLaVA parts GeoPix knows")
+
+
+def _read_safetensors_dir(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        files = sorted(directory.glob("pytorch_model*.bin"))
+        if not files:
+            raise ReleaseImportError(f"{directory}: no weights (*.safetensors or pytorch_model*.bin)")
+        # PyTorch's restricted loader: tensors and plain containers only, never code
+        return {k: v for path in files for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        out.update(load_file(str(path)))
+    return out
+
+
+def read_release(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a release checkpoint directory, named ``<part>/<key>`` (``vlm/…``, ``seg/…``,
+    ``image_neck_rough.pth/conv1.0.weight``, ``multiseg_scalar.pth/0``, …)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for part in ("vlm", *MASK_PARTS):
+        if not (directory / part).is_dir():
+            raise ReleaseImportError(f"{directory}: no {part}/ (not a GeoPix release checkpoint?)")
+        tensors |= {f"{part}/{k}": v for k, v in _read_safetensors_dir(directory / part).items()}
+    for name in PTH_FILES:
+        path = directory / name
+        if not path.exists():
+            raise ReleaseImportError(f"{directory}: no {name}")
+        # PyTorch's restricted loader: tensors and plain containers only, never code
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        items = enumerate(loaded) if isinstance(loaded, (list, tuple)) else loaded.items()
+        for key, value in items:
+            if not isinstance(value, torch.Tensor):
+                raise ReleaseImportError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            tensors[f"{name}/{key}"] = value
+    return tensors
+
+
+def release_state(release: Mapping[str, torch.Tensor], num_scales: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(GeoPix state dict, {dropped: reason}) for a whole release checkpoint's tensors."""
+    mask = {k: v for k, v in release.items() if not k.startswith("vlm/")}
+    ours, dropped = release_mask_state(mask, num_scales)
+    for name, tensor in release.items():
+        if name.startswith("vlm/"):
+            key = _vlm_key(name.removeprefix("vlm/"))
+            if key is None:
+                dropped[name] = "a buffer GeoPix rebuilds"
+            else:
+                ours[key] = tensor
+    return ours, dropped
+
+
+def _json(path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReleaseImportError(f"{path}: missing") from None
+    except ValueError as exc:
+        raise ReleaseImportError(f"{path}: not JSON ({exc})") from None
+
+
+def release_model_config(directory, tokenizer: Any, release: Mapping[str, torch.Tensor], memory_len: int = 0):
+    """The :class:`GeoPixModelConfig` of a release checkpoint: its LLaVA's configs, its token ids,
+    the release's mask path (``mask_decoder="release"``) and GeoPix's class memory of ``memory_len``."""
+    from pathlib import Path
+
+    from geopix.model.configuration import GeoPixModelConfig
+    from geopix.vocabulary import IMAGE_TOKEN, SegVocabulary
+
+    directory = Path(directory)
+    root, vlm, seg = _json(directory / "config.json"), _json(directory / "vlm" / "config.json"), _json(directory / "seg" / "config.json")
+    clm = _json(directory / "clm" / "config.json")
+    text = _json(directory / "vlm" / "text" / "config.json") if (directory / "vlm" / "text").is_dir() else vlm["text_config"]
+    vision = _json(directory / "vlm" / "vision" / "config.json") if (directory / "vlm" / "vision").is_dir() else vlm["vision_config"]
+    vocab = SegVocabulary(int(root.get("seg_token_num", 3)), int(seg.get("image_feature_scale_num", 2)))
+    seg_ids = vocab.token_ids(tokenizer)
+    embed = release["vlm/language_model.model.embed_tokens.weight"] if "vlm/language_model.model.embed_tokens.weight" in release else release.get("vlm/model.language_model.embed_tokens.weight")
+    if embed is None:
+        raise ReleaseImportError(f"{directory}/vlm: no token embedding (language_model.model.embed_tokens.weight)")
+    return GeoPixModelConfig(
+        text_config={**text, "vocab_size": int(embed.shape[0])},
+        image_token_id=int(vlm.get("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))),
+        seg_token_ids=seg_ids,
+        pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        vision_encoder="clip",
+        vision_config=vision,
+        image_size=int(vision["image_size"]),
+        seg_token_num=vocab.tokens_per_scale,
+        num_scales=vocab.num_scales,
+        decoder_dim=int(seg.get("prompt_embed_dim", 256)),
+        mask_bce_weight=float(root.get("bce_loss_weight", 2.0)),
+        mask_dice_weight=float(root.get("dice_loss_weight", 0.5)),
+        memory_len=memory_len,
+        memory_dim=int(seg.get("prompt_embed_dim", 256)),
+        num_classes=int(clm.get("num_class", 75)),
+        mask_decoder="release",
+        release_neck_dim=int(release["image_neck_rough.pth/conv1.0.weight"].shape[0]),
+        seg_hidden_offset=-1,
+        seg_token_weighting="linear",
+        llm_pretrained=True,
+        projector_pretrained=True,
+    )
+
+
+GEOPIX_OWN = ("class_head.", "mask_predictor.memory.")  # GeoPix's additions: they keep their start
+REPORT_FILE = "import_report.json"
+REPORTED_CONFIG = ("mask_decoder", "seg_hidden_offset", "seg_token_weighting", "image_size", "decoder_dim",
+                   "num_classes", "memory_len")  # fmt: skip
+
+
+def import_release(directory, out_dir, *, memory_len: int = 0) -> dict[str, Any]:
+    """A GeoPix model directory at ``out_dir`` (local) from a release checkpoint ``directory``;
+    returns the import report (also written beside the model as ``import_report.json``)."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from geopix.model.modeling import GeoPixModel
+
+    directory = Path(directory)
+    release = read_release(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ReleaseImportError(f"{directory}: no readable tokenizer at the checkpoint's root ({exc})") from None
+    config = release_model_config(directory, tokenizer, release, memory_len)
+    model = GeoPixModel(config)
+    state, dropped = release_state(release, config.num_scales)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ReleaseImportError(f"release tensors with no GeoPix place: {', '.join(unexpected[:8])}")
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ReleaseImportError(
+            "shapes differ: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5])
+        )
+    missing = sorted(set(expected) - set(state))
+    not_own = [k for k in missing if not k.startswith(GEOPIX_OWN)]
+    if not_own:
+        raise ReleaseImportError(f"GeoPix parameters the release does not give: {', '.join(not_own[:8])}")
+    model.load_state_dict({**expected, **{k: v.to(expected[k].dtype) for k, v in state.items()}}, strict=True)
+    model.eval()
+    model.save(out_dir, tokenizer)
+    reasons = Counter(dropped.values())
+    report = {
+        "source": str(directory),
+        "release_tensors": len(release),
+        "mapped": len(release) - len(dropped),
+        "dropped": {reason: n for reason, n in sorted(reasons.items())},
+        "dropped_tensors": sorted(dropped),
+        "geopix_own_at_their_start": missing,
+        "config": {k: getattr(config, k) for k in REPORTED_CONFIG},
+    }
+    (Path(out_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return report

@@ -155,7 +155,7 @@ def log_overlays(writer: Any, model: Any, batch: dict[str, Any], count: int, dty
 
 
 MODEL_KIND = "model"
-MODEL_LAYOUT = ("model.safetensors", "geopix_config.json", "tokenizer/*", "processor/*")
+MODEL_LAYOUT = ("model.safetensors", "geopix_config.json", "tokenizer/*", "processor/*", "import_report.json")
 
 
 def publish_model(model: Any, tokenizer: Any, uri: str) -> str:
