@@ -231,9 +231,13 @@ def release_model_config(directory, tokenizer: Any, release: Mapping[str, torch.
     embed = release["vlm/language_model.model.embed_tokens.weight"] if "vlm/language_model.model.embed_tokens.weight" in release else release.get("vlm/model.language_model.embed_tokens.weight")
     if embed is None:
         raise ReleaseImportError(f"{directory}/vlm: no token embedding (language_model.model.embed_tokens.weight)")
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    configured = vlm.get("image_token_index", vlm.get("image_token_id", image_token_id))
+    if configured != image_token_id:
+        raise ReleaseImportError(f"{directory}/vlm/config.json: image token {configured}, the tokenizer's {IMAGE_TOKEN} is {image_token_id}")
     return GeoPixModelConfig(
         text_config={**text, "vocab_size": int(embed.shape[0])},
-        image_token_id=int(vlm.get("image_token_index", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))),
+        image_token_id=image_token_id,
         seg_token_ids=seg_ids,
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         vision_encoder="clip",
