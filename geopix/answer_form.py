@@ -103,3 +103,12 @@ def boxes_from_masks(text: str, run: str, masks: Sequence[np.ndarray]) -> str:
         if box is not None:
             pieces[k + 1] = BOX_TEXT.sub(lambda _, box=box: box, pieces[k + 1], count=1)
     return run.join(pieces)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``x1, y1, x2, y2`` boxes (0 for an empty union)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from geopix import storage
-from geopix.answer_form import box_to_text, count_answer, grounding_answer
+from geopix.answer_form import box_iou, box_to_text, count_answer, grounding_answer
 from geopix.data.coco import mask_box
 from geopix.data.phrases import GROUND, REFER, SEGMENT, Template, label, plural
 from geopix.data.schema import TASK_TAGS, ClassCatalog, decode_mask
@@ -223,14 +223,6 @@ def as_xyxy(bbox: list[float], box_format: str) -> tuple[float, float, float, fl
     return (x1, y1, x1 + a, y1 + b) if box_format == "xywh" else (x1, y1, a, b)
 
 
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _mask_box(rle: Mapping[str, Any]) -> list[float] | None:
     try:
         return mask_box(decode_mask(rle))
@@ -242,22 +234,17 @@ def infer_box_format(files: list[tuple[str, str, str]]) -> tuple[str, str]:
     """("xyxy" | "xywh", the evidence): the reading of ``bbox`` that agrees with the masks' boxes,
     on the first instances where the two readings differ."""
     votes: Counter = Counter()
-    for uri, _, _ in files:
-        for row in _rows(uri):
-            for inst in row.get("instances") or []:
-                bbox, mask = inst.get("bbox"), inst.get("mask")
-                if not bbox or len(bbox) != 4 or not mask or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
-                    continue  # an [x, y, w, h] whose w, h are not beyond x, y reads only one way
-                box = _mask_box(mask)
-                if box is None:  # empty or undecodable: the import itself reports it
-                    continue
-                xyxy, xywh = _iou(box, as_xyxy(bbox, "xyxy")), _iou(box, as_xyxy(bbox, "xywh"))
-                if abs(xyxy - xywh) > 0.1:
-                    votes["xyxy" if xyxy > xywh else "xywh"] += 1
-                if sum(votes.values()) >= BOX_SAMPLE:
-                    break
-            if sum(votes.values()) >= BOX_SAMPLE:
-                break
+    instances = (inst for uri, _, _ in files for row in _rows(uri) for inst in row.get("instances") or [])
+    for inst in instances:
+        bbox, mask = inst.get("bbox"), inst.get("mask")
+        if not bbox or len(bbox) != 4 or not mask or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+            continue  # an [x, y, w, h] whose w, h are not beyond x, y reads only one way
+        box = _mask_box(mask)
+        if box is None:  # empty or undecodable: the import itself reports it
+            continue
+        xyxy, xywh = box_iou(box, as_xyxy(bbox, "xyxy")), box_iou(box, as_xyxy(bbox, "xywh"))
+        if abs(xyxy - xywh) > 0.1:
+            votes["xyxy" if xyxy > xywh else "xywh"] += 1
         if sum(votes.values()) >= BOX_SAMPLE:
             break
     if not votes:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from geopix.answer_form import parse_box_text
+from geopix.answer_form import box_iou, parse_box_text
 from geopix.config import EvalConfig
 from geopix.data import schema
 
@@ -182,15 +182,6 @@ def _summary(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- grounding
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``x1, y1, x2, y2`` boxes (0 for an empty union)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def answer_box(text: str, width: int, height: int) -> tuple[float, float, float, float] | None:
     """The first well-formed box of an answer in pixels, or None (no box, or x2 < x1 / y2 < y1)."""
     boxes = parse_box_text(text)
