@@ -174,6 +174,11 @@ class ModelConfig(_Section):
     # instruction's task tag again where the answer starts. A model keeps the version it was
     # trained with; training from a saved model uses that model's.
     chat_template: Literal[1, 2] = 1
+    # A learned embedding per image-token place, added to the projected image tokens: the LLM's
+    # 1-D positions put an image token at a distance from the seg token that depends on the text's
+    # length, so a random LLM cannot tell where in the image a token lies. CLIP's tokens carry
+    # their place already; EfficientNet's do not. Starts at zero (the projector's output as is).
+    image_token_positions: bool = False
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

@@ -532,6 +532,29 @@ def test_stage_policies_route_gradients(cfg, tokenizer, batch):
     assert not any(n.startswith("vision.") for n in trainable)
 
 
+def test_image_token_positions_start_as_the_projector_output_and_learn_each_place(cfg, tokenizer, batch, tmp_path):
+    plain = new_model(cfg, tokenizer).eval()
+    placed = new_model(cfg, tokenizer, image_token_positions=True).eval()
+    n = plain.vision.num_tokens(cfg.image_size)
+    assert placed.image_positions.shape == (n, plain.llm.config.hidden_size)
+    with torch.no_grad():  # zero at the start: the same model as without them
+        assert torch.equal(plain(**batch).logits, placed(**batch).logits)
+    for stage in (1, 2):
+        set_stage(placed, stage)
+        grads, _ = _trained_names(placed.train(), batch)
+        assert "image_positions" in grads
+    grad = placed.image_positions.grad
+    assert not torch.allclose(grad[0], grad[-1])  # each place gets its own gradient
+    with torch.no_grad():
+        placed.image_positions.normal_(0, 0.5)
+    placed.eval()
+    loaded = GeoPixModel.load(placed.save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.image_token_positions
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, placed(**batch).logits)
+        assert not torch.equal(plain(**batch).logits, placed(**batch).logits)
+
+
 # ------------------------------------------------------------------------------ save / load
 def test_save_load_round_trip(cfg, tokenizer, batch, tmp_path):
     model = new_model(cfg, tokenizer)

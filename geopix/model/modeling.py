@@ -101,6 +101,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(self.vision.token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
+        # [N, H], zero at the start; trained with the projector (geopix.train.stages).
+        self.image_positions = (
+            nn.Parameter(torch.zeros(self.vision.num_tokens(config.image_size), hidden))
+            if config.image_token_positions
+            else None
+        )
         self.seg_projection = SegProjection(
             hidden, config.decoder_dim, config.num_scales, config.seg_token_num, config.seg_token_weighting
         )
@@ -166,6 +172,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
         with torch.no_grad():  # frozen encoder: no graph through it
             feat_lo, feat_hi, tokens = self.vision(pixel_values)
         image_embeds = self.projector(tokens)  # [B, N, H]
+        if self.image_positions is not None:
+            image_embeds = image_embeds + self.image_positions
         is_image = input_ids == self.image_token_id
         if not bool((is_image.sum(1) == 1).all()):
             raise ValueError(
