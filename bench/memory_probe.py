@@ -94,7 +94,7 @@ def probe(model_uri: str, records: list[dict[str, Any]], batch_size: int) -> dic
     config = model.config
     batches = iter_batches(records, tokenizer, image_size=config.image_size, batch_size=batch_size,
                            max_length=None, augment=False, seed=0, seg_vocab=config.seg_vocabulary,
-                           mean=model.vision.image_mean, std=model.vision.image_std,
+                           image_format=model.image_format,
                            chat_template=config.chat_template)  # fmt: skip
     rows: list[dict[str, Any]] = []
     read_sizes: dict[str, list[float]] = defaultdict(list)

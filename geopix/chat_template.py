@@ -19,6 +19,10 @@ Versions (a model records the one it was trained with, ``GeoPixModelConfig.chat_
    answered like segmentations and count questions answered "Yes, there …" (docs/evaluation.md).
    The tag is the user's own, so nothing is added that the instruction does not say; an
    instruction without a tag is rendered as in version 1.
+3. version 1 after LLaVA v1's system sentence, once at the start of a conversation: the
+   authors' release was trained and answers with it (``geopix model import-release`` sets it)::
+
+       A chat between a curious human and … questions. USER: <image>\n[refer] … ASSISTANT: …</s>
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ EOS_TOKEN = "</s>"  # LLaMA's end of sequence; ends every assistant turn
 # answer as ` {text}` + eos, so the prompt of generation is exactly the prompt of training.
 USER_PREFIX = "USER: "
 ASSISTANT_PREFIX = " ASSISTANT:"
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
+# LLaVA v1's system sentence (version 3), followed by one space and the first user turn.
+SYSTEM_SENTENCE = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 # A task tag ("[refer]", "[Visual Question Answering]") opening a line of the instruction (the
 # first line is "<image>").
@@ -46,12 +55,15 @@ def task_tag(user_text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def prompt_text(user_text: str, version: int = 1) -> str:
-    """One user turn as the model sees it, up to where the assistant starts answering."""
+def prompt_text(user_text: str, version: int = 1, first: bool = True) -> str:
+    """One user turn as the model sees it, up to where the assistant starts answering
+    (``first``: the conversation's first turn, which version 3 opens with the system sentence)."""
     if version not in VERSIONS:
         raise ValueError(f"chat template version {version!r}; GeoPix has {list(VERSIONS)}")
     text = f"{USER_PREFIX}{user_text}{ASSISTANT_PREFIX}"
-    tag = task_tag(user_text) if version >= 2 else None
+    if version == 3 and first:
+        text = f"{SYSTEM_SENTENCE} {text}"
+    tag = task_tag(user_text) if version == 2 else None
     return f"{text} {tag}" if tag else text
 
 

@@ -171,9 +171,10 @@ class ModelConfig(_Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     # The chat template a new model is trained with (geopix/chat_template.py): 2 says the
-    # instruction's task tag again where the answer starts. A model keeps the version it was
+    # instruction's task tag again where the answer starts; 3 opens with LLaVA v1's system
+    # sentence (the authors' release answers with it). A model keeps the version it was
     # trained with; training from a saved model uses that model's.
-    chat_template: Literal[1, 2] = 1
+    chat_template: Literal[1, 2, 3] = 1
     # A learned embedding per image-token place, added to the projected image tokens: the LLM's
     # 1-D positions put an image token at a distance from the seg token that depends on the text's
     # length, so a random LLM cannot tell where in the image a token lies. CLIP's tokens carry

@@ -1,5 +1,6 @@
 """Image arrays as every GeoPix stage reads them: decoding (PNG/JPEG/TIFF, 16-bit and float
-stretched), resizing to the model's square input, and the encoders' normalisation statistics.
+stretched), resizing to the model's square input, and an encoder's input format (channel order,
+normalisation).
 
 Training batches (:mod:`geopix.data.batches`) and the model's processor both go through here, so
 an image is the same array on every path.
@@ -8,12 +9,48 @@ an image is the same array on every path.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # The vision encoders' input normalisation (ImageNet statistics).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHANNEL_ORDERS = ("rgb", "bgr")
+RESAMPLINGS = ("bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How an H×W×3 uint8 RGB image becomes a vision encoder's input: resampled to the square
+    input size, its channels in the order the weights were trained on, scaled to [0, 1] and
+    normalised. GeoPix trains RGB and bilinear; the authors' release was trained and answers on
+    OpenCV's BGR arrays resized bicubically (docs/release_checkpoint.md), which its imported
+    model keeps."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "rgb"
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ValueError(f"channel order {self.channel_order!r}: expected one of {CHANNEL_ORDERS}")
+        if self.resample not in RESAMPLINGS:
+            raise ValueError(f"resampling {self.resample!r}: expected one of {RESAMPLINGS}")
+
+    def resize(self, image: np.ndarray, size: int) -> np.ndarray:
+        return resize_image(image, size, self.resample)
+
+    def pixel_values(self, images: np.ndarray) -> torch.Tensor:
+        """[B, S, S, 3] uint8 RGB → ``pixel_values [B, 3, S, S]`` float32."""
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        if self.channel_order == "bgr":
+            pixels = pixels.flip(1)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return pixels.sub_(mean).div_(std)
 
 
 class UndecodableImage(ValueError):
@@ -72,14 +109,19 @@ def _stretch(bands: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(bands[:3], 0, -1))
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """H×W×3 uint8 → size×size×3, bilinear. Non-square images are stretched, not padded, so
-    that boxes written in text (fractions of the image) stay valid."""
+GEOPIX_IMAGE_FORMAT = ImageFormat()  # what GeoPix's own models read: RGB, bilinear, ImageNet statistics
+
+
+def resize_image(image: np.ndarray, size: int, resample: str = "bilinear") -> np.ndarray:
+    """H×W×3 uint8 → size×size×3 (``resample``: "bilinear" or "bicubic"). Non-square images are
+    stretched, not cropped or padded, so that boxes written in text (fractions of the image) and
+    masks stay in the image's own frame."""
     from PIL import Image
 
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    return np.asarray(Image.fromarray(image).resize((size, size), filters[resample]))
 
 
 def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from geopix import storage
 from geopix.answer_form import box_to_text, parse_box_text
-from geopix.chat_template import task_tag
+from geopix.chat_template import SYSTEM_SENTENCE, task_tag
 from geopix.data import schema
 from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
 from geopix.data.batches import encode_conversation, find_seg_runs, iter_batches
@@ -180,8 +180,26 @@ def test_template_2_says_the_task_tag_again_where_the_answer_starts(tokenizer):
     assert "and cars? ASSISTANT: There are no cars." in text
     assert len(ids) > len(old_ids)
     assert task_tag("[refer] the ship") == "[refer]" and task_tag(f"{IMAGE_TOKEN}\nthe ship [refer]") is None
-    with pytest.raises(ValueError, match="chat template version 3"):
-        encode_conversation(tokenizer, conversation, chat_template=3)
+    with pytest.raises(ValueError, match="chat template version 4"):
+        encode_conversation(tokenizer, conversation, chat_template=4)
+
+
+def test_template_3_opens_the_conversation_with_the_system_sentence(tokenizer):
+    """Version 3 (the authors' release): LLaVA v1's system sentence once, before the first user
+    turn; the turns and the supervised answers are version 1's."""
+    conversation = [
+        {"role": "user", "text": f"{IMAGE_TOKEN}\n[refer] the ship"},
+        {"role": "assistant", "text": "Sure, it is a ship."},
+        {"role": "user", "text": "and the car?"},
+        {"role": "assistant", "text": "There is no car."},
+    ]
+    old_ids, old_labels = encode_conversation(tokenizer, conversation)
+    ids, labels = encode_conversation(tokenizer, conversation, chat_template=3)
+    assert labels[labels != IGNORE_INDEX].tolist() == old_labels[old_labels != IGNORE_INDEX].tolist()
+    text, old_text = tokenizer.decode(ids), tokenizer.decode(old_ids)
+    assert text.count(SYSTEM_SENTENCE) == 1  # once, before the first turn
+    assert text.replace(f"{SYSTEM_SENTENCE} ", "", 1) == old_text
+    assert text.index(SYSTEM_SENTENCE) < text.index("USER:")
 
 
 # ------------------------------------------------------------------------------ augmentation

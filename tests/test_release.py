@@ -129,6 +129,14 @@ def test_a_release_decoder_model_trains_chats_in_batches_and_reloads(release_mod
 
 
 # ------------------------------------------------------------------ a tiny checkpoint in the release's layout
+def release_image_processor():
+    """The release's image processor at the tiny size: transformers' CLIP processor with its
+    defaults (bicubic shortest-side resize, centre crop, CLIP mean/std), on PIL as the release ran it."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+
 def write_tiny_release(directory, shapes: dict[str, dict[str, list[int]]]) -> None:
     """A checkpoint directory as the release has it: ``vlm/`` (a tiny LLaVA saved by transformers,
     with ``vision/`` and ``text/`` configs), ``seg/``, ``pec/``, ``clm/`` (safetensors + config), the
@@ -146,6 +154,7 @@ def write_tiny_release(directory, shapes: dict[str, dict[str, list[int]]]) -> No
     tokenizer = train_tokenizer(corpus_texts([make_record(i, size=56) for i in range(4)]), vocab_size=300, seg_vocab=SEG_VOCAB)
     add_geopix_tokens(tokenizer, load_config("tiny").model)
     tokenizer.save_pretrained(str(directory))
+    release_image_processor().save_pretrained(str(directory))
     vision = CLIPVisionConfig(hidden_size=SIZES["clip_hidden"], intermediate_size=64, num_hidden_layers=11,
                               num_attention_heads=4, patch_size=14, image_size=56)  # fmt: skip
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=SIZES["llm_hidden"], intermediate_size=128,
@@ -194,6 +203,47 @@ def test_import_release_accounts_for_every_tensor_and_the_model_answers(fixture,
     assert [a.masks.shape for a in answers] == [(1, 56, 56)] * 2
     chat = model.chat(pixels, ["<image>\n[refer] the ship"] * 2, tokenizer, max_new_tokens=8)
     assert len(chat) == 2
+
+
+def test_an_imported_model_reads_images_and_prompts_as_the_release_does(fixture, tmp_path):
+    """The release feeds its CLIP processor OpenCV's BGR arrays and prompts with LLaVA v1's system
+    sentence: an imported model's processor gives the release processor's pixels for the BGR array
+    of the same square image, and its prompt opens with the sentence."""
+    import numpy as np
+
+    from geopix.chat_template import SYSTEM_SENTENCE
+    from geopix.model import GeoPixModel
+    from geopix.model.release_import import import_release
+
+    with safe_open(str(FIXTURE), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    write_tiny_release(tmp_path / "release", shapes)
+    report = import_release(tmp_path / "release", tmp_path / "geopix")
+    assert report["config"] | {"image_channel_order": "bgr", "image_resample": "bicubic", "chat_template": 3} == report["config"]
+    model, tokenizer, processor = GeoPixModel.load_pretrained(tmp_path / "geopix")
+    rgb = np.random.default_rng(0).integers(0, 256, (70, 70, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])  # what cv2.imread gives the release
+    theirs = release_image_processor()(images=bgr, return_tensors="pt").pixel_values
+    torch.testing.assert_close(processor([rgb]), theirs, atol=1e-5, rtol=0)
+    assert not torch.allclose(processor([bgr]), theirs, atol=1e-2)  # the channel order matters
+    prompt = tokenizer.decode(model.prompt_ids("[refer] the ship", tokenizer))
+    assert prompt.count(SYSTEM_SENTENCE) == 1 and prompt.index(SYSTEM_SENTENCE) < prompt.index("USER: <image>")
+
+
+def test_a_release_processor_geopix_cannot_reproduce_is_named(tmp_path):
+    from geopix.model.release_import import PROCESSOR_CONFIG, ReleaseImportError, release_image_resample
+
+    assert release_image_resample(tmp_path, 56) == "bicubic"  # no processor file: CLIP's own
+    processor = release_image_processor()
+    processor.resample = 2
+    processor.save_pretrained(str(tmp_path))
+    assert release_image_resample(tmp_path, 56) == "bilinear"
+    with pytest.raises(ReleaseImportError, match=f"{PROCESSOR_CONFIG}: crop_size 56, the vision tower reads 336"):
+        release_image_resample(tmp_path, 336)
+    processor.image_mean = [0.485, 0.456, 0.406]
+    processor.save_pretrained(str(tmp_path))
+    with pytest.raises(ReleaseImportError, match=f"{PROCESSOR_CONFIG}: image_mean"):
+        release_image_resample(tmp_path, 56)
 
 
 def test_cli_imports_a_release_to_s3_and_chats_with_it(fixture, stack, tmp_path):

@@ -32,7 +32,7 @@ from geopix.data import schema
 from geopix.data.augment import IDENTITY, Augmented, augment
 from geopix.data.images import decode_targets, record_image
 from geopix.data.schema import BadRecord
-from geopix.imaging import IMAGENET_MEAN, IMAGENET_STD, resize_image, resize_masks
+from geopix.imaging import GEOPIX_IMAGE_FORMAT, ImageFormat, resize_masks
 from geopix.vocabulary import IGNORE_INDEX, SegVocabulary, seg_run_starts
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def encode_conversation(
     """(input_ids, labels) of a conversation in the chat template (of version ``chat_template``).
 
     Layout: ``<s>`` (when the tokenizer has one), then per turn pair ``USER: {q} ASSISTANT:``
-    (version 2: ``… ASSISTANT: [tag]``; labels IGNORE_INDEX) and `` {answer}</s>`` (labels = ids,
+    (version 2: ``… ASSISTANT: [tag]``; version 3: the system sentence first; labels IGNORE_INDEX) and `` {answer}</s>`` (labels = ids,
     so seg tokens and eos are supervised). A conversation longer than ``max_length`` raises
     :class:`BadRecord` ("too long"): cutting it would cut seg runs away from their targets, so it
     is dropped and counted.
@@ -66,9 +66,9 @@ def encode_conversation(
     eos = tokenizer.eos_token_id
     ids: list[int] = [] if bos is None else [bos]
     labels: list[int] = [] if bos is None else [IGNORE_INDEX]
-    for turn in conversation:
+    for index, turn in enumerate(conversation):
         if turn["role"] == "user":
-            piece = _encode(tokenizer, prompt_text(turn["text"], chat_template))
+            piece = _encode(tokenizer, prompt_text(turn["text"], chat_template, first=index == 0))
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
         else:
@@ -123,6 +123,7 @@ def prepare_sample(
     rng: np.random.Generator | None = None,
     keep_original_masks: bool = False,
     chat_template: int = 1,
+    image_format: ImageFormat = GEOPIX_IMAGE_FORMAT,
 ) -> tuple[Sample, Augmented | None]:
     """Decode, augment (when ``rng`` is given), resize and tokenise one record.
 
@@ -162,7 +163,7 @@ def prepare_sample(
         task=record.get("task") or "",
         phrase_type=record.get("phrase_type"),
         transform=augmented.transform.name if augmented else IDENTITY.name,
-        image=resize_image(image, image_size),
+        image=image_format.resize(image, image_size),
         input_ids=input_ids,
         labels=labels,
         masks=resize_masks(masks, image_size),
@@ -177,8 +178,7 @@ def prepare_sample(
 def collate(
     samples: Sequence[Sample],
     pad_token_id: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    image_format: ImageFormat = GEOPIX_IMAGE_FORMAT,
 ) -> dict[str, Any]:
     """Samples → one batch (see docs/training_input.md for every key).
 
@@ -188,9 +188,7 @@ def collate(
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
-    images = torch.from_numpy(np.stack([s.image for s in samples]))
-    pixel_values = images.permute(0, 3, 1, 2).float().div_(255.0)
-    pixel_values.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1))
+    pixel_values = image_format.pixel_values(np.stack([s.image for s in samples]))
 
     length = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
@@ -293,8 +291,7 @@ class BatchIterator:
         seg_vocab: SegVocabulary,
         keep_original_masks: bool = False,
         drop_last: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        image_format: ImageFormat = GEOPIX_IMAGE_FORMAT,
         prefetch_batches: int = 1,
         read_batch_size: int | None = None,
         chat_template: int,
@@ -309,7 +306,7 @@ class BatchIterator:
         self.epoch = epoch
         self.keep_original_masks = keep_original_masks
         self.drop_last = drop_last
-        self.mean, self.std = mean, std
+        self.image_format = image_format  # the trained model's (GeoPixModel.image_format)
         self.prefetch_batches = prefetch_batches
         # The version of the model these batches train (its config's), never a default: batches in
         # another version than the model answers in teach it a prompt it never sees.
@@ -372,6 +369,7 @@ class BatchIterator:
                 rng=rng,
                 keep_original_masks=self.keep_original_masks,
                 chat_template=self.chat_template,
+                image_format=self.image_format,
             )
         except BadRecord as exc:
             self._drop(record_id, exc.reason, str(exc))
@@ -393,7 +391,7 @@ class BatchIterator:
 
     def _collate(self, samples: list[Sample]) -> dict[str, Any]:
         self.stats.batches += 1
-        return collate(samples, self.pad_token_id, self.mean, self.std)
+        return collate(samples, self.pad_token_id, self.image_format)
 
 
 def iter_batches(data: Any, tokenizer: Any, **options: Any) -> BatchIterator:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from geopix.imaging import ImageFormat
 from geopix.vocabulary import SegVocabulary
 
 CONFIG_FILE = "geopix_config.json"
@@ -54,6 +55,8 @@ class GeoPixModelConfig:
     release_neck_dim: int = 512  # the release necks' middle width
     seg_hidden_offset: int = 0  # −1: a seg token's prompt is the hidden state that predicted it
     seg_token_weighting: str = "softmax"  # or "linear": free weights of a scale's seg tokens
+    image_channel_order: str = "rgb"  # "bgr": the release's weights read OpenCV's arrays (geopix.imaging)
+    image_resample: str = "bilinear"  # or "bicubic", as the release's CLIP processor resizes
     # What the weights went through (training's stage policy reads these; loading rebuilds adapters).
     llm_pretrained: bool = False
     projector_pretrained: bool = False
@@ -71,6 +74,7 @@ class GeoPixModelConfig:
             raise ValueError(f"mask_decoder {self.mask_decoder!r}: expected 'geopix' or 'release'")
         if self.seg_hidden_offset not in (0, -1):
             raise ValueError(f"seg_hidden_offset {self.seg_hidden_offset!r}: expected 0 or -1")
+        ImageFormat(channel_order=self.image_channel_order, resample=self.image_resample)  # checks both
         if not self.class_names:
             self.class_names = [f"class_{k}" for k in range(self.num_classes)]
 

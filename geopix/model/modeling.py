@@ -18,6 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from geopix.config import ModelConfig
+from geopix.imaging import ImageFormat
 from geopix.model.adapters import add_lora, add_trainable_tokens
 from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.generation import GenerationMixin
@@ -331,7 +332,13 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
     def processor(self) -> GeoPixProcessor:
         """The image preprocessing this model was trained with (saved beside its weights)."""
-        return GeoPixProcessor(self.config.image_size, tuple(self.vision.image_mean), tuple(self.vision.image_std))
+        return GeoPixProcessor.of(self.config.image_size, self.image_format)
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """What its vision encoder's weights expect (training batches and the processor use it)."""
+        return ImageFormat(tuple(self.vision.image_mean), tuple(self.vision.image_std),
+                           self.config.image_channel_order, self.config.image_resample)  # fmt: skip
 
     @classmethod
     def load_pretrained(

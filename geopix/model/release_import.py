@@ -213,6 +213,38 @@ def _json(path) -> dict:
         raise ReleaseImportError(f"{path}: not JSON ({exc})") from None
 
 
+PROCESSOR_CONFIG = "preprocessor_config.json"  # the release's CLIPImageProcessor, at the checkpoint's root
+PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def release_image_resample(directory, image_size: int) -> str:
+    """The resampling of the release's image processor (``preprocessor_config.json``, which its
+    processor reads from the checkpoint's root; CLIP's bicubic where the file is absent). Its
+    mean/std must be CLIP's (GeoPix's CLIP encoder normalises with those) and its crop the vision
+    tower's input size. GeoPix stretches a non-square image where the release crops its centre
+    (docs/release_checkpoint.md), so square images go in exactly as the release has them."""
+    from pathlib import Path
+
+    from geopix.model.vision import CLIP_MEAN, CLIP_STD
+
+    path = Path(directory) / PROCESSOR_CONFIG
+    if not path.exists():
+        return "bicubic"
+    values = _json(path)
+    for key, ours in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        theirs = values.get(key, ours)
+        if len(theirs) != 3 or any(abs(float(a) - b) > 1e-6 for a, b in zip(theirs, ours)):
+            raise ReleaseImportError(f"{path}: {key} {theirs}, GeoPix's CLIP encoder normalises with {list(ours)}")
+    resample = values.get("resample", 3)
+    if resample not in PIL_RESAMPLE:
+        raise ReleaseImportError(f"{path}: resample {resample!r}; GeoPix reads 2 (bilinear) and 3 (bicubic)")
+    crop = values.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, Mapping) else crop
+    if values.get("do_center_crop", True) and int(crop) != image_size:
+        raise ReleaseImportError(f"{path}: crop_size {crop}, the vision tower reads {image_size} px")
+    return PIL_RESAMPLE[resample]
+
+
 def release_model_config(directory, tokenizer: Any, release: Mapping[str, torch.Tensor], memory_len: int = 0):
     """The :class:`GeoPixModelConfig` of a release checkpoint: its LLaVA's configs, its token ids,
     the release's mask path (``mask_decoder="release"``) and GeoPix's class memory of ``memory_len``."""
@@ -255,6 +287,11 @@ def release_model_config(directory, tokenizer: Any, release: Mapping[str, torch.
         release_neck_dim=int(release["image_neck_rough.pth/conv1.0.weight"].shape[0]),
         seg_hidden_offset=-1,
         seg_token_weighting="linear",
+        # As the release reads images and prompts (docs/release_checkpoint.md): OpenCV's BGR arrays,
+        # its processor's resampling, LLaVA v1's system sentence.
+        image_channel_order="bgr",
+        image_resample=release_image_resample(directory, int(vision["image_size"])),
+        chat_template=3,
         llm_pretrained=True,
         projector_pretrained=True,
     )
@@ -263,7 +300,7 @@ def release_model_config(directory, tokenizer: Any, release: Mapping[str, torch.
 GEOPIX_OWN = ("class_head.", "mask_predictor.memory.")  # GeoPix's additions: they keep their start
 REPORT_FILE = "import_report.json"
 REPORTED_CONFIG = ("mask_decoder", "seg_hidden_offset", "seg_token_weighting", "image_size", "decoder_dim",
-                   "num_classes", "memory_len")  # fmt: skip
+                   "num_classes", "memory_len", "image_channel_order", "image_resample", "chat_template")  # fmt: skip
 
 
 def import_release(directory, out_dir, *, memory_len: int = 0) -> dict[str, Any]:

@@ -85,8 +85,7 @@ def batch_stream(
             seed=cfg.train.seed,
             epoch=epoch,
             seg_vocab=cfg.model.seg_vocabulary,
-            mean=model.vision.image_mean,
-            std=model.vision.image_std,
+            image_format=model.image_format,
             chat_template=model.config.chat_template,
         )
         produced = 0
