@@ -291,3 +291,74 @@ def test_vlm_keys_of_both_transformers_layouts_map_to_the_same_geopix_keys(layou
     assert _vlm_key("vision_tower.vision_model.embeddings.position_ids") is None
     with pytest.raises(ReleaseImportError, match="something_else"):
         _vlm_key("something_else.weight")
+
+
+# ------------------------------------------------------------------------------ the pipeline on an imported model
+IMPORTED = "s3://geopix-checkpoints/tests/release-imported"
+
+
+@pytest.fixture(scope="module")
+def imported(fixture, small_shards, tmp_path_factory) -> str:
+    """The tiny release imported with GeoPix's class memory (8 slots), published in S3 by the CLI."""
+    from typer.testing import CliRunner
+
+    from geopix.cli import app
+
+    root = tmp_path_factory.mktemp("release")
+    with safe_open(str(FIXTURE), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    write_tiny_release(root, shapes)
+    done = CliRunner().invoke(app, ["model", "import-release", str(root), "--out", IMPORTED, "--memory-len", "8", "--overwrite"])
+    assert done.exit_code == 0, done.output
+    return IMPORTED
+
+
+def test_an_imported_model_evaluates_and_segments_scenes_in_batches(imported, small_shards):
+    """`geopix eval` and batch segmentation take an imported model as they take a trained one:
+    its own input size (56 px here, the shards' chips are 64), format and prompt, 4 at a time."""
+    from geopix.config import load_config
+    from geopix.data import synth
+    from geopix.evaluate.job import evaluate_model
+    from geopix.infer.segment import segment_scenes
+
+    cfg = load_config("tiny", ["evaluate.batch_size=4", "evaluate.max_new_tokens=12", "segment.batch_size=4",
+                               "segment.overlap=0", "segment.max_new_tokens=12", "tracking.system_metrics=false",
+                               "tracking.experiment=geopix-tests-release"])  # fmt: skip
+    result = evaluate_model(cfg, imported, shards_uri=small_shards, split="test", name="release-imported",
+                            out_uri="s3://geopix-checkpoints/tests/evals")  # fmt: skip
+    summary = result.summary
+    assert summary["records"] > 4 and summary["failed"] == 0, summary.get("failures")
+    assert summary["segmentation"]["overall"]["targets"] > 0
+    scenes = "s3://geopix-scenes/tests/release"
+    synth.generate_scene(scenes, "scene-r", 112, seed=4, progress=False)
+    [scene] = segment_scenes(cfg, imported, [f"{scenes}/scene-r/image.tif"], "s3://geopix-predictions/tests/release",
+                             overwrite=True, progress=False)  # fmt: skip
+    assert scene.status == "done", (scene.reason, scene.detail)
+    assert scene.windows + scene.windows_nodata == 4 and scene.windows >= 1  # 112² in 56-px windows
+
+
+def test_stage_2_fine_tunes_an_imported_model_and_learns_its_memory(imported, small_shards):
+    """`train --stage 2 --init-model <imported>` on Ray Train + DeepSpeed (2 workers): the model
+    keeps the release's architecture, input format and prompt (not the config's), trains LoRA on its
+    pretrained LLM, and GeoPix's memory, an identity at import, is learned into use."""
+    from geopix import storage
+    from geopix.data.shard_set import read_manifest
+    from geopix.model import GeoPixModel
+    from geopix.train.run import train_stage
+    from tests.test_train import small_config
+
+    cfg = small_config("train.stage2.max_steps=4", "train.stage2.warmup_steps=1", "train.stage2.lr=1e-2",
+                       "train.checkpoint_every=100", "tracking.experiment=geopix-tests-release")  # fmt: skip
+    result = train_stage(cfg, 2, shards_uri=small_shards, init_model_uri=imported, register=False)
+    before = GeoPixModel.load(storage.local_copy(imported))
+    after = GeoPixModel.load(storage.local_copy(result.model_uri))
+    config = after.config
+    assert (config.mask_decoder, config.image_size, config.image_channel_order, config.chat_template) == ("release", 56, "bgr", 3)
+    assert config.num_classes == before.config.num_classes != cfg.model.num_classes
+    names = {c["id"]: c["name"] for c in read_manifest(small_shards)["classes"]}
+    assert [after.class_names[i] for i in names] == list(names.values())
+    assert after.lora and config.stage == 2
+    assert torch.equal(after.vision.clip.embeddings.patch_embedding.weight, before.vision.clip.embeddings.patch_embedding.weight)
+    for memory in (before, after):
+        out = [attn.out_proj.weight for attn in memory.mask_predictor.memory.attn]
+        assert all(bool((w == 0).all()) for w in out) == (memory is before)  # zero at import, learned after

@@ -97,5 +97,7 @@ def class_names(manifest: dict[str, Any], num_classes: int) -> list[str]:
     """Class names by id from a shard manifest (``class_<id>`` for ids it does not name)."""
     names = [f"class_{k}" for k in range(num_classes)]
     for entry in manifest.get("classes", []):
+        if not 0 <= entry["id"] < num_classes:
+            raise ShardError(f"shard manifest: class {entry['name']!r} has id {entry['id']}; the model has {num_classes} classes")
         names[entry["id"]] = entry["name"]
     return names

@@ -179,6 +179,7 @@ def evaluate_model(
     from geopix import ray_job, tracking
     from geopix.data.shard_set import ShardError, check_shards, class_names, read_manifest
     from geopix.evaluate.report import write_report
+    from geopix.model.configuration import saved_model_config
 
     started = time.perf_counter()
     shards_uri = (shards_uri or cfg.data.shards_uri).rstrip("/")
@@ -189,7 +190,7 @@ def evaluate_model(
         raise EvalError(f"no published model at {model_uri} (a model directory, or an S3 prefix with _SUCCESS)")
     fs, files = check_shards(shards_uri, split)  # a finished shard set only (its _SUCCESS)
     try:
-        names = class_names(read_manifest(shards_uri), cfg.model.num_classes)
+        names = class_names(read_manifest(shards_uri), saved_model_config(model_uri).num_classes)
     except ShardError as exc:
         raise EvalError(str(exc)) from None
     name = name or f"eval-{split}-{ray_job.run_id()}"

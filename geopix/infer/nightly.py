@@ -135,7 +135,7 @@ def run_nightly(
     out = storage.normalize_uri(out or cfg.segment.out_uri).rstrip("/")
     check_output_location(out, [incoming])  # outputs under the listed prefix would be listed as scenes
     ref = resolve_model(model)
-    from geopix.infer.segment import saved_model_config
+    from geopix.model.configuration import saved_model_config
 
     window = cfg.segment.window_size or saved_model_config(ref.uri).image_size
     request = request_hash(cfg.segment, window)

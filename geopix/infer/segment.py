@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +47,6 @@ from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
 from geopix.leases import Lease
 from geopix.outputs import finish_staged_switch, publish_staged, staging_id
 from geopix.tracking import ModelRef
-
-if TYPE_CHECKING:
-    from geopix.model.configuration import GeoPixModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +94,6 @@ def is_published(prefix: str) -> bool:
     if storage.is_finished(prefix):
         return True
     return finish_staged_switch(prefix)
-
-
-def saved_model_config(model_uri: str) -> GeoPixModelConfig:
-    """A saved model's config (class names, input size) without downloading its weights."""
-    from geopix.model.configuration import CONFIG_FILE, GeoPixModelConfig
-
-    uri = storage.join_uri(model_uri, CONFIG_FILE)
-    try:
-        saved = json.loads(storage.read_bytes(uri))
-    except (FileNotFoundError, storage.StorageError):
-        raise ValueError(f"{model_uri}: not a GeoPix model (no {CONFIG_FILE})") from None
-    return GeoPixModelConfig.from_dict(saved, uri)
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -263,6 +248,7 @@ def segment_scenes(
     import ray.data
     from tqdm.auto import tqdm
 
+    from geopix.model.configuration import saved_model_config
     from geopix.tracking import resolve_model
 
     ref = model if isinstance(model, ModelRef) else resolve_model(model)

@@ -117,6 +117,19 @@ class GeoPixModelConfig:
         return cls(**{k: v for k, v in saved.items() if k in names})
 
 
+def saved_model_config(model_uri: str) -> GeoPixModelConfig:
+    """The config of a saved model directory, local or in S3, without reading its weights (its
+    class names, input size, seg tokens: what a run with the model checks its data against)."""
+    from geopix import storage
+
+    uri = storage.join_uri(model_uri, CONFIG_FILE)
+    try:
+        saved = json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, storage.StorageError):
+        raise ValueError(f"{model_uri}: not a GeoPix model (no {CONFIG_FILE})") from None
+    return GeoPixModelConfig.from_dict(saved, uri)
+
+
 def _from_format_1(saved: dict[str, Any]) -> dict[str, Any]:
     """Format 1 → this class's fields: the pipeline's model section held the architecture, and
     whether an LLM/projector was pretrained was whether the config named its weights."""

@@ -65,7 +65,7 @@ def batch_stream(
     reader: RankReader, start: Position, tokenizer: Any, cfg: GeoPixConfig, model: Any
 ) -> Iterator[tuple[dict[str, Any], Position, LoaderStats]]:
     """(batch, position after it, that epoch's loader stats), epoch after epoch from ``start``, in
-    the model's image statistics and chat template."""
+    the model's own input size, seg tokens, image format and chat template."""
     epoch, skip = start.epoch, start.rows
     while True:
         consumed = [skip]
@@ -78,13 +78,13 @@ def batch_stream(
         batches = iter_batches(
             records(),
             tokenizer,
-            image_size=cfg.model.image_size,
+            image_size=model.config.image_size,  # the model's own: a saved model may differ from the config
             batch_size=cfg.train.batch_size,
             max_length=cfg.train.max_length,
             augment=cfg.train.augment,
             seed=cfg.train.seed,
             epoch=epoch,
-            seg_vocab=cfg.model.seg_vocabulary,
+            seg_vocab=model.config.seg_vocabulary,
             image_format=model.image_format,
             chat_template=model.config.chat_template,
         )

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geopix import storage, tracking
 from geopix.config import GeoPixConfig, PipelineConfig, to_yaml
@@ -25,6 +25,9 @@ from geopix.data.shard_set import ShardError, check_shards, class_names
 from geopix.redaction import shareable_env
 from geopix.train.rank_reader import is_task
 from geopix.vocabulary import SegVocabulary
+
+if TYPE_CHECKING:
+    from geopix.model.configuration import GeoPixModelConfig
 
 log = logging.getLogger("geopix.train")
 RUN_FILE = "geopix_run.json"  # the run's inputs (a reused name must match them)
@@ -78,8 +81,12 @@ def check_resources(cfg: GeoPixConfig) -> None:
         )
 
 
-def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]:
-    """Readable shards with records of this stage's tasks; returns the shard set's manifest."""
+def check_data(
+    cfg: GeoPixConfig, shards_uri: str, stage: int, init_model: GeoPixModelConfig | None = None
+) -> dict[str, Any]:
+    """Readable shards with records of this stage's tasks, whose classes and seg runs fit the model
+    trained (``init_model``'s architecture when the run starts from a saved model, else the config's);
+    returns the shard set's manifest."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -98,17 +105,18 @@ def check_data(cfg: GeoPixConfig, shards_uri: str, stage: int) -> dict[str, Any]
         which = f" of tasks {tasks}" if tasks else ""
         raise ShardError(f"no training records{which} in {shards_uri}/train ({len(files)} shards)")
     manifest = read_manifest(shards_uri)
+    model = init_model or cfg.model
+    whose = "the initial model's" if init_model else "model."
     ids = [c["id"] for c in manifest.get("classes", [])]
-    if ids and max(ids) >= cfg.model.num_classes:
-        raise TrainError(
-            f"{shards_uri}: class id {max(ids)} does not fit model.num_classes={cfg.model.num_classes}"
-        )
+    if ids and max(ids) >= model.num_classes:
+        raise TrainError(f"{shards_uri}: class id {max(ids)} does not fit {whose}num_classes={model.num_classes}")
     checked = manifest.get("seg_vocabulary")  # absent in shard sets from before it was recorded
-    if checked is not None and SegVocabulary(**checked) != cfg.model.seg_vocabulary:
+    if checked is not None and SegVocabulary(**checked) != model.seg_vocabulary:
+        fix = "" if init_model else f"set them to {checked['tokens_per_scale']} × {checked['num_scales']} or "
         raise TrainError(
             f"{shards_uri}: its records answer with the seg run {SegVocabulary(**checked).run}, this model with "
-            f"{cfg.model.seg_vocabulary.run} (model.seg_token_num × model.num_scales); set them to "
-            f"{checked['tokens_per_scale']} × {checked['num_scales']} or shard the source again with this config"
+            f"{model.seg_vocabulary.run} ({whose}seg_token_num × num_scales); {fix}shard the source again with "
+            "this model's seg tokens"
         )
     return manifest
 
@@ -219,6 +227,7 @@ def train_stage(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from geopix import ray_job
+    from geopix.model.configuration import saved_model_config
     from geopix.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
@@ -229,7 +238,9 @@ def train_stage(
     if not ray.is_initialized():
         ray.init()
     check_resources(cfg)
-    manifest = check_data(cfg, shards_uri, stage)
+    # A run from a saved model trains that model's architecture, whatever the config's model section says.
+    init_model = saved_model_config(init_model_uri) if init_model_uri else None
+    manifest = check_data(cfg, shards_uri, stage, init_model)
     run_name = run_name or f"stage{stage}-{cfg.config_hash()[:8]}-{ray_job.run_id()}"
     run_uri = storage.join_uri(cfg.train.runs_uri, run_name)
     existed = claim_run(run_uri, run_identity(cfg, stage, shards_uri, init_model_uri))
@@ -271,7 +282,7 @@ def train_stage(
             "tokenizer_uri": tokenizer_uri,
             "init_model_uri": init_model_uri,
             "model_uri": model_uri,
-            "class_names": class_names(manifest, cfg.model.num_classes),
+            "class_names": class_names(manifest, (init_model or cfg.model).num_classes),
             "mlflow_run_id": run.info.run_id,
         }
         resources = {"CPU": cfg.train.threads_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
