@@ -128,6 +128,38 @@ def test_a_release_decoder_model_trains_chats_in_batches_and_reloads(release_mod
         torch.testing.assert_close(a.mask_probs, b.mask_probs)
 
 
+def test_a_release_decoder_model_generates_the_masks_of_its_forward_pass(release_model):
+    """With ``seg_hidden_offset = −1`` a seg token's prompt is the hidden state before it: the masks
+    of a seg run the model writes while generating (from the states kept during decoding) are the
+    masks of the same answer teacher-forced (one forward pass)."""
+    import copy
+
+    from geopix.data.batches import iter_batches
+    from tests.records import SEG_VOCAB
+
+    model, tokenizer, records = release_model
+    model = copy.deepcopy(model)
+    batch = next(iter(iter_batches(records, tokenizer, image_size=56, batch_size=4, max_length=None, augment=False,
+                                   seed=0, seg_vocab=SEG_VOCAB, chat_template=2)))  # fmt: skip
+    prompts = [r["conversation"][0]["text"] for r in records]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(12):  # until every answer writes a seg run (a few dozen steps)
+        for _ in range(5):
+            model.train()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        answers = model.chat(batch["pixel_values"], prompts, tokenizer, max_new_tokens=24)
+        if all(len(a.masks) for a in answers):
+            break
+    assert all(len(a.masks) for a in answers), [a.text for a in answers]
+    run_text = tokenizer.decode(model.seg_token_ids, skip_special_tokens=False)
+    for i, answer in enumerate(answers):
+        [forced] = model.answer_forced(batch["pixel_values"][i : i + 1], prompts[i], answer.text.replace(run_text, "{seg}"), tokenizer)
+        assert forced.text == answer.text
+        torch.testing.assert_close(answer.mask_probs, forced.mask_probs, atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------ a tiny checkpoint in the release's layout
 def release_image_processor():
     """The release's image processor at the tiny size: transformers' CLIP processor with its
