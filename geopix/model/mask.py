@@ -72,17 +72,28 @@ class ClassMemory(nn.Module):
 
     def __init__(self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int):
         super().__init__()
-        self.learned = nn.Parameter(torch.randn(num_classes, num_scales, slots, mem_dim) * 0.02)
-        self.register_buffer("ema", torch.zeros(num_classes, num_scales, slots, mem_dim))
+        self.learned = nn.Parameter(torch.empty(num_classes, num_scales, slots, mem_dim))
+        self.register_buffer("ema", torch.empty(num_classes, num_scales, slots, mem_dim))
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.ModuleList(
             nn.MultiheadAttention(dim, heads, kdim=mem_dim, vdim=mem_dim, batch_first=True)
             for _ in range(num_scales)
         )
-        for attn in self.attn:  # the identity at the start, learnable from the first step (above)
-            nn.init.zeros_(attn.out_proj.weight)
-            nn.init.zeros_(attn.out_proj.bias)
-        self.gate = nn.Parameter(torch.ones(num_scales))  # α per scale
+        self.gate = nn.Parameter(torch.empty(num_scales))  # α per scale
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The start: random slots, no EMA write, and the identity (zero output projections behind
+        an open gate), learnable from the first step (above)."""
+        with torch.no_grad():
+            self.learned.normal_(0, 0.02)
+            self.ema.zero_()
+            self.norm.reset_parameters()
+            for attn in self.attn:
+                attn._reset_parameters()
+                nn.init.zeros_(attn.out_proj.weight)
+                nn.init.zeros_(attn.out_proj.bias)
+            self.gate.fill_(1.0)
 
     @property
     def slots(self) -> torch.Tensor:

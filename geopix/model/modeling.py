@@ -300,9 +300,16 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        # Cloned: under DeepSpeed every parameter is a view into one flat buffer, which safetensors
-        # refuses to write as is.
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
+        # Under DeepSpeed every parameter is a view into one flat buffer, and tied weights share one
+        # storage: safetensors writes neither as is, so those are cloned; the rest is written as it
+        # is (an imported 7B model is not held twice).
+        state, seen = {}, set()
+        for key, value in self.state_dict().items():
+            value = value.detach().to("cpu")
+            storage = value.untyped_storage()
+            shared = storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size()
+            seen.add(storage.data_ptr())
+            state[key] = value.clone().contiguous() if shared or not value.is_contiguous() else value
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         clip = getattr(self.vision, "clip", None)
         self.config.text_config = self.llm.config.to_dict()  # a pretrained LLM's own, resized

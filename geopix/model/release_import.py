@@ -321,7 +321,10 @@ def import_release(directory, out_dir, *, memory_len: int = 0) -> dict[str, Any]
     except (OSError, ValueError) as exc:
         raise ReleaseImportError(f"{directory}: no readable tokenizer at the checkpoint's root ({exc})") from None
     config = release_model_config(directory, tokenizer, release, memory_len)
-    model = GeoPixModel(config)
+    # Built on the meta device and given the release's own tensors (assign): a 7B release is held
+    # once, in its own precision, not a second time in a float32 model (GeoPixModel.load casts).
+    with torch.device("meta"):
+        model = GeoPixModel(config)
     state, dropped = release_state(release, config.num_scales)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
@@ -336,8 +339,15 @@ def import_release(directory, out_dir, *, memory_len: int = 0) -> dict[str, Any]
     not_own = [k for k in missing if not k.startswith(GEOPIX_OWN)]
     if not_own:
         raise ReleaseImportError(f"GeoPix parameters the release does not give: {', '.join(not_own[:8])}")
-    model.load_state_dict({**expected, **{k: v.to(expected[k].dtype) for k, v in state.items()}}, strict=True)
-    model.eval()
+    model.load_state_dict(state, strict=False, assign=True)
+    for prefix in GEOPIX_OWN:  # GeoPix's own modules, at their start (the release's output unchanged)
+        if any(k.startswith(prefix) for k in missing):
+            own = model.get_submodule(prefix.rstrip("."))
+            own.to_empty(device="cpu")
+            own.reset_parameters()
+    unset = [k for k, v in model.state_dict().items() if v.is_meta]
+    if unset:
+        raise ReleaseImportError(f"GeoPix parameters left without a value: {', '.join(unset[:8])}")
     model.save(out_dir, tokenizer)
     reasons = Counter(dropped.values())
     report = {
