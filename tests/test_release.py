@@ -262,6 +262,32 @@ def test_an_imported_model_reads_images_and_prompts_as_the_release_does(fixture,
     assert prompt.count(SYSTEM_SENTENCE) == 1 and prompt.index(SYSTEM_SENTENCE) < prompt.index("USER: <image>")
 
 
+def test_an_imported_model_gives_the_text_logits_of_the_releases_llava(fixture, tmp_path):
+    """The release's text comes from its ``vlm/``, a transformers LLaVA (the authors' subclass adds
+    only a second read of the vision tower for the masks): the imported model's next-token logits
+    for an image and a prompt are LLaVA's own, run from the same files."""
+    from transformers import LlavaForConditionalGeneration
+
+    from geopix.model import GeoPixModel
+    from geopix.model.release_import import import_release
+
+    with safe_open(str(FIXTURE), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    write_tiny_release(tmp_path / "release", shapes)
+    import_release(tmp_path / "release", tmp_path / "geopix")
+    model, tokenizer, _ = GeoPixModel.load_pretrained(tmp_path / "geopix")
+    llava = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "release" / "vlm"), local_files_only=True).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    prompt = model.prompt_ids("[refer] the ship on the left", tokenizer)
+    image_at = prompt.index(model.image_token_id)
+    expanded = prompt[:image_at] + [model.image_token_id] * model.vision.num_tokens(56) + prompt[image_at + 1 :]
+    with torch.no_grad():
+        ours = model(pixels, torch.tensor([prompt] * 2), torch.ones(2, len(prompt), dtype=torch.long)).logits[:, -1]
+        theirs = llava(input_ids=torch.tensor([expanded] * 2), pixel_values=pixels).logits[:, -1]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()
+
+
 def test_a_release_processor_geopix_cannot_reproduce_is_named(tmp_path):
     from geopix.model.release_import import PROCESSOR_CONFIG, ReleaseImportError, release_image_resample
 
