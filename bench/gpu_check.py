@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from scripted_answers import script_answers
+
 RESULTS: dict[str, Any] = {"sections": {}}
 FAILURES: list[str] = []
 
@@ -328,15 +330,7 @@ def check_correctness(args, device, sizes: dict) -> dict:
     # A random LLM rarely emits a seg run, so force one through the logits: an ordinary token,
     # the run, eos. Each lm_head call is one decoding step; this exercises the mask path of chat.
     script = [tokenizer.encode(" Sure", add_special_tokens=False)[0], *seg_ids, tokenizer.eos_token_id]
-    calls = {"n": 0}
-
-    def force(_module, _inputs, output):
-        boost = torch.zeros(output.shape[-1], device=output.device, dtype=output.dtype)
-        boost[script[min(calls["n"], len(script) - 1)]] = 1e4
-        calls["n"] += 1
-        return output + boost
-
-    handle = model.llm.lm_head.register_forward_hook(force)
+    handle, _ = script_answers(model, script)
     try:
         answers = model.chat(pixels, instructions, tokenizer, max_new_tokens=len(script) + 2)
         shapes = [list(a.masks.shape) for a in answers]

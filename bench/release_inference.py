@@ -9,9 +9,9 @@ batch 1 and 8 against the release's one-image loop, on the same windows, in one 
   336 px, a LLaMA-7B-sized LLM, D = 256, necks 512) in bf16; ``tiny`` is the tests' stand-in (CLIP
   56 px × 11 layers × 32, LLaMA 64 × 2) in fp32. The LLM's vocabulary is the small tokenizer's,
   so the LM head is smaller than 7B's 32,000 rows (about 2 % of its weights).
-- A random LLM writes no seg run, so every answer is scripted through the LM head (a forward hook,
-  as bench/gpu_check.py does): the same ``--tokens`` tokens in every mode, one seg run among
-  them, so every window also gets one mask through the release's mask path.
+- A random LLM writes no seg run, so every answer is scripted through the LM head
+  (bench/scripted_answers.py, as bench/gpu_check.py does): the same ``--tokens`` tokens in every
+  mode, one seg run among them, so every window also gets one mask through the release's mask path.
 - Modes, each over the same ``--windows`` random uint8 windows, processor included:
   ``release loop`` (how the release answers: one image at a time; its mask path reads the vision
   tower a second time, which this loop adds), ``GeoPix batch 1`` and ``GeoPix batch 8``
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scripted_answers import script_answers
 
 from geopix.chat_template import chat_text
 from geopix.config import load_config
@@ -76,19 +77,11 @@ def release_shaped_model(shape: str, device: str, dtype: torch.dtype) -> tuple[G
 
 
 def scripted(model: GeoPixModel, tokenizer, tokens: int):
-    """A forward hook making every decoding step's argmax the script's next token: ordinary tokens,
-    one seg run, ordinary tokens, eos at ``tokens``. Returns (hook handle, reset)."""
+    """Every answer scripted to ``tokens`` tokens: an ordinary token, one seg run, ordinary tokens,
+    eos. Returns (hook handle, reset)."""
     word = tokenizer.encode(" tanks", add_special_tokens=False)[0]
-    script = [word, *model.seg_token_ids] + [word] * max(tokens - len(model.seg_token_ids) - 2, 0) + [tokenizer.eos_token_id]
-    step = {"n": 0}
-
-    def force(_module, _inputs, output):
-        boost = torch.zeros(output.shape[-1], device=output.device, dtype=output.dtype)
-        boost[script[min(step["n"], len(script) - 1)]] = 1e4
-        step["n"] += 1
-        return output + boost
-
-    return model.llm.lm_head.register_forward_hook(force), lambda: step.update(n=0)
+    run = list(model.seg_token_ids)
+    return script_answers(model, [word, *run] + [word] * max(tokens - len(run) - 2, 0) + [tokenizer.eos_token_id])
 
 
 def main() -> None:
