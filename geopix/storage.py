@@ -479,10 +479,11 @@ def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     if is_s3_uri(uri):
         require_bucket(uri, settings)
         fs = s3_filesystem(settings)
-        fs.invalidate_cache(uri.removeprefix("s3://"))  # a stale listing's ETag would fail the read
         try:
-            with fs.open(uri, "rb") as fh:
-                return fh.read()
+            # One GET: an object that a writer replaces meanwhile is read whole, the old or the new.
+            # (fs.open reads with a HEAD and then GETs pinned to its ETag, which fail with
+            # PreconditionFailed when the object is replaced in between: Ray rewrites its run state.)
+            return fs.cat_file(uri.removeprefix("s3://"), max_concurrency=1)
         except FileNotFoundError:
             raise StorageError(f"object {uri} does not exist") from None
     return Path(uri).read_bytes()

@@ -142,3 +142,30 @@ def test_uri_spellings_of_s3_are_read_as_s3_and_others_are_refused():
     for uri in ("gs://b/k.tif", "https://example.org/k.tif", "az://c/k"):
         with pytest.raises(StorageError, match="unsupported URI scheme"):
             storage.normalize_uri(uri)
+
+
+def test_an_object_replaced_while_it_is_read_is_read_whole(stack):
+    """Ray rewrites its run state in place while GeoPix polls it: every read returns one version
+    whole (old or new), never a failed or mixed read."""
+    import threading
+
+    uri = "s3://geopix-checkpoints/tests/storage/rewritten.json"
+    versions = [b"a" * 300_000, b"b" * 900_000]
+    storage.write_bytes(uri, versions[0])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            storage.write_bytes(uri, versions[i % 2])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [storage.read_bytes(uri) for _ in range(150)]
+    finally:
+        stop.set()
+        writer.join()
+    assert all(r in versions for r in reads)
+    assert {len(r) for r in reads} == {len(v) for v in versions}  # both versions were read while rewritten
