@@ -159,6 +159,10 @@ class ModelConfig(_Section):
     # 0.5). Dice is per target and scale-free, so its weight sets how much small targets count.
     mask_bce_weight: float = Field(2.0, ge=0)
     mask_dice_weight: float = Field(0.5, ge=0)
+    # Each scale's 8×8 prior (the "where" a seg prompt predicts before the decoder reads the image)
+    # trained towards the target's area fraction per cell, × this weight; 0: the prior learns only
+    # through the mask loss. A direct signal that the prompt must say which instance it means.
+    mask_prior_weight: float = Field(0.0, ge=0)
     memory_len: int = Field(8, ge=0)
     memory_dim: int = Field(64, ge=1)
     num_classes: int = Field(8, ge=1)

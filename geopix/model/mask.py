@@ -206,6 +206,13 @@ def add_prior(logits: torch.Tensor, prior: nn.Linear, prompt: torch.Tensor) -> t
     return logits + F.interpolate(grid, size=logits.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
+def prior_loss(priors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE of the priors [T, scales, 8, 8] against each target's [T, S, S] area fraction per 8×8
+    cell, averaged: every scale's prior is told where its target lies."""
+    coarse = F.adaptive_avg_pool2d(targets[:, None].float(), PRIOR_SIZE).expand_as(priors)
+    return F.binary_cross_entropy_with_logits(priors.float(), coarse)
+
+
 class ScaleDecoder(nn.Module):
     """SAM-style decoding of one scale: a learned mask token and the pooled seg prompt attend
     two-way with the image (transformers' ``SamTwoWayTransformer``); a hypernetwork MLP of the mask
@@ -297,6 +304,12 @@ class MaskPredictor(nn.Module):
             if memory_len > 0
             else None
         )
+
+    def prior_grids(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [T, scales, D] → each scale's 8×8 prior logits [T, scales, 8, 8] (what
+        :func:`add_prior` adds to that scale's logits)."""
+        grids = [decoder.prior(pooled[:, s]) for s, decoder in enumerate(self.decoders)]
+        return torch.stack(grids, 1).reshape(len(pooled), len(grids), PRIOR_SIZE, PRIOR_SIZE)
 
     def forward(
         self,

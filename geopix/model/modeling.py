@@ -23,7 +23,7 @@ from geopix.model.adapters import add_lora, add_trainable_tokens
 from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.generation import GenerationMixin
 from geopix.model.layers import local_path
-from geopix.model.mask import MaskPredictor, SegProjection
+from geopix.model.mask import MaskPredictor, SegProjection, prior_loss
 from geopix.model.processor import GeoPixProcessor
 from geopix.model.release_mask import ReleaseMaskPredictor
 from geopix.model.vision import build_vision_encoder, lite0_weights_path
@@ -67,6 +67,8 @@ def build_mask_predictor(config: GeoPixModelConfig, lo_channels: int, hi_channel
               "num_scales": config.num_scales, "num_classes": config.num_classes,
               "memory_len": config.memory_len, "memory_dim": config.memory_dim}  # fmt: skip
     if config.mask_decoder == "release":
+        if config.mask_prior_weight > 0:  # the release's decoder has no 8×8 prior to supervise
+            raise ValueError("mask_prior_weight > 0 needs GeoPix's mask decoder; this model has the release's")
         return ReleaseMaskPredictor(**shared, neck_dim=config.release_neck_dim)
     return MaskPredictor(
         **shared, image_size=config.image_size, grid_stride=config.mask_grid_stride, fine_scale=config.fine_scale
@@ -148,7 +150,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        return LOSS_WEIGHTS | {"mask_bce": self.config.mask_bce_weight, "mask_dice": self.config.mask_dice_weight}
+        return LOSS_WEIGHTS | {
+            "mask_bce": self.config.mask_bce_weight,
+            "mask_dice": self.config.mask_dice_weight,
+            "mask_prior": self.config.mask_prior_weight,
+        }
 
     @property
     def vocab_size(self) -> int:
@@ -230,8 +236,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
             ema = None
             if self.training and self.config.memory_ema_momentum > 0 and target_masks is not None:
                 ema = (target_masks, class_ids, self.config.memory_ema_momentum)
-            out.mask_logits, out.class_logits = self.predict_masks(
-                hidden, positions, target_sample, feat_lo, feat_hi, ema
+            seg_hidden = self.seg_hidden(hidden, positions, target_sample)
+            out.mask_logits, out.class_logits = self.masks_from_seg_hidden(
+                seg_hidden, target_sample, feat_lo, feat_hi, ema
             )
             if target_masks is not None and self.config.match_targets:
                 order = match_targets(out.mask_logits, target_masks, target_sample, self.loss_weights)
@@ -239,6 +246,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 class_ids = class_ids[order] if class_ids is not None else None
             if target_masks is not None:
                 losses.update(mask_losses(out.mask_logits, target_masks))
+                if self.config.mask_prior_weight > 0:
+                    priors = self.mask_predictor.prior_grids(self.seg_projection(seg_hidden)[1])
+                    losses["mask_prior"] = prior_loss(priors, target_masks)
             if class_ids is not None:
                 losses["class"] = F.cross_entropy(out.class_logits.float(), class_ids)
         if losses:
@@ -246,16 +256,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
             out.losses = losses
         return out
 
-    def predict_masks(
-        self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        target_sample: torch.Tensor,
-        feat_lo: torch.Tensor,
-        feat_hi: torch.Tensor,
-        ema_targets: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits [T, S, S] and class logits [T, C] from the hidden states of each seg run."""
+    def seg_hidden(self, hidden: torch.Tensor, positions: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] hidden states → [T, run, H], each seg run's states (``positions``: its start)."""
         run = len(self.seg_token_ids)
         if len(positions) and int(positions.max()) + run > hidden.shape[1]:
             raise ValueError(
@@ -263,8 +265,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             )
         offset = self.config.seg_hidden_offset  # 0: each seg token's own state; −1: the one before it
         index = positions[:, None] + offset + torch.arange(run, device=positions.device)  # [T, run]
-        seg_hidden = hidden[target_sample[:, None], index]  # [T, run, H]
-        return self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi, ema_targets)
+        return hidden[target_sample[:, None], index]
 
     def masks_from_seg_hidden(
         self,
