@@ -297,6 +297,9 @@ class SegmentConfig(_Section):
     lease_ttl_s: float = Field(600.0, ge=10)
     polygon_block: int = Field(2048, ge=256)  # polygons are traced block by block, then merged
     min_polygon_pixels: int = Field(4, ge=1)  # smaller connected components are not written as polygons
+    # Two seg runs of overlapping windows are one instance when they have the same class and their
+    # pixels in the windows' overlap have IoU above this (geopix/infer/instances.py); 1 joins none.
+    instance_match_iou: float = Field(0.5, ge=0, le=1)
 
 
 class PipelineConfig(_Section):

@@ -25,6 +25,8 @@ from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.infer import nightly
 from geopix.infer.scene_reader import open_scene, plan_chunks, plan_windows, read_chunk
 from geopix.infer.segment import (
+    INSTANCE_POLYGONS_FILE,
+    INSTANCES_FILE,
     MASK_FILE,
     POLYGONS_FILE,
     RUN_FILE,
@@ -121,6 +123,7 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
     from rio_cogeo.cogeo import cog_validate
 
     assert cog_validate(str(local), quiet=True)[0]
+    assert_valid_cog(local)
     with storage.rasterio_env(), rasterio.open(scene_uri) as src, rasterio.open(local) as out:
         assert (out.width, out.height, out.crs, out.transform) == (
             src.width,
@@ -138,15 +141,20 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
     segmenter = WindowSegmenter(model_dir, cfg.model_dump(mode="json"), threads=1, device="cpu")
     windows = plan_windows(scene.width, scene.height, 64, cfg.segment.overlap)
     tallies = np.zeros(2, np.int64)
+    instances = read_output_raster(prefix, INSTANCES_FILE, root)
     for window, image, valid in read_chunk(scene, windows):
         rows, cols = window.keep_in_window()
         col, row, width, height = window.keep
-        expected = np.full((2, 64, 64), NODATA, np.uint8)
+        expected, local = np.full((2, 64, 64), NODATA, np.uint8), np.zeros((64, 64), np.uint16)
         if valid.any():
             answered, counts = segmenter.answer([image], [valid])
-            expected, tallies = answered[0], tallies + counts[0]
+            expected, local, tallies = answered[0].raster, answered[0].instance_ids, tallies + counts[0]
         np.testing.assert_array_equal(stitched[:, row : row + height, col : col + width], expected[:, rows, cols],
                                       err_msg=f"window {window.index}")  # fmt: skip
+        # Instance ids exactly where the window's seg runs won, one scene id per seg run.
+        ids, runs = instances[row : row + height, col : col + width], local[rows, cols]
+        assert ((ids > 0) == (runs > 0)).all(), window.index
+        assert len(set(zip(runs[runs > 0].tolist(), ids[runs > 0].tolist(), strict=True))) == len(np.unique(runs[runs > 0]))
     # Stated counts against masks drawn, summed over the scene's windows as the pipeline did.
     assert run["answers"] == {"stating_a_count": tallies[0], "masks_differ_from_stated_count": tallies[1]}
     assert 0 <= tallies[1] <= tallies[0] <= run["windows"]
@@ -173,9 +181,53 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
         assert 0 <= p["score"] <= 1
     assert run["polygons"]["merged_across_blocks"] >= 0
 
+    check_instance_outputs(prefix, root, run, stitched[0], meta)
+
     # Published once: a second call skips it; --overwrite redoes it.
     [again] = segment_scenes(cfg, model_dir, [scene_uri], OUT, progress=False)
     assert again.status == "skipped" and again.out_uri == prefix
+
+
+def assert_valid_cog(path: Path) -> None:
+    """rio-cogeo's own command line says the file is a valid COG."""
+    rio = str(Path(sys.executable).parent / "rio")
+    validate = subprocess.run([rio, "cogeo", "validate", str(path)], check=False, capture_output=True, text=True)
+    assert validate.returncode == 0 and "is a valid cloud optimized GeoTIFF" in validate.stdout, validate
+
+
+def read_output_raster(prefix: str, name: str, root: Path) -> np.ndarray:
+    local = root / name
+    local.write_bytes(storage.read_bytes(f"{prefix}/{name}"))
+    with rasterio.open(local) as ds:
+        return ds.read(1)
+
+
+def check_instance_outputs(prefix: str, root: Path, run: dict, classes: np.ndarray, meta: dict) -> None:
+    """instances.tif and instances.parquet, read by clients GeoPix did not write: rio-cogeo's CLI,
+    rasterio and GeoPandas."""
+    import geopandas
+
+    local = root / INSTANCES_FILE
+    assert_valid_cog(local)
+    with rasterio.open(local) as ds:
+        assert ds.dtypes[0] == "uint32" and ds.nodata == 0 and ds.crs == rasterio.crs.CRS.from_string(meta["crs"])
+        ids = ds.read(1)
+    objects = (classes != 0) & (classes != NODATA)
+    assert ((ids > 0) == objects).all()  # every object pixel belongs to one instance, and only those
+
+    (root / INSTANCE_POLYGONS_FILE).write_bytes(storage.read_bytes(f"{prefix}/{INSTANCE_POLYGONS_FILE}"))
+    frame = geopandas.read_parquet(root / INSTANCE_POLYGONS_FILE)
+    assert frame.crs == meta["crs"] and frame.geometry.is_valid.all()
+    numbers, pixels = np.unique(ids[ids > 0], return_counts=True)
+    assert sorted(frame.instance_id) == numbers.tolist() == list(range(1, len(numbers) + 1))
+    assert len(frame) == run["instances"]["instances"] > 0
+    assert run["instances"]["seg_runs"] >= len(frame)
+    for item in frame.itertuples():
+        assert item.pixels == pixels[item.instance_id - 1]
+        assert abs(item.geometry.area - item.pixels * 0.25) <= 0.01 * item.pixels * 0.25  # UTM, 0.5 m pixels
+        assert item.area_m2 == pytest.approx(item.pixels * 0.25, rel=0.01)
+        assert set(np.unique(classes[ids == item.instance_id])) == {item.class_id + 1}
+        assert list(item.instructions) == [INSTRUCTION] and len(item.windows) >= 1
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -420,8 +472,8 @@ def test_answers_whose_masks_differ_from_their_stated_count_are_counted(setup, f
     segmenter = WindowSegmenter(model_dir, config, threads=1, device="cpu")
     scene = open_scene(scene_uri, segment)
     windows = [w for w in read_chunk(scene, plan_windows(scene.width, scene.height, 64, segment.overlap)[:3])]
-    rasters, counts = segmenter.answer([w[1] for w in windows], [w[2] for w in windows])
-    assert len(rasters) == 3 and counts.tolist() == [expected] * 3
+    answers, counts = segmenter.answer([w[1] for w in windows], [w[2] for w in windows])
+    assert len(answers) == 3 and counts.tolist() == [expected] * 3
 
 
 def test_a_model_that_raises_fails_its_scenes_one_by_one_with_the_cause(setup, tmp_path):

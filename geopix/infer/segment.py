@@ -8,7 +8,11 @@ is ever held in memory: the readers hold one chunk, the actors one batch of wind
 window's answer at a time. Each scene is published on its own as soon as its last window is written:
 staged beside an earlier run's outputs, then switched in with ``_SUCCESS`` last (geopix/outputs.py), under
 
-    <out>/<scene id>/<model label>/<request hash>/{mask.tif, polygons.parquet, preview.png, run.json, _SUCCESS}
+    <out>/<scene id>/<model label>/<request hash>/{mask.tif, polygons.parquet, instances.tif,
+                                                   instances.parquet, preview.png, run.json, _SUCCESS}
+
+``mask.tif`` holds class and confidence; ``instances.tif`` one id per object, the same across window
+seams (geopix/infer/instances.py); the Parquet files are their polygons.
 
 A scene that fails (unreadable, no CRS, all nodata, a corrupt block …) is reported with its reason
 and never stops the others; whatever it had written locally is dropped and nothing of it reaches S3.
@@ -31,6 +35,7 @@ import numpy as np
 from geopix import storage
 from geopix.config import GeoPixConfig, SegmentConfig
 from geopix.infer.actor import ModelActor
+from geopix.infer.instances import NO_INSTANCE, InstanceStitcher
 from geopix.infer.scene_reader import (
     GDAL_CACHE_MB,
     SceneError,
@@ -43,7 +48,7 @@ from geopix.infer.scene_reader import (
     read_chunk,
     scene_id_of,
 )
-from geopix.infer.stitch import MaskWriter, to_cog, window_answer_raster
+from geopix.infer.stitch import MaskWriter, WindowAnswer, to_cog, window_answer
 from geopix.leases import Lease
 from geopix.outputs import finish_staged_switch, publish_staged, staging_id
 from geopix.tracking import ModelRef
@@ -51,8 +56,9 @@ from geopix.tracking import ModelRef
 log = logging.getLogger(__name__)
 
 MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE = "mask.tif", "polygons.parquet", "preview.png", "run.json"
+INSTANCES_FILE, INSTANCE_POLYGONS_FILE = "instances.tif", "instances.parquet"
 SCENE_OUTPUT_KIND = "scene segmentation"
-SCENE_OUTPUT_LAYOUT = (MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE)
+SCENE_OUTPUT_LAYOUT = (MASK_FILE, POLYGONS_FILE, INSTANCES_FILE, INSTANCE_POLYGONS_FILE, PREVIEW_FILE, RUN_FILE)
 
 
 @dataclass
@@ -81,6 +87,8 @@ def request_hash(cfg: SegmentConfig, window_size: int) -> str:
         "percentiles": cfg.percentiles, "fixed_range": cfg.fixed_range, "min_polygon_pixels": cfg.min_polygon_pixels,
         "decode": cfg.decode, "keep_classes": cfg.keep_classes, "forced_answer": cfg.forced_answer if cfg.decode == "teacher_forced" else None,
     }  # fmt: skip
+    if cfg.instance_match_iou != SegmentConfig().instance_match_iou:  # keeps the hashes outputs had before it
+        content["instance_match_iou"] = cfg.instance_match_iou
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -127,7 +135,8 @@ def _scaling(data: dict[str, Any]):
 
 class WindowSegmenter(ModelActor):
     """A Ray Data actor: the model is loaded once; each batch of windows is answered for every
-    instruction, and the answers become the window's [2, S, S] class/confidence raster."""
+    instruction, and the answers become the window's [2, S, S] class/confidence raster and its
+    instances (every seg run: the pixels its mask wins, its class and instruction)."""
 
     def __init__(self, model_uri: str, config: dict[str, Any], threads: int, device: str):
         super().__init__(model_uri, config, threads, device)
@@ -139,13 +148,21 @@ class WindowSegmenter(ModelActor):
         errors, reasons, valid = list(batch["error"]), list(batch["reason"]), batch["valid"]
         size = valid.shape[1:]
         rasters = np.zeros((len(errors), 2, *size), np.uint8)
+        instance_ids = np.zeros((len(errors), *size), np.uint16)
+        instances = ["[]"] * len(errors)
         todo = [i for i, error in enumerate(errors) if not error and valid[i].any()]
         nodata = np.array([not error and i not in todo for i, error in enumerate(errors)])
         tallies = np.zeros((len(errors), 2), np.int64)  # answers stating a count, of them with other mask counts
+
+        def keep(index: int, answer: WindowAnswer, counts: np.ndarray) -> None:
+            rasters[index], instance_ids[index], tallies[index] = answer.raster, answer.instance_ids, counts
+            instances[index] = json.dumps(answer.instances)
+
         try:
             if todo:
                 answered, counts = self.answer([batch["image"][i] for i in todo], [valid[i] for i in todo])
-                rasters[todo], tallies[todo] = np.stack(answered), counts
+                for i, answer, count in zip(todo, answered, counts, strict=True):
+                    keep(i, answer, count)
         except Exception as batch_error:  # noqa: BLE001 - one failing window must not fail the whole batch
             # Answer the batch's windows one by one (a batch of one already was): only the windows the
             # model fails on (and their scenes) fail, each with the model's own error.
@@ -154,31 +171,35 @@ class WindowSegmenter(ModelActor):
                 if len(todo) > 1:
                     try:
                         answered, counts = self.answer([batch["image"][i]], [valid[i]])
-                        rasters[i], tallies[i] = answered[0], counts[0]
+                        keep(i, answered[0], counts[0])
                         continue
                     except Exception as exc:  # noqa: BLE001
                         error = exc
                 errors[i] = f"the model failed on window {batch['window'][i]}: {type(error).__name__}: {error}"
                 reasons[i] = "model error"
-        return {"key": batch["key"], "window": batch["window"], "raster": rasters, "nodata_window": nodata,
+        return {"key": batch["key"], "window": batch["window"], "raster": rasters, "instance_ids": instance_ids,
+                "instances": np.array(instances, dtype=object), "nodata_window": nodata,
                 "stated_counts": tallies[:, 0], "count_mismatches": tallies[:, 1],
                 "reason": np.array(reasons, dtype=object), "error": np.array(errors, dtype=object)}  # fmt: skip
 
-    def segment(self, images: list[np.ndarray], valid: list[np.ndarray]) -> list[np.ndarray]:
-        """[S, S, 3] uint8 windows → [2, S, S] rasters (every instruction's masks merged)."""
+    def segment(self, images: list[np.ndarray], valid: list[np.ndarray]) -> list[WindowAnswer]:
+        """[S, S, 3] uint8 windows → their answers (every instruction's masks merged)."""
         return self.answer(images, valid)[0]
 
-    def answer(self, images: list[np.ndarray], valid: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-        """(rasters as :meth:`segment`, [N, 2] per window: answers that state how many instances they
+    def answer(
+        self, images: list[np.ndarray], valid: list[np.ndarray]
+    ) -> tuple[list[WindowAnswer], np.ndarray]:
+        """(answers as :meth:`segment`, [N, 2] per window: answers that state how many instances they
         list ("Sure, there are 3 …:", geopix/answer_form.py), and of those, answers whose number of
         masks differs from what they state — before ``keep_classes`` drops any)."""
         import torch.nn.functional as F
 
         size = images[0].shape[:2]
         pixels = self.processor(images).to(device=self.device, dtype=self.dtype)
-        per_window: list[list[tuple[np.ndarray, np.ndarray, int]]] = [[] for _ in images]
+        # per window: (mask, probabilities, class id, instruction index) of each seg run kept
+        per_window: list[list[tuple[np.ndarray, np.ndarray, int, int]]] = [[] for _ in images]
         tallies = np.zeros((len(images), 2), np.int64)
-        for instruction in self.cfg.instructions:
+        for number, instruction in enumerate(self.cfg.instructions):
             if self.cfg.decode == "teacher_forced":
                 answers = self.model.answer_forced(
                     pixels, instruction, self.cfg.forced_answer, self.tokenizer
@@ -201,13 +222,13 @@ class WindowSegmenter(ModelActor):
                 classes = answer.class_probs.argmax(-1).tolist()
                 for mask_probs, class_id in zip(probs.numpy(), classes, strict=True):
                     if self.keep is None or class_id in self.keep:
-                        per_window[k].append((mask_probs > 0.5, mask_probs, class_id))
-        rasters = []
+                        per_window[k].append((mask_probs > 0.5, mask_probs, class_id, number))
+        answered = []
         for found, ok in zip(per_window, valid, strict=True):
             masks = np.stack([f[0] for f in found]) if found else np.zeros((0, *size), bool)
             probs = np.stack([f[1] for f in found]) if found else np.zeros((0, *size), np.float32)
-            rasters.append(window_answer_raster(masks, probs, [f[2] for f in found], ok))
-        return rasters, tallies
+            answered.append(window_answer(masks, probs, [f[2] for f in found], [f[3] for f in found], ok))
+        return answered, tallies
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -219,6 +240,7 @@ class _Open:
     prefix: str
     windows: dict[int, Window]
     writer: MaskWriter
+    instances: InstanceStitcher
     workdir: Path
     started: float
     remaining: int
@@ -286,7 +308,9 @@ def segment_scenes(
         workdir = workroot / f"{len(opened):04d}-{scene.scene_id}"
         opened[uri] = _Open(
             scene, prefix, {w.index: w for w in windows}, MaskWriter(scene, workdir / MASK_FILE, class_names),
-            workdir, started, remaining=len(windows),
+            InstanceStitcher(scene, windows, workdir / "instances-provisional.tif", seg.instance_match_iou),
+            workdir, started,
+            remaining=len(windows),
         )  # fmt: skip
         scene_row = json.dumps(scene.as_dict())
         for chunk in plan_chunks(windows, seg.chunk_size):
@@ -331,10 +355,16 @@ def segment_scenes(
                     bar.update(state.remaining)
                     del opened[row["key"]]
                     continue
+                window = state.windows[int(row["window"])]
                 if row["nodata_window"]:
                     state.nodata_windows += 1
+                    state.instances.add_empty(window)
                 else:
-                    state.writer.write(state.windows[int(row["window"])], np.asarray(row["raster"]))
+                    raster = np.asarray(row["raster"])
+                    state.writer.write(window, raster)
+                    state.instances.add(
+                        window, np.asarray(row["instance_ids"]), json.loads(row["instances"]), raster[1]
+                    )
                     state.stated_counts += int(row["stated_counts"])
                     state.count_mismatches += int(row["count_mismatches"])
                 state.remaining -= 1
@@ -356,6 +386,7 @@ def segment_scenes(
 
 def _fail(state: _Open, reason: str, detail: str) -> SceneResult:
     state.writer.close()
+    state.instances.close()
     shutil.rmtree(state.workdir, ignore_errors=True)
     log.warning("scene %s failed: %s: %s", state.scene.uri, reason, detail)
     return SceneResult(
@@ -367,8 +398,9 @@ def _fail(state: _Open, reason: str, detail: str) -> SceneResult:
 def _finish(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str
 ) -> SceneResult:
-    """COG, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
+    """COGs, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
     state.writer.close()
+    state.instances.close()
     scene, work = state.scene, state.workdir
     timings = {"windows_s": round(time.perf_counter() - state.started, 2)}
     try:
@@ -404,6 +436,19 @@ def _outputs(
     t = time.perf_counter()
     stats = trace_polygons(cog, work / POLYGONS_FILE, class_names, seg.polygon_block, seg.min_polygon_pixels)
     timings["polygons_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    instance_stats = state.instances.finish(
+        work / "instances-raw.tif",
+        work / INSTANCE_POLYGONS_FILE,
+        class_names,
+        seg.instructions,
+        seg.polygon_block,
+    )
+    instances_cog = work / "cog" / INSTANCES_FILE
+    instances_validation = to_cog(work / "instances-raw.tif", instances_cog, nodata=NO_INSTANCE)
+    if not instances_validation["valid"]:
+        raise RuntimeError(f"the written instance COG does not validate: {instances_validation['errors']}")
+    timings["instances_s"] = round(time.perf_counter() - t, 2)
     scene_preview(scene, cog, work / PREVIEW_FILE, class_names)
     metadata = {
         "scene": scene.as_dict() | {"scaling": asdict(scene.scaling)},
@@ -417,18 +462,29 @@ def _outputs(
         # number otherwise: the model said "3 storage tanks" and drew 2.
         "answers": {"stating_a_count": state.stated_counts, "masks_differ_from_stated_count": state.count_mismatches},
         "polygons": asdict(stats),
+        # Seg runs of the windows, joined across seams into instances (geopix/infer/instances.py).
+        "instances": asdict(instance_stats)
+        | {"match_rule": f"same class and IoU > {seg.instance_match_iou} in the windows' overlap"},
         "cog": validation,
+        "instances_cog": instances_validation,
         "class_encoding": {
             "0": "background",
             **{str(i + 1): n for i, n in enumerate(class_names)},
             "255": "nodata",
         },
-        "outputs": {"mask": MASK_FILE, "polygons": POLYGONS_FILE, "preview": PREVIEW_FILE},
+        "outputs": {
+            "mask": MASK_FILE,
+            "polygons": POLYGONS_FILE,
+            "instances": INSTANCES_FILE,
+            "instance_polygons": INSTANCE_POLYGONS_FILE,
+            "preview": PREVIEW_FILE,
+        },
         "timings": timings,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (work / RUN_FILE).write_text(json.dumps(metadata, indent=1, default=str))
-    publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE,
+    publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE, INSTANCES_FILE: instances_cog,
+                           INSTANCE_POLYGONS_FILE: work / INSTANCE_POLYGONS_FILE,
                            PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE})  # fmt: skip
     return metadata
 

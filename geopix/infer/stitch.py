@@ -9,6 +9,7 @@ pixel is written twice and nothing of the scene is held in memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,41 @@ BLOCK = 512
 BANDS = ("class", "confidence")
 
 
-def window_answer_raster(
-    masks: np.ndarray, mask_probs: np.ndarray, class_ids: list[int], valid: np.ndarray
-) -> np.ndarray:
-    """One window's masks ([K, S, S] bool), their probabilities ([K, S, S] float) and classes →
-    [2, S, S] uint8 (class + 1 / 0 / NODATA, confidence %)."""
+@dataclass
+class WindowAnswer:
+    """One window's answers to every instruction, as the stitcher takes them."""
+
+    raster: np.ndarray  # [2, S, S] uint8: class + 1 / 0 / NODATA, confidence %
+    # [S, S] uint16: 1 + the index (into ``instances``) of the mask that wins the pixel; 0 elsewhere
+    instance_ids: np.ndarray
+    instances: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (class id, instruction index) per seg run
+
+
+def window_answer(
+    masks: np.ndarray,
+    mask_probs: np.ndarray,
+    class_ids: list[int],
+    instructions: list[int],
+    valid: np.ndarray,
+) -> WindowAnswer:
+    """One window's masks ([K, S, S] bool, one per seg run), their probabilities ([K, S, S] float),
+    classes and instruction indices → its :class:`WindowAnswer`. Where several masks cover a pixel the
+    most probable wins, in the class raster and the instance ids alike."""
     size = valid.shape
     out = np.zeros((2, *size), np.uint8)
+    ids = np.zeros(size, np.uint16)
     if len(masks):
         scores = np.where(masks, mask_probs, -1.0)  # a pixel outside every mask stays background
         best = scores.argmax(0)
         best_score = np.take_along_axis(scores, best[None], 0)[0]
-        hit = best_score >= 0
+        hit = (best_score >= 0) & valid
         out[0][hit] = np.asarray(class_ids, np.uint8)[best[hit]] + 1
         out[1][hit] = np.round(best_score[hit] * 100).astype(np.uint8)
+        ids[hit] = best[hit] + 1
     out[:, ~valid] = NODATA
-    return out
+    return WindowAnswer(out, ids, list(zip(class_ids, instructions, strict=True)))
 
 
 class MaskWriter:
@@ -76,16 +96,16 @@ class MaskWriter:
             self.dataset.close()
 
 
-def to_cog(src: str | Path, dst: str | Path) -> dict[str, Any]:
-    """A valid COG (rio-cogeo, deflate, 512 blocks, mode overviews so classes stay classes); returns
-    rio-cogeo's validation result."""
+def to_cog(src: str | Path, dst: str | Path, nodata: int = NODATA) -> dict[str, Any]:
+    """A valid COG (rio-cogeo, deflate, 512 blocks, mode overviews so classes and instance ids stay
+    what they are); returns rio-cogeo's validation result."""
     from rio_cogeo.cogeo import cog_translate, cog_validate
     from rio_cogeo.profiles import cog_profiles
 
     profile = cog_profiles.get("deflate")
     profile.update(blockxsize=BLOCK, blockysize=BLOCK)
     cog_translate(
-        str(src), str(dst), profile, nodata=NODATA, overview_resampling="mode", in_memory=False, quiet=True,
+        str(src), str(dst), profile, nodata=nodata, overview_resampling="mode", in_memory=False, quiet=True,
         config={"GDAL_CACHEMAX": 128, "GDAL_TIFF_INTERNAL_MASK": True},
     )  # fmt: skip
     valid, errors, warnings = cog_validate(str(dst), quiet=True)

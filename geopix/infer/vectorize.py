@@ -22,6 +22,13 @@ from geopix.infer.stitch import NODATA
 GEOMETRY = "geometry"
 
 
+def _polygon_columns() -> list[tuple[str, Any]]:
+    import pyarrow as pa
+
+    return [("class_id", pa.int32()), ("class_name", pa.string()), ("score", pa.float32()),
+            ("pixels", pa.int64()), ("area_m2", pa.float64())]  # fmt: skip
+
+
 @dataclass
 class _Piece:
     polygon: Any  # shapely geometry in the scene CRS
@@ -58,7 +65,7 @@ def trace_polygons(
     border: list[_Piece] = []
     with rasterio.open(raster_path) as ds:
         crs, transform = ds.crs, ds.transform
-        area_of = _area_function(crs, ds.bounds)
+        area_of = area_function(crs, ds.bounds)
         pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
         for top in range(0, ds.height, block):
             for left in range(0, ds.width, block):
@@ -89,7 +96,7 @@ def trace_polygons(
                         border.append(piece)
     for piece in _merge(border, stats):
         _emit(piece, rows, stats, class_names, area_of, pixel_area, min_pixels)
-    _write_geoparquet(rows, out_path, crs)
+    write_geoparquet(rows, out_path, crs, _polygon_columns())
     return stats
 
 
@@ -172,7 +179,7 @@ def _emit(piece, rows, stats, class_names, area_of, pixel_area, min_pixels) -> N
     stats.per_class[name] = stats.per_class.get(name, 0) + 1
 
 
-def _area_function(crs: Any, bounds: Any):
+def area_function(crs: Any, bounds: Any):
     """area_of(polygon, planar area in CRS units²) → m²."""
     if crs.is_projected and crs.linear_units_factor[1] > 0 and crs.to_epsg() not in (3857, 900913):
         factor = crs.linear_units_factor[1] ** 2  # CRS units → metres
@@ -193,23 +200,16 @@ def _area_function(crs: Any, bounds: Any):
     return area_of
 
 
-def _write_geoparquet(rows: list[dict[str, Any]], path: str | Path, crs: Any) -> None:
-    """GeoParquet 1.1: WKB geometry column and the ``geo`` metadata with the CRS as PROJJSON."""
+def write_geoparquet(
+    rows: list[dict[str, Any]], path: str | Path, crs: Any, columns: list[tuple[str, Any]]
+) -> None:
+    """GeoParquet 1.1: ``rows`` (a WKB ``geometry`` and ``columns``, (name, pyarrow type) pairs) with
+    the ``geo`` metadata, the CRS as PROJJSON."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from shapely import from_wkb
 
-    schema = pa.schema(
-        [
-            (GEOMETRY, pa.binary()),
-            ("class_id", pa.int32()),
-            ("class_name", pa.string()),
-            ("score", pa.float32()),
-            ("pixels", pa.int64()),
-            ("area_m2", pa.float64()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([(GEOMETRY, pa.binary()), *columns]))
     bbox = [float("inf"), float("inf"), float("-inf"), float("-inf")]
     types = set()
     for wkb in table.column(GEOMETRY).to_pylist():
