@@ -199,3 +199,25 @@ def test_grid_neighbours_are_the_eight_around():
     windows = plan_windows(SIZE, SIZE, WINDOW, OVERLAP)  # 4 × 4
     neighbours = grid_neighbours(windows)
     assert sorted(neighbours[0]) == [1, 4, 5] and len(neighbours[5]) == 8 and len(neighbours[15]) == 3
+
+
+def test_instance_scores_count_objects_across_seams_as_one_only_when_joined(tmp_path):
+    from geopix.evaluate.scene_scores import instance_scores
+
+    truth, classes = truth_scene()
+    info = scene_info()
+    truth_path = tmp_path / "truth.tif"
+    with rasterio.open(truth_path, "w", driver="GTiff", width=SIZE, height=SIZE, count=1, dtype="uint32",
+                       crs=info.crs, transform=rasterio.Affine(*info.transform)) as ds:  # fmt: skip
+        ds.write(truth[None])
+    scores = {}
+    for overlap in (OVERLAP, 0):  # joined across seams / nothing to join with
+        (tmp_path / str(overlap)).mkdir()
+        stitch(truth, classes, tmp_path / str(overlap), lambda n: range(n), overlap=overlap)
+        windows = plan_windows(SIZE, SIZE, WINDOW, overlap)
+        scores[overlap] = instance_scores(str(tmp_path / str(overlap) / "instances.tif"), str(truth_path), windows)
+    joined, cut = scores[OVERLAP], scores[0]
+    assert joined["precision"] == joined["recall"] == 1.0 and joined["true"] == len(classes)
+    assert joined["across_seams"] >= 10 and joined["one_instance_share"] == 1.0
+    assert cut["across_seams"] >= 5 and cut["across_seams_found_in_every_part"] == cut["across_seams"]
+    assert cut["one_instance_share"] == 0.0 and cut["predicted"] > cut["true"] and cut["precision"] < 1.0

@@ -1,4 +1,5 @@
-"""A segmented scene against its ground-truth class raster, block by block (never the whole scene).
+"""A segmented scene against its ground truth, block by block (never the whole scene): classes
+(:func:`scene_scores`) and instances (:func:`instance_scores`).
 
 Ground truth is a class-id raster on the scene's grid (``background`` where there is no object), as
 `geopix data synth` writes ``classes.tif`` next to each synthetic scene. Per class: pixel IoU,
@@ -8,6 +9,7 @@ precision and recall of the stitched output (``class id + 1``), over the pixels 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,93 @@ def scene_scores(
                 "true_px": int(true[c]),
             }
     return scores
+
+
+def instance_scores(
+    instances_uri: str, truth_uri: str, windows: list[Any], iou: float = 0.5, min_part: int = 16, block: int = 2048
+) -> dict[str, Any]:
+    """A scene's ``instances.tif`` against a ground-truth instance raster on its grid (0 background,
+    as `geopix data synth` writes ``instances.tif``).
+
+    - ``precision`` / ``recall``: output instances and true objects matched one to one at mask IoU
+      ≥ ``iou`` (over the scene; above 0.5 no instance can match two).
+    - Seams: a true object *lies across a seam* when at least two windows' keep rectangles
+      (``windows``: the scene's plan, geopix.infer.scene_reader) each hold ``min_part`` of its pixels.
+      Each such part is *found* when one output instance covers at least half of it; of the objects
+      found in every part, ``one_instance_share`` is the share whose parts are all the same instance.
+    """
+    import rasterio
+    from rasterio.windows import Window as RioWindow
+
+    predicted, true, pairs, parts = Counter(), Counter(), Counter(), Counter()
+    with storage.rasterio_env(), rasterio.open(instances_uri) as out, rasterio.open(truth_uri) as gt:
+        if (out.width, out.height, out.transform) != (gt.width, gt.height, gt.transform):
+            raise ValueError(f"{instances_uri} and {truth_uri} are not on the same grid")
+        keep_col, keep_row = _keep_index(windows, out.width, 0), _keep_index(windows, out.height, 1)
+        columns = int(keep_col.max()) + 1
+        for top in range(0, out.height, block):
+            for left in range(0, out.width, block):
+                win = RioWindow(left, top, min(block, out.width - left), min(block, out.height - top))
+                pred = out.read(1, window=win).astype(np.int64).ravel()
+                truth = gt.read(1, window=win).astype(np.int64).ravel()
+                keep = (keep_row[top : top + win.height, None] * columns + keep_col[None, left : left + win.width]).ravel()
+                predicted.update(_counts(pred[pred > 0]))
+                true.update(_counts(truth[truth > 0]))
+                both = (pred > 0) & (truth > 0)
+                pairs.update(_counts(truth[both], pred[both]))
+                objects = truth > 0
+                parts.update(_counts(truth[objects], keep[objects], pred[objects]))
+    matched = set()
+    for (t, p), inter in pairs.items():
+        if inter / (true[t] + predicted[p] - inter) >= iou:
+            matched.add((t, p))
+    tp = min(len({t for t, _ in matched}), len({p for _, p in matched}))
+    # Per true object and keep rectangle: its pixels there, and the output instances over them.
+    per_part: dict[tuple[int, int], Counter] = {}
+    for (t, keep, p), count in parts.items():
+        per_part.setdefault((t, keep), Counter())[p] += count
+    by_object: dict[int, list[Counter]] = {}
+    for (t, _), over in per_part.items():
+        if sum(over.values()) >= min_part:
+            by_object.setdefault(t, []).append(over)
+    across = {t: p for t, p in by_object.items() if len(p) > 1}
+    found, one = 0, 0
+    for over_parts in across.values():
+        found_ids = []
+        for over in over_parts:
+            instance, count = max(((p, c) for p, c in over.items() if p), key=lambda pc: pc[1], default=(0, 0))
+            if count * 2 >= sum(over.values()):
+                found_ids.append(instance)
+        if len(found_ids) == len(over_parts):
+            found += 1
+            one += len(set(found_ids)) == 1
+    return {
+        "iou": iou,
+        "predicted": len(predicted),
+        "true": len(true),
+        "matched": tp,
+        "precision": tp / len(predicted) if predicted else 0.0,
+        "recall": tp / len(true) if true else 0.0,
+        "across_seams": len(across),
+        "across_seams_found_in_every_part": found,
+        "across_seams_one_instance": one,
+        "one_instance_share": one / found if found else 0.0,
+    }
+
+
+def _counts(*columns: np.ndarray) -> dict[Any, int]:
+    """How often each value (one column) or each tuple of values (several) occurs."""
+    if len(columns) == 1:
+        keys, counts = np.unique(columns[0], return_counts=True)
+        return dict(zip(keys.tolist(), counts.tolist(), strict=True))
+    keys, counts = np.unique(np.stack(columns, 1), axis=0, return_counts=True)
+    return dict(zip(map(tuple, keys.tolist()), counts.tolist(), strict=True))
+
+
+def _keep_index(windows: list[Any], length: int, axis: int) -> np.ndarray:
+    """For each pixel column (axis 0) or row (axis 1) of the scene: which keep span it lies in."""
+    spans = sorted({(w.keep[axis], w.keep[axis] + w.keep[axis + 2]) for w in windows})
+    index = np.zeros(length, np.int64)
+    for number, (start, end) in enumerate(spans):
+        index[start:end] = number
+    return index
