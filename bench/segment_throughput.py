@@ -34,9 +34,11 @@ from geopix import storage
 from geopix.config import load_config
 from geopix.data import synth
 from geopix.evaluate.scene_scores import scene_scores
+from geopix.infer.instances import InstanceStitcher
 from geopix.infer.scene_reader import open_scene, plan_windows, read_chunk
-from geopix.infer.segment import MASK_FILE, WindowSegmenter, saved_model_config, segment_scenes
+from geopix.infer.segment import MASK_FILE, WindowSegmenter, segment_scenes
 from geopix.infer.stitch import MaskWriter
+from geopix.model.configuration import saved_model_config
 
 SCENES = "s3://geopix-scenes/bench"
 OUT = "s3://geopix-predictions/bench"
@@ -149,8 +151,14 @@ def main() -> None:
     segmenter = WindowSegmenter(args.model, cfg.for_workers(), seg.threads_per_actor, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         writer = MaskWriter(info, Path(tmp) / "sequential.tif", list(model_cfg.class_names))
+        instances = InstanceStitcher(info, windows, Path(tmp) / "sequential-instances.tif", seg.instance_match_iou)
         started = time.perf_counter()
         pending, preload, answered = [], [], 0
+
+        def write(window, answer) -> None:  # what the pipeline's driver does with each window
+            writer.write(window, answer.raster)
+            instances.add(window, answer.instance_ids, answer.instances, answer.raster[1])
+
         for window in windows:
             [(w, image, valid)] = list(read_chunk(info, [window]))
             if not valid.any():
@@ -158,20 +166,21 @@ def main() -> None:
             pending.append((w, image, valid))
             preload.append((image, valid))  # every window with data: the bound runs on the same windows
             if len(pending) == seg.batch_size:
-                for (pw, _, _), raster in zip(pending, segmenter.segment([p[1] for p in pending], [p[2] for p in pending]), strict=True):
-                    writer.write(pw, raster)
+                for (pw, _, _), answer in zip(pending, segmenter.segment([p[1] for p in pending], [p[2] for p in pending]), strict=True):
+                    write(pw, answer)
                 answered += len(pending)
                 pending = []
         if pending:
-            for (pw, _, _), raster in zip(pending, segmenter.segment([p[1] for p in pending], [p[2] for p in pending]), strict=True):
-                writer.write(pw, raster)
+            for (pw, _, _), answer in zip(pending, segmenter.segment([p[1] for p in pending], [p[2] for p in pending]), strict=True):
+                write(pw, answer)
             answered += len(pending)
         writer.close()
+        instances.close()
         sequential_s = time.perf_counter() - started
     figures["windows_with_data"] = answered
     figures["sequential_windows_per_s"] = rate(answered, sequential_s)
 
-    def bound(decode: str) -> tuple[float, list[np.ndarray]]:
+    def bound(decode: str) -> tuple[float, list]:
         segmenter.cfg = seg.model_copy(update={"decode": decode})
         out, started = [], time.perf_counter()
         for i in range(0, len(preload), seg.batch_size):
@@ -182,8 +191,8 @@ def main() -> None:
     per_actor, generated = bound("generate")
     figures["model_only_windows_per_s"] = per_actor * seg.concurrency
     forced_rate, forced = bound("teacher_forced")
-    same = [bool(np.array_equal(a, b)) for a, b in zip(generated, forced, strict=True)]
-    agree = np.mean([(a[0] == b[0]).mean() for a, b in zip(generated, forced, strict=True)])
+    same = [bool(np.array_equal(a.raster, b.raster)) for a, b in zip(generated, forced, strict=True)]
+    agree = np.mean([(a.raster[0] == b.raster[0]).mean() for a, b in zip(generated, forced, strict=True)])
     figures["teacher_forced"] = {"windows_per_s": forced_rate, "speedup_over_generate": forced_rate / per_actor,
                                  "windows_identical": float(np.mean(same)), "pixel_agreement": float(agree)}  # fmt: skip
 

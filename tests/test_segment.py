@@ -182,6 +182,7 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
     assert run["polygons"]["merged_across_blocks"] >= 0
 
     check_instance_outputs(prefix, root, run, stitched[0], meta)
+    check_stac_outputs(prefix, OUT, meta, Path(model_dir))
 
     # Published once: a second call skips it; --overwrite redoes it.
     [again] = segment_scenes(cfg, model_dir, [scene_uri], OUT, progress=False)
@@ -228,6 +229,29 @@ def check_instance_outputs(prefix: str, root: Path, run: dict, classes: np.ndarr
         assert item.area_m2 == pytest.approx(item.pixels * 0.25, rel=0.01)
         assert set(np.unique(classes[ids == item.instance_id])) == {item.class_id + 1}
         assert list(item.instructions) == [INSTRUCTION] and len(item.windows) >= 1
+
+
+def check_stac_outputs(prefix: str, out: str, meta: dict, model_dir: Path) -> None:
+    """The scene's item.json and <out>/catalog.json validate with pystac (STAC 1.1 core schemas,
+    offline), the item's assets are the published files and its footprint is the scene's."""
+    import pystac
+    from rasterio.warp import transform_bounds
+
+    item = pystac.Item.from_dict(json.loads(storage.read_bytes(f"{prefix}/item.json")))
+    assert item.validate()
+    published = set(storage.list_objects(prefix))
+    assert {a.href.removeprefix("./") for a in item.assets.values()} <= published
+    assert {"mask", "instances", "polygons", "instance_polygons", "preview", "run"} <= set(item.assets)
+    assert item.properties["geopix:model"] == str(model_dir) and item.properties["geopix:instructions"] == [INSTRUCTION]
+    left, top = meta["transform"][2], meta["transform"][5]
+    right, bottom = left + meta["width"] * meta["transform"][0], top + meta["height"] * meta["transform"][4]
+    expected = transform_bounds(meta["crs"], "EPSG:4326", left, bottom, right, top)
+    assert item.bbox == pytest.approx(list(expected), abs=1e-6)
+
+    catalog = pystac.Catalog.from_dict(json.loads(storage.read_bytes(f"{out}/catalog.json")))
+    assert catalog.validate()
+    linked = {out + "/" + link.href.removeprefix("./") for link in catalog.links if link.rel == "item"}
+    assert f"{prefix}/item.json" in linked and all(storage.exists(uri) for uri in linked)
 
 
 # ------------------------------------------------------------------------------ bad inputs

@@ -9,10 +9,11 @@ window's answer at a time. Each scene is published on its own as soon as its las
 staged beside an earlier run's outputs, then switched in with ``_SUCCESS`` last (geopix/outputs.py), under
 
     <out>/<scene id>/<model label>/<request hash>/{mask.tif, polygons.parquet, instances.tif,
-                                                   instances.parquet, preview.png, run.json, _SUCCESS}
+                                                   instances.parquet, preview.png, run.json, item.json, _SUCCESS}
 
 ``mask.tif`` holds class and confidence; ``instances.tif`` one id per object, the same across window
-seams (geopix/infer/instances.py); the Parquet files are their polygons.
+seams (geopix/infer/instances.py); the Parquet files are their polygons; ``item.json`` describes
+them all as a STAC item, listed in ``<out>/catalog.json`` (geopix/infer/stac_outputs.py).
 
 A scene that fails (unreadable, no CRS, all nodata, a corrupt block …) is reported with its reason
 and never stops the others; whatever it had written locally is dropped and nothing of it reaches S3.
@@ -48,6 +49,7 @@ from geopix.infer.scene_reader import (
     read_chunk,
     scene_id_of,
 )
+from geopix.infer.stac_outputs import ITEM_FILE, scene_item, write_catalog
 from geopix.infer.stitch import MaskWriter, WindowAnswer, to_cog, window_answer
 from geopix.leases import Lease
 from geopix.outputs import finish_staged_switch, publish_staged, staging_id
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 MASK_FILE, POLYGONS_FILE, PREVIEW_FILE, RUN_FILE = "mask.tif", "polygons.parquet", "preview.png", "run.json"
 INSTANCES_FILE, INSTANCE_POLYGONS_FILE = "instances.tif", "instances.parquet"
 SCENE_OUTPUT_KIND = "scene segmentation"
-SCENE_OUTPUT_LAYOUT = (MASK_FILE, POLYGONS_FILE, INSTANCES_FILE, INSTANCE_POLYGONS_FILE, PREVIEW_FILE, RUN_FILE)
+SCENE_OUTPUT_LAYOUT = (MASK_FILE, POLYGONS_FILE, INSTANCES_FILE, INSTANCE_POLYGONS_FILE, PREVIEW_FILE, RUN_FILE, ITEM_FILE)
 
 
 @dataclass
@@ -381,6 +383,11 @@ def segment_scenes(
     for uri, state in opened.items():  # never completed: the stream ended early
         results[uri] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
     shutil.rmtree(workroot, ignore_errors=True)
+    if any(r.status == "done" for r in results.values()):
+        try:
+            write_catalog(out_uri)
+        except Exception as exc:  # noqa: BLE001 - the scenes are published; only their listing is late
+            log.warning("the STAC catalog of %s was not rewritten: %s: %s", out_uri, type(exc).__name__, exc)
     return [results[uri] for uri in scene_uris]
 
 
@@ -422,6 +429,9 @@ def _outputs(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str, timings: dict
 ) -> dict[str, Any]:
     """Write the COG, polygons, preview and run.json of a finished scene and publish them."""
+    from affine import Affine
+    from rasterio.transform import array_bounds
+
     from geopix.infer.scene_overlay import scene_preview
     from geopix.infer.vectorize import trace_polygons
 
@@ -483,9 +493,17 @@ def _outputs(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (work / RUN_FILE).write_text(json.dumps(metadata, indent=1, default=str))
+    item = scene_item(
+        scene_id=scene.scene_id, label=ref.label, request=request, crs_wkt=scene.crs,
+        bounds=array_bounds(scene.height, scene.width, Affine(*scene.transform)), model=asdict(ref),
+        instructions=seg.instructions, finished_at=metadata["finished_at"],
+        outputs=metadata["outputs"] | {"run": RUN_FILE},
+    )  # fmt: skip
+    (work / ITEM_FILE).write_text(json.dumps(item, indent=1))
     publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE, INSTANCES_FILE: instances_cog,
                            INSTANCE_POLYGONS_FILE: work / INSTANCE_POLYGONS_FILE,
-                           PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE})  # fmt: skip
+                           PREVIEW_FILE: work / PREVIEW_FILE, RUN_FILE: work / RUN_FILE,
+                           ITEM_FILE: work / ITEM_FILE})  # fmt: skip
     return metadata
 
 
