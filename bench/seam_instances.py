@@ -23,7 +23,7 @@ from geopix import storage
 from geopix.config import load_config
 from geopix.evaluate.scene_scores import instance_scores
 from geopix.infer.scene_reader import open_scene, plan_windows
-from geopix.infer.segment import INSTANCES_FILE, segment_scenes
+from geopix.infer.segment import INSTANCES_FILE, MASK_FILE, segment_scenes
 from geopix.model.configuration import saved_model_config
 
 NOT_JOINED = 1.0  # IoU > 1 never holds: each seg run stays its own instance
@@ -39,8 +39,9 @@ def segment(cfg, model: str, image_uri: str, match_iou: float, label: str):
 
 
 def seam_picture(image_uri: str, truth_uri: str, outputs: dict[str, str], windows, path: Path) -> None:
-    """The seam region (two windows' width around one vertical seam) holding the most true objects
-    that lie across it, with each output's instance outlines, one colour per instance."""
+    """The seam region (two windows' width around one vertical seam) that the most output instances
+    (of the last output) cross, with the true objects' and each output's instance outlines, one
+    colour per instance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,11 +53,11 @@ def seam_picture(image_uri: str, truth_uri: str, outputs: dict[str, str], window
     size = windows[0].read[2]
     seams = sorted({w.keep[0] for w in windows if w.keep[0] > 0})
     rows = sorted({w.keep[1] for w in windows})
-    with storage.rasterio_env(), rasterio.open(truth_uri) as gt:
+    with storage.rasterio_env(), rasterio.open(list(outputs.values())[-1]) as joined:
         best, where = -1, (seams[0], rows[0])
         for seam in seams:
             for row in rows:
-                strip = gt.read(1, window=RioWindow(seam - 2, row, 4, size))
+                strip = joined.read(1, window=RioWindow(seam - 2, row, 4, size))
                 left, right = set(np.unique(strip[:, :2])) - {0}, set(np.unique(strip[:, 2:])) - {0}
                 if len(left & right) > best:
                     best, where = len(left & right), (seam, row)
@@ -66,10 +67,10 @@ def seam_picture(image_uri: str, truth_uri: str, outputs: dict[str, str], window
         with rasterio.open(image_uri) as src:
             image = np.moveaxis(src.read([1, 2, 3], window=box, boundless=True), 0, -1)
         crops = {}
-        for name, uri in outputs.items():
+        for name, uri in {"true objects": truth_uri, **outputs}.items():
             with rasterio.open(uri) as ds:
                 crops[name] = ds.read(1, window=box, boundless=True)
-    fig, axes = plt.subplots(1, len(crops), figsize=(6 * len(crops), 3.4), dpi=110)
+    fig, axes = plt.subplots(1, len(crops), figsize=(5 * len(crops), 3.0), dpi=110)
     rng = np.random.default_rng(0)
     for ax, (name, ids) in zip(axes, crops.items(), strict=True):
         ax.imshow(image)
@@ -105,7 +106,7 @@ def main() -> None:
     ray.init(log_to_driver=False)
     cfg = load_config("tiny", [f"segment.instructions=['{args.instruction}']", *args.overrides])
     seg = cfg.segment
-    image_uri, _ = scene(args.size)
+    image_uri, classes_uri = scene(args.size)
     truth_uri = image_uri.replace("image.tif", "instances.tif")
     window = seg.window_size or saved_model_config(args.model).image_size
     info = open_scene(image_uri, seg)
@@ -113,12 +114,15 @@ def main() -> None:
     figures: dict = {"model": args.model, "scene": f"{args.size}²", "windows": len(windows), "window": window,
                      "overlap": seg.overlap, "instruction": args.instruction}  # fmt: skip
     outputs = {}
+    class_names = list(saved_model_config(args.model).class_names)
     for name, match_iou in (("not joined", NOT_JOINED), (f"joined (IoU > {seg.instance_match_iou})", seg.instance_match_iou)):
         result, seconds = segment(cfg, args.model, image_uri, match_iou, f"s{args.size}-instances-{match_iou}")
         uri = storage.join_uri(result.out_uri, INSTANCES_FILE)
         outputs[name] = uri
+        scores = instance_scores(uri, truth_uri, windows, mask_uri=storage.join_uri(result.out_uri, MASK_FILE),
+                                 truth_classes_uri=classes_uri, class_names=class_names)  # fmt: skip
         figures[name] = {
-            "scores": instance_scores(uri, truth_uri, windows),
+            "scores": scores,
             "run": result.metadata["instances"],
             "instances_s": result.metadata["timings"]["instances_s"],
             "seconds": round(seconds, 1),
@@ -132,6 +136,10 @@ def main() -> None:
               f"P {s['precision']:.3f} R {s['recall']:.3f} at IoU 0.5; true objects across seams {s['across_seams']}, "
               f"found in every part {s['across_seams_found_in_every_part']}, one instance {s['across_seams_one_instance']} "
               f"= {s['one_instance_share']:.1%}; finishing instances {figures[name]['instances_s']:.1f} s")  # fmt: skip
+        for cls, c in s["per_class"].items():
+            if c["predicted"]:
+                print(f"      {cls:18s} predicted {c['predicted']:4d} true {c['true']:4d} matched {c['matched']:4d}: "
+                      f"P {c['precision']:.3f} R {c['recall']:.3f}")  # fmt: skip
     print(f"  picture: {args.picture}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -206,18 +206,28 @@ def test_instance_scores_count_objects_across_seams_as_one_only_when_joined(tmp_
 
     truth, classes = truth_scene()
     info = scene_info()
-    truth_path = tmp_path / "truth.tif"
-    with rasterio.open(truth_path, "w", driver="GTiff", width=SIZE, height=SIZE, count=1, dtype="uint32",
-                       crs=info.crs, transform=rasterio.Affine(*info.transform)) as ds:  # fmt: skip
-        ds.write(truth[None])
+    class_of = np.full(truth.max() + 1, 255, np.uint8)
+    class_of[list(classes)] = list(classes.values())
+    rasters = {"truth.tif": truth, "truth_classes.tif": class_of[truth],  # what the synthetic scenes have
+               "mask.tif": np.where(truth > 0, class_of[truth] + 1, 0).astype(np.uint8)}  # a perfect class raster
+    for name, data in rasters.items():
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=SIZE, height=SIZE, count=1, dtype=data.dtype,
+                           crs=info.crs, transform=rasterio.Affine(*info.transform)) as ds:  # fmt: skip
+            ds.write(data[None])
     scores = {}
     for overlap in (OVERLAP, 0):  # joined across seams / nothing to join with
         (tmp_path / str(overlap)).mkdir()
         stitch(truth, classes, tmp_path / str(overlap), lambda n: range(n), overlap=overlap)
         windows = plan_windows(SIZE, SIZE, WINDOW, overlap)
-        scores[overlap] = instance_scores(str(tmp_path / str(overlap) / "instances.tif"), str(truth_path), windows)
+        scores[overlap] = instance_scores(
+            str(tmp_path / str(overlap) / "instances.tif"), str(tmp_path / "truth.tif"), windows,
+            mask_uri=str(tmp_path / "mask.tif"), truth_classes_uri=str(tmp_path / "truth_classes.tif"),
+            class_names=["a", "b", "c"],
+        )  # fmt: skip
     joined, cut = scores[OVERLAP], scores[0]
     assert joined["precision"] == joined["recall"] == 1.0 and joined["true"] == len(classes)
+    assert sum(c["true"] for c in joined["per_class"].values()) == len(classes)
+    assert all(c["precision"] == c["recall"] == 1.0 for c in joined["per_class"].values())
     assert joined["across_seams"] >= 10 and joined["one_instance_share"] == 1.0
     assert cut["across_seams"] >= 5 and cut["across_seams_found_in_every_part"] == cut["across_seams"]
     assert cut["one_instance_share"] == 0.0 and cut["predicted"] > cut["true"] and cut["precision"] < 1.0

@@ -430,8 +430,7 @@ def test_nightly_is_idempotent_quarantines_and_survives_a_kill(setup):
     quarantine = json.loads(storage.read_bytes(nightly.quarantine_uri(out, "broken")))
     assert quarantine["reason"] == "unreadable" and quarantine["checksum"]
     published = storage.list_objects(prefix_a)  # the half-staged attempt is gone with the switch
-    assert published == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE, storage.SUCCESS_MARKER,
-                                OWNER_FILE])  # fmt: skip
+    assert published == sorted([*SCENE_OUTPUT_LAYOUT, storage.SUCCESS_MARKER, OWNER_FILE])
     assert storage.read_bytes(f"{prefix_a}/{MASK_FILE}") != b"half"
     summary = json.loads(storage.read_bytes(first.summary_uri))
     assert summary["processed"] == 2 and summary["failed"] == 1 and summary["mlflow_run_id"]

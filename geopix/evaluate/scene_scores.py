@@ -57,13 +57,26 @@ def scene_scores(
 
 
 def instance_scores(
-    instances_uri: str, truth_uri: str, windows: list[Any], iou: float = 0.5, min_part: int = 16, block: int = 2048
+    instances_uri: str,
+    truth_uri: str,
+    windows: list[Any],
+    *,
+    mask_uri: str,
+    truth_classes_uri: str,
+    class_names: list[str],
+    background: int = 255,
+    iou: float = 0.5,
+    min_part: int = 16,
+    block: int = 2048,
 ) -> dict[str, Any]:
     """A scene's ``instances.tif`` against a ground-truth instance raster on its grid (0 background,
-    as `geopix data synth` writes ``instances.tif``).
+    as `geopix data synth` writes ``instances.tif``). An output instance's class is the one its
+    pixels have in ``mask_uri`` (the scene's class raster); a true object's, the one in
+    ``truth_classes_uri`` (``background`` where none).
 
-    - ``precision`` / ``recall``: output instances and true objects matched one to one at mask IoU
-      ≥ ``iou`` (over the scene; above 0.5 no instance can match two).
+    - ``precision`` / ``recall``, overall and per class: output instances and true objects of one
+      class matched one to one at mask IoU ≥ ``iou`` (over the scene; above 0.5 no instance can
+      match two). Per class, so that an instruction about one class is not scored on the others.
     - Seams: a true object *lies across a seam* when at least two windows' keep rectangles
       (``windows``: the scene's plan, geopix.infer.scene_reader) each hold ``min_part`` of its pixels.
       Each such part is *found* when one output instance covers at least half of it; of the objects
@@ -73,7 +86,14 @@ def instance_scores(
     from rasterio.windows import Window as RioWindow
 
     predicted, true, pairs, parts = Counter(), Counter(), Counter(), Counter()
-    with storage.rasterio_env(), rasterio.open(instances_uri) as out, rasterio.open(truth_uri) as gt:
+    predicted_class, true_class = {}, {}
+    with (
+        storage.rasterio_env(),
+        rasterio.open(instances_uri) as out,
+        rasterio.open(truth_uri) as gt,
+        rasterio.open(mask_uri) as mask,
+        rasterio.open(truth_classes_uri) as gt_classes,
+    ):
         if (out.width, out.height, out.transform) != (gt.width, gt.height, gt.transform):
             raise ValueError(f"{instances_uri} and {truth_uri} are not on the same grid")
         keep_col, keep_row = _keep_index(windows, out.width, 0), _keep_index(windows, out.height, 1)
@@ -83,6 +103,10 @@ def instance_scores(
                 win = RioWindow(left, top, min(block, out.width - left), min(block, out.height - top))
                 pred = out.read(1, window=win).astype(np.int64).ravel()
                 truth = gt.read(1, window=win).astype(np.int64).ravel()
+                pred_classes = mask.read(1, window=win).astype(np.int64).ravel() - 1
+                truth_classes = gt_classes.read(1, window=win).astype(np.int64).ravel()
+                for ids, classes, into in ((pred, pred_classes, predicted_class), (truth, truth_classes, true_class)):
+                    into.update(_counts(ids[ids > 0], classes[ids > 0]).keys())  # one class per instance
                 keep = (keep_row[top : top + win.height, None] * columns + keep_col[None, left : left + win.width]).ravel()
                 predicted.update(_counts(pred[pred > 0]))
                 true.update(_counts(truth[truth > 0]))
@@ -92,9 +116,17 @@ def instance_scores(
                 parts.update(_counts(truth[objects], keep[objects], pred[objects]))
     matched = set()
     for (t, p), inter in pairs.items():
-        if inter / (true[t] + predicted[p] - inter) >= iou:
+        if true_class.get(t) == predicted_class.get(p) and inter / (true[t] + predicted[p] - inter) >= iou:
             matched.add((t, p))
     tp = min(len({t for t, _ in matched}), len({p for _, p in matched}))
+    per_class = {}
+    for c, name in enumerate(class_names):
+        n_pred = sum(1 for p in predicted if predicted_class.get(p) == c)
+        n_true = sum(1 for t in true if true_class.get(t) == c and c != background)
+        hits = len({t for t, _ in matched if true_class.get(t) == c})
+        if n_pred or n_true:
+            per_class[name] = {"predicted": n_pred, "true": n_true, "matched": hits,
+                               "precision": hits / n_pred if n_pred else 0.0, "recall": hits / n_true if n_true else 0.0}  # fmt: skip
     # Per true object and keep rectangle: its pixels there, and the output instances over them.
     per_part: dict[tuple[int, int], Counter] = {}
     for (t, keep, p), count in parts.items():
@@ -121,6 +153,7 @@ def instance_scores(
         "matched": tp,
         "precision": tp / len(predicted) if predicted else 0.0,
         "recall": tp / len(true) if true else 0.0,
+        "per_class": per_class,
         "across_seams": len(across),
         "across_seams_found_in_every_part": found,
         "across_seams_one_instance": one,
