@@ -478,8 +478,7 @@ def test_two_nightly_runs_at_once_never_segment_a_scene_twice(setup):
     ref = nightly.resolve_model(model_dir)
     for name in ("p", "q", "r"):
         prefix = nightly.scene_prefix(out, name, ref, nightly.request_hash(cfg.segment, 64))
-        assert storage.list_objects(prefix) == sorted([MASK_FILE, POLYGONS_FILE, "preview.png", RUN_FILE,
-                                                       storage.SUCCESS_MARKER, OWNER_FILE])  # fmt: skip
+        assert storage.list_objects(prefix) == sorted([*SCENE_OUTPUT_LAYOUT, storage.SUCCESS_MARKER, OWNER_FILE])
     assert not storage.list_objects(f"{out}/_leases")  # every lease released
 
 
