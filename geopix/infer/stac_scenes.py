@@ -93,7 +93,17 @@ class StacSearch:
     max_items: int | None = None
 
     def describe(self) -> str:
-        parts = [f"STAC API {self.url}", f"collections {list(self.collections)}"]
+        """The search in words, for logs and errors (a password in the URL is not shown)."""
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.url)
+        shown = url._replace(
+            netloc=f"{url.username}:***@{url.hostname}" + (f":{url.port}" if url.port else "")
+        )
+        parts = [
+            f"STAC API {shown.geturl() if url.password else self.url}",
+            f"collections {list(self.collections)}",
+        ]
         parts += [f"bbox {list(self.bbox)}"] if self.bbox else []
         parts += [f"datetime {self.datetime}"] if self.datetime else []
         parts += [f"max {self.max_items} items"] if self.max_items else []
@@ -111,10 +121,17 @@ def stac_source(
     """The command-line STAC arguments (``--stac`` or ``--stac-api`` with ``--collection``,
     ``--bbox W,S,E,N``, ``--datetime A/B``, ``--max-items``) as a source; None when neither is given.
     ValueError says what is wrong with the combination."""
-    search_only = {"--collection": collections, "--bbox": bbox, "--datetime": datetime, "--max-items": max_items}
+    search_only = {
+        "--collection": collections,
+        "--bbox": bbox,
+        "--datetime": datetime,
+        "--max-items": max_items,
+    }
     given = [flag for flag, value in search_only.items() if value]
     if stac and stac_api:
-        raise ValueError("give --stac (a catalog, collection or ItemCollection) or --stac-api (a search), not both")
+        raise ValueError(
+            "give --stac (a catalog, collection or ItemCollection) or --stac-api (a search), not both"
+        )
     if not stac_api:
         if given:
             raise ValueError(f"{', '.join(given)} narrow a STAC API search: give --stac-api URL with them")
@@ -180,7 +197,9 @@ def scene_of_item(item: pystac.Item, base: str | None, cfg: SegmentConfig) -> St
         detail = (f"item {item.id} has no asset among {cfg.stac_assets}, no asset with role 'visual' and a GeoTIFF "
                   f"media type, and no {'/'.join(cfg.stac_band_assets)} band assets; its assets: "
                   f"{_asset_summary(item)}")  # fmt: skip
-        return StacScene(uris=(), version=_version(props, hrefs, []), reason=NO_ASSET, detail=detail, **common)
+        return StacScene(
+            uris=(), version=_version(props, hrefs, []), reason=NO_ASSET, detail=detail, **common
+        )
     uris = tuple(_href(asset, base) for _, asset in chosen)
     checksums = [asset.extra_fields.get("file:checksum") for _, asset in chosen]
     return StacScene(uris=uris, version=_version(props, list(uris), checksums),
