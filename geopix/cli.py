@@ -305,7 +305,7 @@ def chat(
 @app.command()
 def segment(
     model: Annotated[str, typer.Option(help="models:/<name>@<alias>, models:/<name>/<version>, or a model URI.")],
-    scene: Annotated[list[str], typer.Option(help="Scene GeoTIFF/COG (local or s3://); repeatable.")],
+    scene: Annotated[list[str] | None, typer.Option(help="Scene GeoTIFF/COG (local or s3://); repeatable.")] = None,
     instruction: Annotated[
         list[str] | None, typer.Option(help='e.g. "[segment] all storage tanks" (repeatable; default: segment.instructions).')
     ] = None,
@@ -319,22 +319,44 @@ def segment(
         list[str] | None, typer.Option(help="Keep only masks of these classes (repeatable; default: all).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo scenes already published for this model and request.")] = False,
+    stac: Annotated[
+        str | None, typer.Option(help="Segment the items of a STAC catalog, collection or ItemCollection (JSON, local or s3://).")
+    ] = None,
+    stac_api: Annotated[str | None, typer.Option(help="Segment the items a STAC API search returns (with --collection …).")] = None,
+    collection: Annotated[list[str] | None, typer.Option(help="--stac-api: collection to search (repeatable).")] = None,
+    bbox: Annotated[str | None, typer.Option(help="--stac-api: area W,S,E,N in degrees.")] = None,
+    datetime: Annotated[str | None, typer.Option(help="--stac-api: interval, e.g. 2026-11-26/2026-11-27.")] = None,
+    max_items: Annotated[int | None, typer.Option(help="--stac-api: at most this many items.")] = None,
 ) -> None:
     """Segment large scenes window by window (Ray Data actor pool) into COG masks, GeoParquet
-    polygons, a preview and run metadata per scene, published atomically (``_SUCCESS`` last)."""
+    polygons, a preview and run metadata per scene, published atomically (``_SUCCESS`` last).
+    The scenes are files (--scene) or STAC items (--stac, or --stac-api with a search)."""
 
     from geopix import tracking
     from geopix.infer.segment import run_segment
+    from geopix.infer.stac_scenes import StacError, list_stac_scenes, stac_source
 
+    try:
+        source = stac_source(stac, stac_api, collection, bbox, datetime, max_items)
+    except ValueError as error:
+        fail(str(error))
+    if source is not None and (scene or scene_id):
+        fail("give --scene (with --scene-id) or --stac/--stac-api, not both")
+    if source is None and not scene:
+        fail("give the scenes to segment: --scene FILE (repeatable), --stac CATALOG or --stac-api URL --collection …")
     cfg = _load(config, overrides)
     if instruction:
         cfg.segment.instructions = list(instruction)
     if keep_class:
         cfg.segment.keep_classes = list(keep_class)
+    try:  # the STAC source is read before Ray is started: a bad catalog or search fails at once
+        scenes = list_stac_scenes(source, cfg.segment) if source is not None else scene
+    except StacError as error:
+        fail(str(error))
     ray_job.connect_ray(log_to_driver=False)
     try:
         tracking.configure(cfg.tracking)
-        results, _ = run_segment(cfg, model, scene, out, scene_ids=scene_id, overwrite=overwrite)
+        results, _ = run_segment(cfg, model, scenes, out, scene_ids=scene_id, overwrite=overwrite)
     except ValueError as error:
         fail(str(error))
     for result in results:

@@ -292,6 +292,11 @@ class SegmentConfig(_Section):
     forced_answer: str = "Sure, it is {seg}."
     out_uri: str = "s3://geopix-predictions/scenes"  # <out_uri>/<scene id>/<model>/<instruction hash>/
     incoming_uri: str = "s3://geopix-scenes/incoming"  # what the nightly job lists
+    # Scenes from STAC items (geopix/infer/stac_scenes.py): the asset keys tried first, in order; then
+    # an asset with role "visual" and a GeoTIFF media type; then one asset per colour (R, G, B), each
+    # named by key or by its band's common name.
+    stac_assets: list[str] = Field(default_factory=lambda: ["visual"])
+    stac_band_assets: list[str] = Field(default_factory=lambda: ["red", "green", "blue"], min_length=3, max_length=3)
     # A scene being segmented is leased (geopix/leases.py): renewed every third of this while its run
     # lives; a run killed elsewhere frees it after this long (one on the same host at once).
     lease_ttl_s: float = Field(600.0, ge=10)

@@ -94,3 +94,13 @@ def small_shards(stack, ray_cluster) -> str:
                    test_seed_offset=1000, seg_vocab=SegVocabulary(), progress=False)  # fmt: skip
     shard_sources([SMALL_SOURCE], SMALL_SHARDS, DataConfig(chip_size=64), seg_vocab=SegVocabulary(), overwrite=True)
     return SMALL_SHARDS
+
+
+@pytest.fixture(scope="session")
+def segment_model(stack, ray_cluster, tmp_path_factory) -> tuple:
+    """(config, model directory) of the segmentation tests (tests/test_segment.py, tests/test_stac.py):
+    the tiny model is fitted once per session, however many of those modules run."""
+    from tests.test_segment import fit_segment_model, segment_config
+
+    cfg = segment_config()
+    return cfg, fit_segment_model(cfg, tmp_path_factory.mktemp("segment-model"))

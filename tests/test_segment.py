@@ -92,20 +92,31 @@ def put_geotiff(uri: str, data: np.ndarray, tmp: Path, **profile) -> str:
     return uri
 
 
-@pytest.fixture(scope="module")
-def setup(stack, ray_cluster, tmp_path_factory):
+def segment_config():
+    """The config the segmentation tests run with: the tiny preset, 64-px windows, one instruction."""
+    return load_config("tiny", OVERRIDES + [f"segment.instructions=['{INSTRUCTION}']"])
+
+
+def fit_segment_model(cfg, root: Path) -> str:
+    """The tiny model fitted to the evaluation records, saved under ``root``; its directory.
+    Built once per session by conftest's ``segment_model`` (this module's and tests/test_stac.py's)."""
     torch.set_num_threads(1)
-    cfg = load_config("tiny", OVERRIDES + [f"segment.instructions=['{INSTRUCTION}']"])
     good, broken, caption = eval_records()
     tokenizer = train_tokenizer(corpus_texts([*good, broken, caption]), vocab_size=300, seg_vocab=SEG_VOCAB)
-    root = tmp_path_factory.mktemp("segment")
     model = fitted_model(cfg, good, tokenizer)
     model.class_names = ["storage_tank", "ship", "small_vehicle"]
-    model_dir = model.save(root / "model", tokenizer)
+    return str(model.save(root / "model", tokenizer))
+
+
+@pytest.fixture(scope="module")
+def setup(segment_model, tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg, model_dir = segment_model
+    root = tmp_path_factory.mktemp("segment")
     storage.remove_prefix(SCENES)
     storage.remove_prefix(OUT)
     meta = synth.generate_scene(f"{SCENES}/good", "scene-a", 512, seed=3, progress=False)
-    return cfg, str(model_dir), f"{SCENES}/good/scene-a/image.tif", meta, root
+    return cfg, model_dir, f"{SCENES}/good/scene-a/image.tif", meta, root
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geopix.infer.scene_reader import SceneInfo, scene_env
+from geopix.infer.scene_reader import SceneInfo, read_pixels
 from geopix.infer.stitch import NODATA
 
 # Per class id (cycled): colours rare in imagery (magenta, cyan, …), so masks stand out from red
@@ -33,8 +33,7 @@ def scene_preview(
     scale = max(scene.width, scene.height) / side
     shape = (max(1, round(scene.height / scale)), max(1, round(scene.width / scale))) if scale > 1 else (
         scene.height, scene.width)  # fmt: skip
-    with scene_env(scene.uri), rasterio.open(scene.uri) as ds:
-        image = scene.scaling.apply(ds.read(list(scene.bands), out_shape=(3, *shape))).transpose(1, 2, 0)
+    image = scene.scaling.apply(read_pixels(scene, out_shape=shape)[0]).transpose(1, 2, 0)
     with rasterio.open(mask_path) as ds:
         classes = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
     shown = image.astype(np.float32)

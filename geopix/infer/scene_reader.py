@@ -9,6 +9,9 @@ stitcher writes every output pixel once (centre-cropping) and never blends.
 
 Windows are read in block-aligned *chunks* (one ``read`` per chunk, the windows cut from it), so
 each COG block is fetched about once whatever the overlap.
+
+A scene is one file (its ``segment.bands`` as R, G, B) or, where a STAC item splits its bands, one
+single-band file per colour (R, G, B) on one grid: same size, CRS, transform and data type.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -83,6 +86,9 @@ class SceneInfo:
     bands: tuple[int, ...]  # 1-based source bands used as R, G, B
     scaling: Scaling
     checksum: str  # S3 ETag (or size+mtime hash for local files): identifies the input that was read
+    # One file per colour (R, G, B; ``uri`` is the red one) where the scene splits its bands; each
+    # file's band 1 is read. Empty for a scene in one file.
+    band_uris: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,9 +125,14 @@ def input_checksum(uri: str) -> str:
     return hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> SceneInfo:
+def open_scene(uri: str | tuple[str, ...], cfg: SegmentConfig, scene_id: str | None = None) -> SceneInfo:
     """Check that ``uri`` can be segmented and describe it; :class:`SceneError` says why not.
-    ``scene_id`` names it in output paths (default: the file name without extension)."""
+    ``uri`` is one file, or a tuple of one file per colour (R, G, B) on one grid.
+    ``scene_id`` names it in output paths (default: the (red) file name without extension)."""
+    if not isinstance(uri, str):
+        if len(uri) == 1:
+            return open_scene(uri[0], cfg, scene_id)
+        return _open_band_files(tuple(uri), cfg, scene_id)
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -187,6 +198,62 @@ def open_scene(uri: str, cfg: SegmentConfig, scene_id: str | None = None) -> Sce
         raise SceneError(uri, reason, message) from None
     except Exception as exc:  # noqa: BLE001
         raise SceneError(uri, "unreadable", gdal_message(exc)) from None
+
+
+def _open_band_files(uris: tuple[str, ...], cfg: SegmentConfig, scene_id: str | None) -> SceneInfo:
+    """One scene from one single-band file per colour: each file is checked as a scene of its own
+    (missing, no CRS, all nodata …, under its own URI), then the files must share one grid."""
+    if len(uris) != 3:
+        raise SceneError(
+            ", ".join(uris), "bad bands", f"a scene split into band files needs 3 (R, G, B), got {len(uris)}"
+        )
+    one_band = cfg.model_copy(update={"bands": [1, 1, 1]})  # band 1 of each file
+    red, green, blue = (open_scene(u, one_band, scene_id) for u in uris)
+    for other in (green, blue):
+        differs = [
+            name for name, a, b in [("size", (red.width, red.height), (other.width, other.height)),
+                                    ("CRS", red.crs, other.crs), ("transform", red.transform, other.transform),
+                                    ("data type", red.dtype, other.dtype)] if a != b
+        ]  # fmt: skip
+        if differs:
+            raise SceneError(
+                red.uri, "band grid mismatch",
+                f"the band files of one scene must share one grid; {other.uri} differs from {red.uri} in "
+                f"{', '.join(differs)} ({_grid(other)} against {_grid(red)})",
+            )  # fmt: skip
+    scaling = Scaling()  # uint8 as is; otherwise each colour stretched by its own file's range
+    if red.scaling.low is not None:
+        scaling = Scaling(tuple(f.scaling.low[0] for f in (red, green, blue)),
+                          tuple(f.scaling.high[0] for f in (red, green, blue)))  # fmt: skip
+    checksum = hashlib.sha256("|".join(f.checksum for f in (red, green, blue)).encode()).hexdigest()[:16]
+    return replace(red, count=3, bands=(1, 1, 1), scaling=scaling, checksum=checksum,
+                   band_uris=(red.uri, green.uri, blue.uri))  # fmt: skip
+
+
+def _grid(scene: SceneInfo) -> str:
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(scene.crs)
+    return f"{scene.width}×{scene.height} px, {crs.to_string() or 'custom CRS'}, transform {scene.transform}, {scene.dtype}"
+
+
+def read_pixels(
+    scene: SceneInfo, window: Any = None, out_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's R, G, B source values [3, H, W] (before scaling) in ``window`` (a rasterio
+    Window; None: all) at ``out_shape`` (None: full resolution), and where they are valid [H, W]:
+    the file's dataset mask, or every band file's (a pixel lacking one colour has no RGB)."""
+    import rasterio
+
+    files = [(u, [1]) for u in scene.band_uris] or [(scene.uri, list(scene.bands))]
+    values, valid = [], None
+    for uri, bands in files:
+        with scene_env(uri), rasterio.open(uri) as ds:
+            shape = None if out_shape is None else (len(bands), *out_shape)
+            values.append(ds.read(bands, window=window, out_shape=shape))
+            mask = ds.dataset_mask(window=window, out_shape=out_shape) > 0  # valid where any band is
+        valid = mask if valid is None else valid & mask
+    return values[0] if len(values) == 1 else np.concatenate(values), valid
 
 
 def gdal_message(exc: BaseException) -> str:
@@ -284,7 +351,6 @@ def plan_chunks(windows: list[Window], chunk_size: int) -> list[list[Window]]:
 def read_chunk(scene: SceneInfo, windows: list[Window]) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
     """(window, RGB uint8 [S, S, 3], valid bool [S, S]) for each window of one chunk: one read of the
     rectangle covering them (clipped to the scene), padded as nodata beyond the edges."""
-    import rasterio
     from rasterio.windows import Window as RioWindow
 
     left = min(w.read[0] for w in windows)
@@ -292,10 +358,7 @@ def read_chunk(scene: SceneInfo, windows: list[Window]) -> Iterator[tuple[Window
     right = max(w.read[0] + w.read[2] for w in windows)
     bottom = max(w.read[1] + w.read[3] for w in windows)
     inside_r, inside_b = min(right, scene.width), min(bottom, scene.height)
-    with scene_env(scene.uri), rasterio.open(scene.uri) as ds:
-        rio_window = RioWindow(left, top, inside_r - left, inside_b - top)
-        data = ds.read(list(scene.bands), window=rio_window)
-        valid = ds.dataset_mask(window=rio_window) > 0  # valid where any band is
+    data, valid = read_pixels(scene, RioWindow(left, top, inside_r - left, inside_b - top))
     if np.issubdtype(data.dtype, np.floating):  # NaN/inf are nodata, declared or not
         valid &= np.isfinite(data).all(0)
     rgb = np.zeros((3, bottom - top, right - left), np.uint8)

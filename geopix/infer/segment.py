@@ -50,6 +50,7 @@ from geopix.infer.scene_reader import (
     scene_id_of,
 )
 from geopix.infer.stac_outputs import ITEM_FILE, scene_item, write_catalog
+from geopix.infer.stac_scenes import StacScene
 from geopix.infer.stitch import MaskWriter, WindowAnswer, to_cog, window_answer
 from geopix.leases import Lease
 from geopix.outputs import finish_staged_switch, publish_staged, staging_id
@@ -98,19 +99,27 @@ def scene_prefix(out_uri: str, scene_id: str, model: ModelRef, request: str) -> 
     return storage.join_uri(out_uri, scene_id, model.label, request)
 
 
-def is_published(prefix: str) -> bool:
-    """Whether a scene's outputs are published at ``prefix``. A switch that a killed run left half
-    done (its staged outputs complete, ``_SUCCESS`` not yet written) is finished here."""
-    if storage.is_finished(prefix):
+def is_published(prefix: str, source_version: str | None = None) -> bool:
+    """Whether a scene's outputs are published at ``prefix`` (and, given ``source_version``, made
+    from that version of its STAC item: a re-published item is segmented again). A switch that a
+    killed run left half done (its staged outputs complete, ``_SUCCESS`` not yet written) is finished here."""
+    if not storage.is_finished(prefix) and not finish_staged_switch(prefix):
+        return False
+    if source_version is None:
         return True
-    return finish_staged_switch(prefix)
+    try:
+        run = json.loads(storage.read_bytes(storage.join_uri(prefix, RUN_FILE)))
+    except (storage.StorageError, OSError, ValueError):  # no readable run.json: redo rather than trust it
+        return False
+    return (run.get("source") or {}).get("version") == source_version
 
 
 # ------------------------------------------------------------------------------ worker side
 def read_windows(row: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Data ``flat_map``: one chunk → one row per window (image + validity), or one error row."""
     scene_row = json.loads(row["scene"])
-    scene = SceneInfo(**{**scene_row, "scaling": _scaling(scene_row["scaling"])})
+    scene = SceneInfo(**{**scene_row, "scaling": _scaling(scene_row["scaling"]),
+                         "band_uris": tuple(scene_row.get("band_uris", ()))})  # fmt: skip
     windows = [Window(w[0], tuple(w[1]), tuple(w[2])) for w in json.loads(row["windows"])]
     key, size = row["key"], windows[0].read[2]
     try:
@@ -246,6 +255,7 @@ class _Open:
     workdir: Path
     started: float
     remaining: int
+    source: dict[str, Any] | None = None  # a STAC scene's item (run.json's "source")
     nodata_windows: int = 0
     stated_counts: int = 0  # answers that said how many instances they list
     count_mismatches: int = 0  # … and drew another number of masks
@@ -254,7 +264,7 @@ class _Open:
 def segment_scenes(
     cfg: GeoPixConfig,
     model: str | ModelRef,
-    scene_uris: list[str],
+    scenes: list[str | StacScene],
     out_uri: str | None = None,
     *,
     scene_ids: list[str] | None = None,
@@ -262,10 +272,12 @@ def segment_scenes(
     progress: bool = True,
     leases: dict[str, Lease] | None = None,
 ) -> list[SceneResult]:
-    """Segment ``scene_uris`` with ``model`` (a model URI, ``models:/name@alias`` or a ModelRef) and
-    publish each under ``out_uri`` (default ``segment.out_uri``); one result per scene, in order.
-    ``scene_ids`` name the scenes in output paths (default: each file name without extension).
-    ``leases`` (scene URI → its held lease, from the nightly job): a scene whose lease another run
+    """Segment ``scenes`` (scene file URIs, or STAC items as :class:`StacScene`) with ``model`` (a
+    model URI, ``models:/name@alias`` or a ModelRef) and publish each under ``out_uri`` (default
+    ``segment.out_uri``); one result per scene, in order. ``scene_ids`` name the files in output
+    paths (default: each file name without extension; a STAC scene is named by its item id). A STAC
+    scene published from another version of its item is segmented again.
+    ``leases`` (scene id → its held lease, from the nightly job): a scene whose lease another run
     took over is not published (it fails as ``lease lost``)."""
     import rasterio
     import ray
@@ -282,9 +294,9 @@ def segment_scenes(
     unknown = sorted(set(seg.keep_classes or []) - set(class_names))
     if unknown:
         raise ValueError(f"segment.keep_classes {unknown} are not classes of {ref.uri} ({class_names})")
-    ids = scene_ids or [None] * len(scene_uris)
-    if len(ids) != len(scene_uris) or len({i for i in ids if i}) != len([i for i in ids if i]):
-        raise ValueError(f"give one distinct scene id per scene ({len(scene_uris)} scenes, ids {scene_ids})")
+    ids = scene_ids or [None] * len(scenes)
+    if len(ids) != len(scenes) or len({i for i in ids if i}) != len([i for i in ids if i]):
+        raise ValueError(f"give one distinct scene id per scene ({len(scenes)} scenes, ids {scene_ids})")
     window_size = seg.window_size or model_cfg.image_size
     request = request_hash(seg, window_size)
     out_uri = storage.normalize_uri(out_uri or seg.out_uri).rstrip("/")
@@ -292,33 +304,34 @@ def segment_scenes(
     opened: dict[str, _Open] = {}
     tasks: list[dict[str, Any]] = []
     workroot = Path(tempfile.mkdtemp(prefix="geopix-segment-"))
-    for uri, scene_id in zip(scene_uris, ids, strict=True):
+    keys = [str(i) for i in range(len(scenes))]  # a scene's key in the pipeline's rows and in results
+    for key, source, scene_id in zip(keys, scenes, ids, strict=True):
         started = time.perf_counter()
+        stac = source if isinstance(source, StacScene) else None
         try:
-            scene = open_scene(uri, seg, scene_id)
+            scene = stac.open(seg) if stac else open_scene(source, seg, scene_id)
         except SceneError as exc:
-            results[uri] = SceneResult(
-                uri, scene_id or scene_id_of(uri), "failed", reason=exc.reason, detail=exc.detail
-            )
-            log.warning("scene %s failed: %s", uri, exc)
+            scene_id = stac.scene_id if stac else scene_id or scene_id_of(source)
+            failed_uri = exc.uri if stac else source  # a STAC scene: the file (or item) at fault
+            results[key] = SceneResult(failed_uri, scene_id, "failed", reason=exc.reason, detail=exc.detail)
+            log.warning("scene %s failed: %s", scene_id, exc)
             continue
         prefix = scene_prefix(out_uri, scene.scene_id, ref, request)
-        if not overwrite and is_published(prefix):
-            results[uri] = SceneResult(uri, scene.scene_id, "skipped", out_uri=prefix)
+        if not overwrite and is_published(prefix, stac.version if stac else None):
+            results[key] = SceneResult(scene.uri if stac else source, scene.scene_id, "skipped", out_uri=prefix)
             continue
         windows = plan_windows(scene.width, scene.height, window_size, seg.overlap)
         workdir = workroot / f"{len(opened):04d}-{scene.scene_id}"
-        opened[uri] = _Open(
+        opened[key] = _Open(
             scene, prefix, {w.index: w for w in windows}, MaskWriter(scene, workdir / MASK_FILE, class_names),
             InstanceStitcher(scene, windows, workdir / "instances-provisional.tif", seg.instance_match_iou),
-            workdir, started,
-            remaining=len(windows),
+            workdir, started, remaining=len(windows), source=stac.describe() if stac else None,
         )  # fmt: skip
         scene_row = json.dumps(scene.as_dict())
         for chunk in plan_chunks(windows, seg.chunk_size):
             tasks.append(
                 {
-                    "key": uri,
+                    "key": key,
                     "scene": scene_row,
                     "windows": json.dumps([(w.index, w.read, w.keep) for w in chunk]),
                 }
@@ -372,7 +385,7 @@ def segment_scenes(
                 state.remaining -= 1
                 bar.update(1)
                 if state.remaining == 0:
-                    lease = (leases or {}).get(row["key"])
+                    lease = (leases or {}).get(state.scene.scene_id)
                     if lease is not None and lease.lost:
                         results[row["key"]] = _fail(state, "lease lost", "another run took this scene's lease over; "
                                                     "its outputs were not published")  # fmt: skip
@@ -380,15 +393,15 @@ def segment_scenes(
                         results[row["key"]] = _finish(state, ref, cfg, class_names, request)
                     del opened[row["key"]]
         bar.close()
-    for uri, state in opened.items():  # never completed: the stream ended early
-        results[uri] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
+    for key, state in opened.items():  # never completed: the stream ended early
+        results[key] = _fail(state, "incomplete", f"{state.remaining} windows never came back")
     shutil.rmtree(workroot, ignore_errors=True)
     if any(r.status == "done" for r in results.values()):
         try:
             write_catalog(out_uri)
         except Exception as exc:  # noqa: BLE001 - the scenes are published; only their listing is late
             log.warning("the STAC catalog of %s was not rewritten: %s: %s", out_uri, type(exc).__name__, exc)
-    return [results[uri] for uri in scene_uris]
+    return [results[key] for key in keys]
 
 
 def _fail(state: _Open, reason: str, detail: str) -> SceneResult:
@@ -462,6 +475,7 @@ def _outputs(
     scene_preview(scene, cog, work / PREVIEW_FILE, class_names)
     metadata = {
         "scene": scene.as_dict() | {"scaling": asdict(scene.scaling)},
+        "source": state.source,  # the STAC item the scene came from (its version decides "done"); None: a file
         "model": asdict(ref),
         "instructions": seg.instructions,
         "request_hash": request,
@@ -498,6 +512,7 @@ def _outputs(
         bounds=array_bounds(scene.height, scene.width, Affine(*scene.transform)), model=asdict(ref),
         instructions=seg.instructions, finished_at=metadata["finished_at"],
         outputs=metadata["outputs"] | {"run": RUN_FILE},
+        acquired_at=(state.source or {}).get("datetime"), source_href=(state.source or {}).get("item_href"),
     )  # fmt: skip
     (work / ITEM_FILE).write_text(json.dumps(item, indent=1))
     publish(state.prefix, {MASK_FILE: cog, POLYGONS_FILE: work / POLYGONS_FILE, INSTANCES_FILE: instances_cog,
@@ -549,7 +564,7 @@ def log_segment_run(cfg: GeoPixConfig, ref: ModelRef, results: list[SceneResult]
 def run_segment(
     cfg: GeoPixConfig,
     model: str,
-    scene_uris: list[str],
+    scenes: list[str | StacScene],
     out_uri: str | None = None,
     *,
     scene_ids: list[str] | None = None,
@@ -561,6 +576,6 @@ def run_segment(
 
     started = time.perf_counter()
     ref = resolve_model(model)
-    results = segment_scenes(cfg, ref, scene_uris, out_uri, scene_ids=scene_ids, overwrite=overwrite)
+    results = segment_scenes(cfg, ref, scenes, out_uri, scene_ids=scene_ids, overwrite=overwrite)
     run_id = log_segment_run(cfg, ref, results, time.perf_counter() - started) if log_to_mlflow else None
     return results, run_id

@@ -39,11 +39,13 @@ def scene_item(
     outputs: dict[str, str],
     finished_at: str,
     acquired_at: str | None = None,
+    source_href: str | None = None,
 ) -> dict[str, Any]:
     """The STAC Item (a dict) of one published scene. ``outputs``: asset key → file name beside it
     (``mask``, ``instances``, ``polygons``, ``instance_polygons``, ``preview``, ``run``).
     ``datetime`` is the acquisition time when the source says it (a STAC item's), else the time the
-    scene was segmented; ``created`` is always the latter."""
+    scene was segmented; ``created`` is always the latter. A scene read from a STAC item links to it
+    (``derived_from``, ``source_href``)."""
     import pystac
     from rasterio.crs import CRS
     from rasterio.warp import transform_geom
@@ -76,6 +78,8 @@ def scene_item(
         "preview": (pystac.MediaType.PNG, ["overview"], "the mask over the scene, downsampled"),
         "run": (pystac.MediaType.JSON, ["metadata"], "the run's parameters and figures"),
     }
+    if source_href:
+        item.add_link(pystac.Link("derived_from", source_href, media_type=pystac.MediaType.JSON))
     for key, name in outputs.items():
         media_type, roles, title = kinds[key]
         item.add_asset(key, pystac.Asset(f"./{name}", title=title, media_type=media_type, roles=roles))
