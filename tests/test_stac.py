@@ -247,6 +247,10 @@ def test_nightly_segments_a_static_catalog_once_and_quarantines_bad_items(stac_s
     assert run["source"]["stac_item"] == "good-2" and run["source"]["collection"] == "tests"
     assert run["source"]["assets"] == {"image": f"{root}/data/good-2.tif"}
     assert run["source"]["item_href"] == f"{root}/collection/items/good-2.json"
+    # Its output item links back to the item it was read from and keeps the acquisition time.
+    output_item = json.loads(storage.read_bytes(f"{done['good-2'].out_uri}/item.json"))
+    assert {"rel": "derived_from", "href": run["source"]["item_href"], "type": "application/json"} in output_item["links"]
+    assert output_item["properties"]["datetime"] == "2026-11-27T10:00:00Z"
     split = json.loads(storage.read_bytes(f"{done['split'].out_uri}/{RUN_FILE}"))
     assert split["scene"]["band_uris"] == [f"{root}/data/split/{c}.tif" for c in ("red", "green", "blue")]
     # The split item holds good-1's pixels band by band: the same mask, pixel for pixel.
