@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from geopix.infer.scene_reader import SceneInfo, Window
+from geopix.infer.stitch import open_scene_raster
 
 NO_INSTANCE = 0
-BLOCK = 512
 _PAIR = 1 << 16  # local ids are uint16: (a, b) pairs are coded as a · 2¹⁶ + b
 
 
@@ -95,12 +95,7 @@ def grid_neighbours(windows: list[Window]) -> dict[int, list[int]]:
 class InstanceStitcher:
     """Instances of a scene's windows, joined across seams as the windows arrive (in any order)."""
 
-    def __init__(
-        self, scene: SceneInfo, windows: list[Window], path: str | Path, match_iou: float
-    ):
-        import rasterio
-        from affine import Affine
-
+    def __init__(self, scene: SceneInfo, windows: list[Window], path: str | Path, match_iou: float):
         self.scene, self.path, self.match_iou = scene, Path(path), match_iou
         self.windows = {w.index: w for w in windows}
         self.neighbours = grid_neighbours(windows)
@@ -108,12 +103,7 @@ class InstanceStitcher:
         self.pending: dict[int, tuple[bytes, tuple[int, int], int] | None] = {}  # arrived, neighbours not all
         self.arrived: set[int] = set()
         self.seam_matches = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dataset = rasterio.open(
-            self.path, "w", driver="GTiff", width=scene.width, height=scene.height, count=1, dtype="uint32",
-            crs=scene.crs, transform=Affine(*scene.transform), nodata=NO_INSTANCE, tiled=True,
-            blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
-        )  # fmt: skip
+        self.dataset = open_scene_raster(scene, self.path, 1, "uint32", NO_INSTANCE)
 
     def add(
         self,

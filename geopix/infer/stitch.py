@@ -59,20 +59,25 @@ def window_answer(
     return WindowAnswer(out, ids, list(zip(class_ids, instructions, strict=True)))
 
 
+def open_scene_raster(scene: SceneInfo, path: str | Path, count: int, dtype: str, nodata: int) -> Any:
+    """A tiled GeoTIFF on local disk on the scene's grid, open for writing window by window."""
+    import rasterio
+    from affine import Affine
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return rasterio.open(
+        path, "w", driver="GTiff", width=scene.width, height=scene.height, count=count, dtype=dtype,
+        crs=scene.crs, transform=Affine(*scene.transform), nodata=nodata, tiled=True,
+        blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
+    )  # fmt: skip
+
+
 class MaskWriter:
     """A tiled GeoTIFF on local disk on the scene's grid, filled window by window."""
 
     def __init__(self, scene: SceneInfo, path: str | Path, class_names: list[str]):
-        import rasterio
-        from affine import Affine
-
         self.scene, self.path = scene, Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dataset = rasterio.open(
-            self.path, "w", driver="GTiff", width=scene.width, height=scene.height, count=2, dtype="uint8",
-            crs=scene.crs, transform=Affine(*scene.transform), nodata=NODATA, tiled=True,
-            blockxsize=BLOCK, blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
-        )  # fmt: skip
+        self.dataset = open_scene_raster(scene, self.path, 2, "uint8", NODATA)
         # GDAL fills never-written blocks with the nodata value on close, so windows skipped for
         # having no valid pixel need no write.
         self.dataset.update_tags(
