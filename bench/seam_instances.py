@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,39 @@ def segment(cfg, model: str, image_uri: str, match_iou: float, label: str):
                               scene_ids=[label], overwrite=True)  # fmt: skip
     assert result.status == "done", result
     return result, time.perf_counter() - started
+
+
+def stitch_truth(info, windows, truth_uri: str, classes_uri: str, match_iou: float, work: Path) -> dict:
+    """The stitcher alone at scene scale: every window answered with the true objects it holds (one
+    seg run each, as a perfect model would), joined by the same rule, scored as the model's output."""
+    import rasterio
+
+    from geopix.infer.instances import InstanceStitcher
+
+    stitcher = InstanceStitcher(info, windows, work / "provisional.tif", match_iou)
+    with storage.rasterio_env(), rasterio.open(truth_uri) as gt, rasterio.open(classes_uri) as cl:
+        profile = cl.profile | {"driver": "GTiff", "nodata": None}
+        with rasterio.open(work / "mask.tif", "w", **profile) as mask:  # the class raster a perfect model gives
+            mask.write(np.where(cl.read(1) == 255, 0, cl.read(1) + 1).astype(np.uint8)[None])
+        for window in windows:
+            col, row, width, height = window.read
+            rio_window = rasterio.windows.Window(col, row, width, height)
+            ids = gt.read(1, window=rio_window, boundless=True, fill_value=0)
+            class_ids = cl.read(1, window=rio_window, boundless=True, fill_value=255)
+            present = [int(v) for v in np.unique(ids) if v]
+            local = np.zeros(ids.shape, np.uint16)
+            for k, truth_id in enumerate(present, start=1):
+                local[ids == truth_id] = k
+            runs = [(int(class_ids[ids == t][0]), 0) for t in present]
+            if runs:
+                stitcher.add(window, local, runs, np.where(local > 0, 100, 0).astype(np.uint8))
+            else:
+                stitcher.add_empty(window)
+    stats = stitcher.finish(work / "instances.tif", work / "instances.parquet", [], ["truth"])
+    scores = instance_scores(str(work / "instances.tif"), truth_uri, windows, mask_uri=str(work / "mask.tif"),
+                             truth_classes_uri=classes_uri, class_names=[])  # fmt: skip
+    return {"scores": scores, "run": {"instances": stats.instances, "seg_runs": stats.seg_runs,
+                                      "seam_matches": stats.seam_matches, "across_windows": stats.across_windows}}  # fmt: skip
 
 
 def seam_picture(image_uri: str, truth_uri: str, outputs: dict[str, str], windows, path: Path) -> None:
@@ -127,15 +161,17 @@ def main() -> None:
             "instances_s": result.metadata["timings"]["instances_s"],
             "seconds": round(seconds, 1),
         }
+    with tempfile.TemporaryDirectory() as tmp:
+        figures["truth as answers"] = stitch_truth(info, windows, truth_uri, classes_uri, seg.instance_match_iou, Path(tmp))
     seam_picture(image_uri, truth_uri, outputs, windows, args.picture)
     print(json.dumps(figures, indent=1, default=float))
     print(f"\n{figures['scene']} scene, {len(windows)} windows of {window} px, overlap {seg.overlap}:")
-    for name in outputs:
+    for name in [*outputs, "truth as answers"]:
         s, run = figures[name]["scores"], figures[name]["run"]
         print(f"  {name:24s} instances {run['instances']:5d} (seg runs {run['seg_runs']}, seam matches {run['seam_matches']}); "
               f"P {s['precision']:.3f} R {s['recall']:.3f} at IoU 0.5; true objects across seams {s['across_seams']}, "
               f"found in every part {s['across_seams_found_in_every_part']}, one instance {s['across_seams_one_instance']} "
-              f"= {s['one_instance_share']:.1%}; finishing instances {figures[name]['instances_s']:.1f} s")  # fmt: skip
+              f"= {s['one_instance_share']:.1%}; finishing instances {figures[name].get('instances_s', float('nan')):.1f} s")  # fmt: skip
         for cls, c in s["per_class"].items():
             if c["predicted"]:
                 print(f"      {cls:18s} predicted {c['predicted']:4d} true {c['true']:4d} matched {c['matched']:4d}: "
