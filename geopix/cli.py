@@ -328,8 +328,9 @@ def segment(
     datetime: Annotated[str | None, typer.Option(help="--stac-api: interval, e.g. 2026-11-26/2026-11-27.")] = None,
     max_items: Annotated[int | None, typer.Option(help="--stac-api: at most this many items.")] = None,
 ) -> None:
-    """Segment large scenes window by window (Ray Data actor pool) into COG masks, GeoParquet
-    polygons, a preview and run metadata per scene, published atomically (``_SUCCESS`` last).
+    """Segment large scenes window by window (Ray Data actor pool) into COG masks and instance ids,
+    GeoParquet polygons, a preview, run metadata and a STAC item per scene, published atomically
+    (``_SUCCESS`` last).
     The scenes are files (--scene) or STAC items (--stac, or --stac-api with a search)."""
 
     from geopix import tracking
@@ -364,7 +365,8 @@ def segment(
             typer.secho(f"{result.scene_id}: failed: {result.reason}: {result.detail}", fg=typer.colors.RED)
         else:
             typer.echo(f"{result.scene_id}: {result.status}, {result.windows} windows, "
-                       f"{result.polygons} polygons in {result.seconds:.1f} s → {result.out_uri}")  # fmt: skip
+                       f"{result.polygons} polygons, {result.instances} instances in {result.seconds:.1f} s "
+                       f"→ {result.out_uri}")  # fmt: skip
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
 

@@ -193,6 +193,7 @@ def test_scene_is_stitched_exactly_and_published_with_georeferenced_outputs(setu
     assert run["polygons"]["merged_across_blocks"] >= 0
 
     check_instance_outputs(prefix, root, run, stitched[0], meta)
+    assert result.instances == run["instances"]["instances"]
     check_stac_outputs(prefix, OUT, meta, Path(model_dir))
 
     # Published once: a second call skips it; --overwrite redoes it.

@@ -75,6 +75,7 @@ class SceneResult:
     windows: int = 0
     windows_nodata: int = 0  # windows with no valid pixel: not run through the model
     polygons: int = 0
+    instances: int = 0  # objects in instances.tif, one id each across window seams
     seconds: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -433,7 +434,8 @@ def _finish(
              metadata["polygons"]["polygons"], seconds, state.prefix)  # fmt: skip
     return SceneResult(
         scene.uri, scene.scene_id, "done", out_uri=state.prefix, windows=len(state.windows),
-        windows_nodata=state.nodata_windows, polygons=metadata["polygons"]["polygons"], seconds=seconds,
+        windows_nodata=state.nodata_windows, polygons=metadata["polygons"]["polygons"],
+        instances=metadata["instances"]["instances"], seconds=seconds,
         metadata=metadata,
     )  # fmt: skip
 
@@ -546,7 +548,7 @@ def log_segment_run(cfg: GeoPixConfig, ref: ModelRef, results: list[SceneResult]
             "scenes_done": len(done), "scenes_failed": sum(r.status == "failed" for r in results),
             "scenes_skipped": sum(r.status == "skipped" for r in results),
             "scenes_in_progress_elsewhere": sum(r.status == "in progress" for r in results), "windows": windows,
-            "polygons": sum(r.polygons for r in done), "seconds": seconds,
+            "polygons": sum(r.polygons for r in done), "instances": sum(r.instances for r in done), "seconds": seconds,
             "windows_per_s": windows / seconds if seconds else 0.0,
         })  # fmt: skip
         mlflow.log_dict(
