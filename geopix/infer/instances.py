@@ -187,7 +187,9 @@ class InstanceStitcher:
     ) -> InstanceStats:
         """Write ``raster_path`` (the final ids, uint32 tiled GeoTIFF) from the provisional raster,
         block by block, and ``parquet_path`` (GeoParquet: one polygon per instance with its id,
-        class, score = mean confidence, pixels, area in m², instructions and windows)."""
+        class, score = mean confidence, pixels, area in m², instructions and windows). Each
+        instance's traced pieces are held to the end and unioned there (an instance may span any
+        number of blocks): memory of the size of the polygons written, as for the class polygons."""
         import rasterio
         from rasterio.features import shapes
         from rasterio.windows import Window as RioWindow
