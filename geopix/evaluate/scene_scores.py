@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from geopix import storage
-from geopix.infer.stitch import NODATA
+from geopix.infer.stitch import NODATA, raster_blocks
 
 
 def scene_scores(
@@ -23,25 +23,22 @@ def scene_scores(
 ) -> dict[str, Any]:
     """{class name: {iou, precision, recall, predicted_px, true_px}} for every class present in either."""
     import rasterio
-    from rasterio.windows import Window
 
     n = len(class_names)
     intersection, predicted, true = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     with storage.rasterio_env(), rasterio.open(mask_uri) as out, rasterio.open(truth_uri) as gt:
         if (out.width, out.height, out.transform) != (gt.width, gt.height, gt.transform):
             raise ValueError(f"{mask_uri} and {truth_uri} are not on the same grid")
-        for top in range(0, out.height, block):
-            for left in range(0, out.width, block):
-                win = Window(left, top, min(block, out.width - left), min(block, out.height - top))
-                pred, truth = out.read(1, window=win), gt.read(1, window=win)
-                valid = pred != NODATA
-                pred_class = np.where(valid & (pred > 0), pred.astype(np.int64) - 1, -1)
-                true_class = np.where(valid & (truth != background), truth.astype(np.int64), -1)
-                for c in range(n):
-                    p, t = pred_class == c, true_class == c
-                    intersection[c] += int((p & t).sum())
-                    predicted[c] += int(p.sum())
-                    true[c] += int(t.sum())
+        for win in raster_blocks(out.width, out.height, block):
+            pred, truth = out.read(1, window=win), gt.read(1, window=win)
+            valid = pred != NODATA
+            pred_class = np.where(valid & (pred > 0), pred.astype(np.int64) - 1, -1)
+            true_class = np.where(valid & (truth != background), truth.astype(np.int64), -1)
+            for c in range(n):
+                p, t = pred_class == c, true_class == c
+                intersection[c] += int((p & t).sum())
+                predicted[c] += int(p.sum())
+                true[c] += int(t.sum())
     scores = {}
     for c, name in enumerate(class_names):
         if predicted[c] or true[c]:
@@ -83,7 +80,6 @@ def instance_scores(
       found in every part, ``one_instance_share`` is the share whose parts are all the same instance.
     """
     import rasterio
-    from rasterio.windows import Window as RioWindow
 
     predicted, true, pairs, parts = Counter(), Counter(), Counter(), Counter()
     predicted_class, true_class = {}, {}
@@ -98,22 +94,21 @@ def instance_scores(
             raise ValueError(f"{instances_uri} and {truth_uri} are not on the same grid")
         keep_col, keep_row = _keep_index(windows, out.width, 0), _keep_index(windows, out.height, 1)
         columns = int(keep_col.max()) + 1
-        for top in range(0, out.height, block):
-            for left in range(0, out.width, block):
-                win = RioWindow(left, top, min(block, out.width - left), min(block, out.height - top))
-                pred = out.read(1, window=win).astype(np.int64).ravel()
-                truth = gt.read(1, window=win).astype(np.int64).ravel()
-                pred_classes = mask.read(1, window=win).astype(np.int64).ravel() - 1
-                truth_classes = gt_classes.read(1, window=win).astype(np.int64).ravel()
-                for ids, classes, into in ((pred, pred_classes, predicted_class), (truth, truth_classes, true_class)):
-                    into.update(_counts(ids[ids > 0], classes[ids > 0]).keys())  # one class per instance
-                keep = (keep_row[top : top + win.height, None] * columns + keep_col[None, left : left + win.width]).ravel()
-                predicted.update(_counts(pred[pred > 0]))
-                true.update(_counts(truth[truth > 0]))
-                both = (pred > 0) & (truth > 0)
-                pairs.update(_counts(truth[both], pred[both]))
-                objects = truth > 0
-                parts.update(_counts(truth[objects], keep[objects], pred[objects]))
+        for win in raster_blocks(out.width, out.height, block):
+            pred = out.read(1, window=win).astype(np.int64).ravel()
+            truth = gt.read(1, window=win).astype(np.int64).ravel()
+            pred_classes = mask.read(1, window=win).astype(np.int64).ravel() - 1
+            truth_classes = gt_classes.read(1, window=win).astype(np.int64).ravel()
+            for ids, classes, into in ((pred, pred_classes, predicted_class), (truth, truth_classes, true_class)):
+                into.update(_counts(ids[ids > 0], classes[ids > 0]).keys())  # one class per instance
+            rows, cols = win.toslices()
+            keep = (keep_row[rows, None] * columns + keep_col[None, cols]).ravel()
+            predicted.update(_counts(pred[pred > 0]))
+            true.update(_counts(truth[truth > 0]))
+            both = (pred > 0) & (truth > 0)
+            pairs.update(_counts(truth[both], pred[both]))
+            objects = truth > 0
+            parts.update(_counts(truth[objects], keep[objects], pred[objects]))
     matched = set()
     for (t, p), inter in pairs.items():
         if true_class.get(t) == predicted_class.get(p) and inter / (true[t] + predicted[p] - inter) >= iou:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from geopix.infer.scene_reader import SceneInfo, Window
-from geopix.infer.stitch import open_scene_raster
+from geopix.infer.stitch import open_scene_raster, raster_blocks
 
 NO_INSTANCE = 0
 _PAIR = 1 << 16  # local ids are uint16: (a, b) pairs are coded as a · 2¹⁶ + b
@@ -192,7 +192,6 @@ class InstanceStitcher:
         number of blocks): memory of the size of the polygons written, as for the class polygons."""
         import rasterio
         from rasterio.features import shapes
-        from rasterio.windows import Window as RioWindow
         from rasterio.windows import transform as window_transform
         from shapely import unary_union
         from shapely.geometry import shape
@@ -216,19 +215,17 @@ class InstanceStitcher:
         with rasterio.open(self.path) as src:
             profile = src.profile | {"compress": "deflate"}
             area_of = area_function(src.crs, src.bounds)
-            pixel_area = abs(src.transform.a * src.transform.e - src.transform.b * src.transform.d)
+            pixel_area = abs(src.transform.determinant)
             with rasterio.open(raster_path, "w", **profile) as dst:
-                for top in range(0, src.height, block):
-                    for left in range(0, src.width, block):
-                        win = RioWindow(left, top, min(block, src.width - left), min(block, src.height - top))
-                        final = final_of[src.read(1, window=win)]
-                        dst.write(final[None], window=win)
-                        if not final.any():
-                            continue
-                        wt = window_transform(win, src.transform)
-                        traced = shapes(final.astype(np.int32), mask=final > 0, transform=wt, connectivity=4)
-                        for geom, value in traced:  # (shapes takes no uint32; ids stay far below 2³¹)
-                            pieces.setdefault(int(value), []).append(shape(geom))
+                for win in raster_blocks(src.width, src.height, block):
+                    final = final_of[src.read(1, window=win)]
+                    dst.write(final[None], window=win)
+                    if not final.any():
+                        continue
+                    wt = window_transform(win, src.transform)
+                    traced = shapes(final.astype(np.int32), mask=final > 0, transform=wt, connectivity=4)
+                    for geom, value in traced:  # (shapes takes no uint32; ids stay far below 2³¹)
+                        pieces.setdefault(int(value), []).append(shape(geom))
             crs = src.crs
         rows = []
         stats = InstanceStats(seg_runs=count - 1, seam_matches=self.seam_matches)

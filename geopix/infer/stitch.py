@@ -9,6 +9,7 @@ pixel is written twice and nothing of the scene is held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,16 @@ def window_answer(
         ids[hit] = best[hit] + 1
     out[:, ~valid] = NODATA
     return WindowAnswer(out, ids, list(zip(class_ids, instructions, strict=True)))
+
+
+def raster_blocks(width: int, height: int, block: int) -> Iterator[Any]:
+    """Row by row, the ``block`` × ``block`` rasterio Windows covering a width × height raster (the
+    last row and column cut at its edge): how a whole scene is read without being held."""
+    from rasterio.windows import Window as RioWindow
+
+    for top in range(0, height, block):
+        for left in range(0, width, block):
+            yield RioWindow(left, top, min(block, width - left), min(block, height - top))
 
 
 def open_scene_raster(scene: SceneInfo, path: str | Path, count: int, dtype: str, nodata: int) -> Any:

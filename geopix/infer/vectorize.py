@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from geopix.infer.stitch import NODATA
+from geopix.infer.stitch import NODATA, raster_blocks
 
 GEOMETRY = "geometry"
 
@@ -55,7 +55,6 @@ def trace_polygons(
     """Polygons of every class in ``raster_path`` (the stitched output) into ``out_path`` (GeoParquet)."""
     import rasterio
     from rasterio.features import shapes
-    from rasterio.windows import Window
     from rasterio.windows import transform as window_transform
     from shapely.geometry import box as shapely_box
     from shapely.geometry import shape
@@ -66,34 +65,32 @@ def trace_polygons(
     with rasterio.open(raster_path) as ds:
         crs, transform = ds.crs, ds.transform
         area_of = area_function(crs, ds.bounds)
-        pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
-        for top in range(0, ds.height, block):
-            for left in range(0, ds.width, block):
-                win = Window(left, top, min(block, ds.width - left), min(block, ds.height - top))
-                classes, confidence = ds.read(1, window=win), ds.read(2, window=win).astype(np.float64)
-                objects = (classes != 0) & (classes != NODATA)
-                if not objects.any():
-                    continue
-                wt = window_transform(win, transform)
-                inner = shapely_box(*_inner_bounds(win, ds.width, ds.height, wt))
-                labels = _component_labels(classes, objects)
-                flat = labels.ravel()
-                pixels = np.bincount(flat)
-                confidence_sums = np.bincount(flat, weights=confidence.ravel())
-                class_of = np.zeros(len(pixels), np.int64)
-                class_of[flat] = classes.ravel()
-                for geom, label in shapes(labels, mask=labels > 0, transform=wt, connectivity=4):
-                    label = int(label)
-                    piece = _Piece(
-                        shape(geom),
-                        int(class_of[label]) - 1,
-                        int(pixels[label]),
-                        float(confidence_sums[label]),
-                    )
-                    if piece.polygon.within(inner):
-                        _emit(piece, rows, stats, class_names, area_of, pixel_area, min_pixels)
-                    else:
-                        border.append(piece)
+        pixel_area = abs(transform.determinant)
+        for win in raster_blocks(ds.width, ds.height, block):
+            classes, confidence = ds.read(1, window=win), ds.read(2, window=win).astype(np.float64)
+            objects = (classes != 0) & (classes != NODATA)
+            if not objects.any():
+                continue
+            wt = window_transform(win, transform)
+            inner = shapely_box(*_inner_bounds(win, ds.width, ds.height, wt))
+            labels = _component_labels(classes, objects)
+            flat = labels.ravel()
+            pixels = np.bincount(flat)
+            confidence_sums = np.bincount(flat, weights=confidence.ravel())
+            class_of = np.zeros(len(pixels), np.int64)
+            class_of[flat] = classes.ravel()
+            for geom, label in shapes(labels, mask=labels > 0, transform=wt, connectivity=4):
+                label = int(label)
+                piece = _Piece(
+                    shape(geom),
+                    int(class_of[label]) - 1,
+                    int(pixels[label]),
+                    float(confidence_sums[label]),
+                )
+                if piece.polygon.within(inner):
+                    _emit(piece, rows, stats, class_names, area_of, pixel_area, min_pixels)
+                else:
+                    border.append(piece)
     for piece in _merge(border, stats):
         _emit(piece, rows, stats, class_names, area_of, pixel_area, min_pixels)
     write_geoparquet(rows, out_path, crs, _polygon_columns())
