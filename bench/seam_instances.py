@@ -50,7 +50,8 @@ def stitch_truth(info, windows, truth_uri: str, classes_uri: str, match_iou: flo
     with storage.rasterio_env(), rasterio.open(truth_uri) as gt, rasterio.open(classes_uri) as cl:
         profile = cl.profile | {"driver": "GTiff", "nodata": None}
         with rasterio.open(work / "mask.tif", "w", **profile) as mask:  # the class raster a perfect model gives
-            mask.write(np.where(cl.read(1) == 255, 0, cl.read(1) + 1).astype(np.uint8)[None])
+            truth_classes = cl.read(1)
+            mask.write(np.where(truth_classes == 255, 0, truth_classes + 1).astype(np.uint8)[None])
         for window in windows:
             col, row, width, height = window.read
             rio_window = rasterio.windows.Window(col, row, width, height)

@@ -126,11 +126,10 @@ class InstanceStitcher:
         provisional = np.where(kept > 0, kept + first - 1, NO_INSTANCE).astype(np.uint32)
         col, row, width, height = window.keep
         self.dataset.write(provisional[None], window=RioWindow(col, row, width, height))
-        pixels = np.bincount(kept.ravel(), minlength=len(instances) + 1)
+        end = first + len(instances)
+        self.ids.pixels[first:end] = np.bincount(kept.ravel(), minlength=len(instances) + 1)[1:].tolist()
         sums = np.bincount(kept.ravel(), weights=confidence[rows, cols].ravel(), minlength=len(instances) + 1)
-        for k in range(1, len(instances) + 1):
-            self.ids.pixels[first + k - 1] = int(pixels[k])
-            self.ids.confidence[first + k - 1] = float(sums[k])
+        self.ids.confidence[first:end] = sums[1:].tolist()
         packed = (
             zlib.compress(np.ascontiguousarray(instance_ids, np.uint16).tobytes(), 1),
             instance_ids.shape,

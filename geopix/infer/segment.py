@@ -420,8 +420,7 @@ def _finish(
     state: _Open, ref: ModelRef, cfg: GeoPixConfig, class_names: list[str], request: str
 ) -> SceneResult:
     """COGs, polygons, preview and run metadata; then publish: objects first, ``_SUCCESS`` last."""
-    state.writer.close()
-    state.instances.close()
+    state.writer.close()  # the instance layer's file is closed by its finish
     scene, work = state.scene, state.workdir
     timings = {"windows_s": round(time.perf_counter() - state.started, 2)}
     try:

@@ -30,9 +30,8 @@ class WindowAnswer:
     raster: np.ndarray  # [2, S, S] uint8: class + 1 / 0 / NODATA, confidence %
     # [S, S] uint16: 1 + the index (into ``instances``) of the mask that wins the pixel; 0 elsewhere
     instance_ids: np.ndarray
-    instances: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # (class id, instruction index) per seg run
+    # (class id, instruction index) per seg run
+    instances: list[tuple[int, int]] = field(default_factory=list)
 
 
 def window_answer(
