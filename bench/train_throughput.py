@@ -1,8 +1,9 @@
 """Training benchmarks, one run each, figures as ratios.
 
-0. The tiny preset's step against the step as it was before the light fine scale and the
-   folded vision encoder (``BEFORE``: ``model.fine_scale=full``, BatchNorms unfolded), both
-   through Ray Train + DeepSpeed ZeRO-2 and through the plain loop, in the same run.
+0. The tiny preset's step against the step as it was before the light fine scale, the folded
+   vision encoder and the feature cache (``BEFORE``: ``model.fine_scale=full``, BatchNorms
+   unfolded, no cache), both through Ray Train + DeepSpeed ZeRO-2 and through the plain loop, in
+   the same run; and the preset's step against the same step without the vision feature cache.
 1. Step throughput of Ray Train + DeepSpeed (ZeRO-2, 2 workers × 1 thread, 8 samples each) against a
    plain single-process torch loop (1 process × 2 threads, 16 samples) on the same tiny model,
    the same global batch and the same total thread count.
@@ -24,7 +25,9 @@ import tempfile
 import time
 
 WARMUP = 3
-BEFORE = ["model.fine_scale=full"]  # + fold_batchnorm off: the step as it was on 2026-12-02
+# + fold_batchnorm off: the step as it was on 2026-12-02, every image encoded every step
+BEFORE = ["model.fine_scale=full", "train.vision_feature_cache_mb=0"]
+NO_CACHE = ["train.vision_feature_cache_mb=0"]
 
 
 @contextlib.contextmanager
@@ -68,12 +71,27 @@ def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
 
 
 def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
+    """Augmented as in training (the feature cache turns the feature maps of turned samples)."""
     from geopix.data.batches import iter_batches
 
     mine = records[rank::world]
     return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,
-                             max_length=None, augment=False, seed=0, seg_vocab=cfg.model.seg_vocabulary,
+                             max_length=None, augment=True, seed=0, seg_vocab=cfg.model.seg_vocabulary,
                              chat_template=cfg.model.chat_template, drop_last=True))
+
+
+def feature_cache(cfg, model, batches):
+    """The preset's feature cache, filled by one untimed pass over ``batches``: the timed steps are
+    those of the epochs after the first (the first epoch's misses cost what the step without it
+    does; bench/learning_bar.py's train time has them all). None when the config has none."""
+    from geopix.train.feature_cache import VisionFeatureCache
+
+    if not cfg.train.vision_feature_cache_mb:
+        return None
+    cache = VisionFeatureCache(model.vision, int(cfg.train.vision_feature_cache_mb * 2**20))
+    for batch in batches:
+        cache(batch["pixel_values"], batch["transforms"])
+    return cache
 
 
 def tensor_bytes(tensors) -> int:
@@ -129,10 +147,13 @@ def worker(loop: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg.train, stage, bf16=False))
     batches = batches_for(records, tokenizer, cfg, cfg.train.batch_size, rank, world)
+    cache = feature_cache(cfg, engine.module, batches)
     times = []
     for i in range(loop["steps"] + WARMUP):
         batch = to_device(batches[i % len(batches)], torch.device("cpu"), torch.float32)
         started = time.perf_counter()
+        if cache is not None:
+            batch["vision_features"] = cache(batch["pixel_values"], batches[i % len(batches)]["transforms"])
         out = engine(**batch)
         engine.backward(out.loss + 0.0 * sum(p.sum() for p in trainable))
         if i == loop["steps"] + WARMUP - 1:  # the gradient peak: after backward, before the step
@@ -195,10 +216,13 @@ def _plain_loop(cfg, steps: int, records: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     batch_size = cfg.train.batch_size * 2
     batches = batches_for(data, tokenizer, cfg, batch_size)
+    cache = feature_cache(cfg, model, batches)
     times = []
     for i in range(steps + WARMUP):
+        batch = batches[i % len(batches)]
         started = time.perf_counter()
-        out = model(**batches[i % len(batches)])
+        features = cache(batch["pixel_values"], batch["transforms"]) if cache is not None else None
+        out = model(**batch, vision_features=features)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -223,12 +247,20 @@ def main() -> None:
     ray.init(log_to_driver=False)
     zero2_before = ray_train(load_config("tiny", [*size, "train.zero_stage=2", *BEFORE]), args.steps, records, True)
     zero2 = ray_train(load_config("tiny", [*size, "train.zero_stage=2"]), args.steps, records)
+    zero2_no_cache = ray_train(load_config("tiny", [*size, "train.zero_stage=2", *NO_CACHE]), args.steps, records)
     zero0 = ray_train(load_config("tiny", [*size, "train.zero_stage=0"]), args.steps, records)
     plain_before = plain_loop(load_config("tiny", [*size, *BEFORE]), args.steps, records, before=True)
     plain = plain_loop(load_config("tiny", size), args.steps, records)
+    plain_no_cache = plain_loop(load_config("tiny", [*size, *NO_CACHE]), args.steps, records)
     figures = {"zero2": zero2, "zero0": zero0, "plain": plain, "zero2_before": zero2_before,
-               "plain_before": plain_before}  # fmt: skip
+               "plain_before": plain_before, "zero2_no_cache": zero2_no_cache,
+               "plain_no_cache": plain_no_cache}  # fmt: skip
     print(json.dumps(figures, indent=2, default=str))
+    print("\nthe vision feature cache (every image cached: the epochs after the first) against none:")
+    for name, now, then in (("Ray Train + DeepSpeed ZeRO-2 (2)", zero2, zero2_no_cache),
+                            ("plain torch loop (1 process)    ", plain, plain_no_cache)):  # fmt: skip
+        print(f"  {name}  {then['samples_per_s']:.1f} → {now['samples_per_s']:.1f} samples/s "
+              f"= {now['samples_per_s'] / then['samples_per_s']:.2f}x")
     print("\nthe preset's step against the step before (full fine scale, unfolded vision encoder):")
     for name, now, then in (("Ray Train + DeepSpeed ZeRO-2 (2)", zero2, zero2_before),
                             ("plain torch loop (1 process)    ", plain, plain_before)):  # fmt: skip

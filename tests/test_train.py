@@ -103,6 +103,9 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     # The memory starts as the identity (output projection 0) and is learned into use under ZeRO.
     read_in = [v for _, v in sorted(history(first.mlflow_run_id, "memory/out_proj_norm_0"))]
     assert cfg.model.memory_len > 0 and read_in and read_in[-1] > 0.01, read_in
+    # The preset's vision feature cache: after the first pass over the small shards, images repeat.
+    hit_rate = [v for _, v in sorted(history(first.mlflow_run_id, "feature_cache/hit_rate"))]
+    assert cfg.train.vision_feature_cache_mb > 0 and hit_rate[-1] > 0.5, hit_rate
     lrs = [v for _, v in sorted(dict(history(first.mlflow_run_id, "lr")).items())]  # a redone step once
     assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.2 * max(lrs)  # warm-up, then cosine
     artifacts = {a.path for a in client.list_artifacts(first.mlflow_run_id)}

@@ -167,6 +167,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
+        vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor]
     ]:
@@ -174,10 +175,14 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
         Returns (inputs_embeds [B, L+N−1, H], attention_mask, labels (−100 over image tokens),
         image_pos [B], (feat_lo, feat_hi)). Right padding stays right padding: every row grows by
-        the same N−1, so one shift per sample fixes ``seg_positions``.
+        the same N−1, so one shift per sample fixes ``seg_positions``. ``vision_features``: the
+        encoder's output for ``pixel_values`` computed elsewhere (training's feature cache).
         """
-        with torch.no_grad():  # frozen encoder: no graph through it
-            feat_lo, feat_hi, tokens = self.vision(pixel_values)
+        if vision_features is not None:
+            feat_lo, feat_hi, tokens = vision_features
+        else:
+            with torch.no_grad():  # frozen encoder: no graph through it
+                feat_lo, feat_hi, tokens = self.vision(pixel_values)
         image_embeds = self.projector(tokens)  # [B, N, H]
         if self.image_positions is not None:
             image_embeds = image_embeds + self.image_positions
@@ -213,10 +218,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
         target_sample: torch.Tensor | None = None,
         target_masks: torch.Tensor | None = None,
         class_ids: torch.Tensor | None = None,
+        vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         **_: Any,  # the loader's bookkeeping keys (record_ids, tasks, ...) are ignored
     ) -> GeoPixOutput:
         embeds, mask, labels, image_pos, (feat_lo, feat_hi) = self.embed_multimodal(
-            pixel_values, input_ids, attention_mask, labels
+            pixel_values, input_ids, attention_mask, labels, vision_features
         )
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = self.llm.lm_head(hidden)

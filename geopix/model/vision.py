@@ -5,7 +5,8 @@ Every encoder returns ``(feat_lo, feat_hi, tokens)``:
 - ``feat_lo`` [B, C_lo, h_lo, w_lo]: the finer level (stride 16 for the CNN; for CLIP, hidden layer
   −11 on the patch grid),
 - ``feat_hi`` [B, C_hi, h_hi, w_hi]: the coarser/deeper level (stride 32 for the CNN; CLIP layer −2),
-- ``tokens``  [B, N, D]: what the projector maps into the LLM (CLS dropped for CLIP).
+- ``tokens``  [B, N, D]: what the projector maps into the LLM: ``feat_hi``'s grid flattened row by
+  row (CLS dropped for CLIP), which training's feature cache relies on (geopix/train/feature_cache.py).
 
 The mask predictor's necks resize each level to their own grid, so encoders may differ in strides.
 Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistics never move.

@@ -26,6 +26,7 @@ from geopix.config import GeoPixConfig, StageConfig, TrainConfig
 from geopix.data import schema
 from geopix.data.batches import LoaderStats, iter_batches, to_device
 from geopix.train import checkpoints
+from geopix.train.feature_cache import VisionFeatureCache
 from geopix.train.rank_reader import Position, RankReader
 
 log = logging.getLogger("geopix.train")
@@ -308,12 +309,18 @@ def _train(loop: dict[str, Any]) -> None:
     window_start = attempt_start = time.perf_counter()
     first_step = step
     overlay_batch = None
+    cache = None
+    if train.vision_feature_cache_mb > 0:
+        cache = VisionFeatureCache(engine.module.vision, int(train.vision_feature_cache_mb * 2**20))
     engine.train()
     while step < stage.max_steps:
         batch, position, stats = next(stream)
         if overlay_batch is None and rank == 0 and len(batch.get("class_ids", ())) > 0:
             overlay_batch = batch
-        out = engine(**to_device(batch, device, dtype))
+        inputs = to_device(batch, device, dtype)
+        if cache is not None:
+            inputs["vision_features"] = cache(inputs["pixel_values"], batch["transforms"])
+        out = engine(**inputs)
         # Every trainable parameter must get a gradient on every rank, or ZeRO's gradient buckets
         # differ between ranks and the collective fails: a batch without targets leaves the mask
         # path unused. A zero-weighted term touches them all (ZeRO treats a missing gradient as zero
@@ -354,6 +361,7 @@ def _train(loop: dict[str, Any]) -> None:
             if rank == 0:
                 memory = engine.module.mask_predictor.memory  # ZeRO-1/2: every rank holds the weights
                 metrics |= memory.openness() if memory is not None else {}
+                metrics |= {f"feature_cache/{k}": v for k, v in cache.stats().items()} if cache else {}
                 per_step = (time.perf_counter() - attempt_start) / max(step - first_step, 1)
                 terms = " ".join(f"{k} {losses[f'loss/{k}']:.3f}" for k in LOSS_KEYS if f"loss/{k}" in losses)
                 log.info(
