@@ -71,7 +71,7 @@ def tiny_setup(cfg, count: int) -> tuple[list[dict], object, object, list]:
 
 
 def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
-    """Augmented as in training (the feature cache turns the feature maps of turned samples)."""
+    """Augmented as in training: each batch's turns are drawn once, so a cached pass holds them all."""
     from geopix.data.batches import iter_batches
 
     mine = records[rank::world]
@@ -90,7 +90,7 @@ def feature_cache(cfg, model, batches):
         return None
     cache = VisionFeatureCache(model.vision, int(cfg.train.vision_feature_cache_mb * 2**20))
     for batch in batches:
-        cache(batch["pixel_values"], batch["transforms"])
+        cache(batch["pixel_values"])
     return cache
 
 
@@ -153,7 +153,7 @@ def worker(loop: dict) -> None:
         batch = to_device(batches[i % len(batches)], torch.device("cpu"), torch.float32)
         started = time.perf_counter()
         if cache is not None:
-            batch["vision_features"] = cache(batch["pixel_values"], batches[i % len(batches)]["transforms"])
+            batch["vision_features"] = cache(batch["pixel_values"])
         out = engine(**batch)
         engine.backward(out.loss + 0.0 * sum(p.sum() for p in trainable))
         if i == loop["steps"] + WARMUP - 1:  # the gradient peak: after backward, before the step
@@ -221,7 +221,7 @@ def _plain_loop(cfg, steps: int, records: int) -> dict:
     for i in range(steps + WARMUP):
         batch = batches[i % len(batches)]
         started = time.perf_counter()
-        features = cache(batch["pixel_values"], batch["transforms"]) if cache is not None else None
+        features = cache(batch["pixel_values"]) if cache is not None else None
         out = model(**batch, vision_features=features)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -216,9 +216,12 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     max_length: int | None = Field(256, ge=16)  # longer samples are dropped (counted), never cut
     augment: bool = True
-    # Per worker: the frozen vision encoder's features of each image, kept once computed (flips and
-    # rotations then act on the feature maps; geopix/train/feature_cache.py); 0 computes them every
-    # step. About 0.24 MB per 256-px image for EfficientNet-lite0, 4.7 MB for CLIP-L at 336.
+    # Draw a flip/rotation per image and epoch rather than per record: every record of a picture
+    # shows it the same way within an epoch, so the feature cache below computes it once.
+    augment_per_image: bool = False
+    # Per worker: the frozen vision encoder's features of each picture as it sees it (after the
+    # flip/rotation), kept once computed (geopix/train/feature_cache.py); 0 computes them every
+    # step. About 0.24 MB per 256-px picture for EfficientNet-lite0, 4.7 MB for CLIP-L at 336.
     vision_feature_cache_mb: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between checkpoints
     keep_checkpoints: int = Field(2, ge=1)

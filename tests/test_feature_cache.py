@@ -1,18 +1,16 @@
-"""Training's vision feature cache: each upright image's frozen features computed once, flips and
-rotations applied to the feature maps, the identity exactly the encoder's output, memory bounded."""
+"""Training's vision feature cache: each picture's frozen features computed once as the encoder sees
+it, every sample exactly the encoder's output, gradients unchanged, memory bounded."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from geopix.config import load_config
-from geopix.data.augment import TRANSFORM_BY_NAME, TRANSFORMS
 from geopix.data.batches import iter_batches
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import build_model
-from geopix.train.feature_cache import VisionFeatureCache, transform_maps, undo_transform_maps
+from geopix.train.feature_cache import VisionFeatureCache
 from geopix.train.stages import set_stage
 from tests.records import SEG_VOCAB, make_record
 from tests.test_model import SIZE, SMALL
@@ -20,7 +18,7 @@ from tests.test_model import SIZE, SMALL
 
 @pytest.fixture(scope="module")
 def records() -> list[dict]:
-    """Four images; each also under a second record id, so augmentation turns it another way."""
+    """Four images, each under two record ids (as a picture's segmentation and caption records are)."""
     base = [make_record(i, class_id=i % 3) for i in range(4)]
     return base + [dict(r, record_id=r["record_id"] + "-again") for r in base]
 
@@ -38,9 +36,10 @@ def model(tokenizer):
     return model
 
 
-def batches(records, tokenizer, *, augment: bool, epoch: int = 0, batch_size: int = 4) -> list[dict]:
+def batches(records, tokenizer, *, augment: bool, epoch: int = 0, batch_size: int = 4, turn_per_image: bool = False) -> list[dict]:
     return list(iter_batches(records, tokenizer, image_size=SIZE, batch_size=batch_size, max_length=None,
-                             augment=augment, seed=3, epoch=epoch, seg_vocab=SEG_VOCAB, chat_template=2))  # fmt: skip
+                             augment=augment, seed=3, epoch=epoch, seg_vocab=SEG_VOCAB, chat_template=2,
+                             turn_per_image=turn_per_image))  # fmt: skip
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -56,43 +55,25 @@ class EncoderCalls:
         encoder.register_forward_hook(lambda module, args, out: setattr(self, "images", self.images + len(args[0])))
 
 
-def test_feature_maps_turn_as_the_image_does():
-    """The torch maps follow Transform.image (the pixels, masks and text of a sample) exactly, and
-    the undo is its inverse: a wrong axis order would put a sample's features under other targets."""
-    image = np.random.default_rng(0).integers(0, 255, (5, 7, 3))  # not square: an axis mix-up shows
-    maps = torch.from_numpy(image).permute(2, 0, 1)
-    for transform in TRANSFORMS:
-        turned = transform_maps(transform, maps)
-        assert torch.equal(turned, torch.from_numpy(np.ascontiguousarray(transform.image(image))).permute(2, 0, 1))
-        assert torch.equal(undo_transform_maps(transform, turned), maps), transform.name
-
-
-def test_each_upright_image_is_encoded_once_and_turned_with_its_sample(model, records, tokenizer):
+def test_each_picture_is_encoded_once_and_every_sample_gets_the_encoders_features(model, records, tokenizer):
     calls = EncoderCalls(model.vision)
     cache = VisionFeatureCache(model.vision, 2**30)
-    seen = set()
+    pictures, samples, direct_images = set(), 0, 0
     for epoch in range(3):
-        for batch in batches(records, tokenizer, augment=True, epoch=epoch):
-            seen.update(batch["transforms"])
-            feat_lo, feat_hi, tokens = cache(batch["pixel_values"], batch["transforms"])
+        for batch in batches(records, tokenizer, augment=True, epoch=epoch, turn_per_image=True):
+            pictures.update(zip(batch["image_ids"], batch["transforms"], strict=True))
+            samples += len(batch["transforms"])
+            feat_lo, feat_hi, tokens = cache(batch["pixel_values"])
             with torch.no_grad():
-                direct_lo, direct_hi, direct_tokens = model.vision(batch["pixel_values"])
-            for i, name in enumerate(batch["transforms"]):
-                transform = TRANSFORM_BY_NAME[name]
-                with torch.no_grad():
-                    upright = model.vision(undo_transform_maps(transform, batch["pixel_values"][i])[None])
-                close(feat_lo[i], transform_maps(transform, upright[0][0]))
-                close(feat_hi[i], transform_maps(transform, upright[1][0]))
-                if transform.name == "identity":  # exactly the encoder's own features
-                    close(feat_lo[i], direct_lo[i])
-                    close(feat_hi[i], direct_hi[i])
-                    close(tokens[i], direct_tokens[i])
-    assert len(seen - {"identity"}) >= 2, seen  # the check above covered real turns
-    # 4 images under 8 record ids and 3 epochs: the encoder (hooked, so the direct calls above count
-    # too) ran on each image once for the cache, the rest were the test's own calls.
-    direct = 3 * len(records) * 2  # the batch call and the upright call per sample
-    assert calls.images - direct == 4 and len(cache.entries) == 4
-    assert cache.stats()["hit_rate"] == pytest.approx(1 - 4 / (3 * len(records)))
+                direct = model.vision(batch["pixel_values"])
+            direct_images += len(batch["transforms"])
+            for got, expected in zip((feat_lo, feat_hi, tokens), direct, strict=True):
+                close(got, expected)
+    assert len({turn for _, turn in pictures} - {"identity"}) >= 2, pictures  # real turns were covered
+    # 4 images under 8 record ids, 3 epochs: the encoder (hooked, so the test's direct calls count
+    # too) ran once per (image, turn) for the cache: two records of an image share their turn.
+    assert calls.images - direct_images == len(pictures) == len(cache.entries) < samples
+    assert cache.stats()["hit_rate"] == pytest.approx(1 - len(pictures) / samples)
 
 
 def test_losses_and_gradients_with_the_cache_equal_those_without(model, records, tokenizer):
@@ -100,7 +81,7 @@ def test_losses_and_gradients_with_the_cache_equal_those_without(model, records,
     grads = []
     for cache in (None, VisionFeatureCache(model.vision, 2**30)):
         model.zero_grad(set_to_none=True)
-        features = cache(batch["pixel_values"], batch["transforms"]) if cache else None
+        features = cache(batch["pixel_values"]) if cache else None
         out = model(**batch, vision_features=features)
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -119,11 +100,11 @@ def test_the_cache_stays_within_its_bound_and_recomputes_what_it_evicted(model, 
     one = sum(t[0].numel() * t.element_size() for t in direct[:2])  # one image's two maps
     cache = VisionFeatureCache(model.vision, 2 * one)
     calls = EncoderCalls(model.vision)
-    cache(batch["pixel_values"], batch["transforms"])
+    cache(batch["pixel_values"])
     assert len(cache.entries) == 2 and cache.bytes <= 2 * one and cache.evictions == 2
-    again = cache(batch["pixel_values"][:1], batch["transforms"][:1])  # evicted first: computed again
+    again = cache(batch["pixel_values"][:1])  # evicted first: computed again
     assert calls.images == 4 + 1
     close(again[0][0], direct[0][0])
     tiny = VisionFeatureCache(model.vision, one - 1)  # smaller than one image: nothing kept, still right
-    close(tiny(batch["pixel_values"], batch["transforms"])[1], direct[1])
+    close(tiny(batch["pixel_values"])[1], direct[1])
     assert not tiny.entries and tiny.bytes == 0

@@ -321,6 +321,34 @@ def test_decode_image_turns_any_mode_into_rgb():
 
 
 # ---------------------------------------------------------------------------------- batches
+def test_a_turn_per_image_shows_every_record_of_a_picture_the_same_way_within_an_epoch(tokenizer):
+    """``train.augment_per_image``: the draw is keyed by image id and epoch, so the feature cache
+    sees a picture once per epoch; the text of each record still follows its picture's turn."""
+    records = []
+    for i in range(6):
+        picture = make_record(f"img{i}", list(CORNERS)[i % 4])
+        for task in ("refer", "ground", "caption"):
+            records.append(dict(make_record(f"img{i}-{task}", list(CORNERS)[i % 4], task),
+                                image=picture["image"], image_id=f"img{i}"))  # fmt: skip
+
+    def turns(epoch: int, per_image: bool) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for batch in iter_batches(records, tokenizer, image_size=32, batch_size=6, max_length=128, augment=True,
+                                  seed=1, epoch=epoch, seg_vocab=SEG_VOCAB, chat_template=1,
+                                  turn_per_image=per_image):  # fmt: skip
+            for image_id, turn in zip(batch["image_ids"], batch["transforms"], strict=True):
+                out.setdefault(image_id, set()).add(turn)
+            for mask, sample in zip(batch["target_masks"], batch["target_sample"].tolist(), strict=True):
+                user = tokenizer.decode(batch["input_ids"][sample][batch["labels"][sample] == IGNORE_INDEX])
+                assert centroid_corner(mask.numpy()) == named_corner(user)
+        return out
+
+    first, second = turns(0, True), turns(1, True)
+    assert all(len(t) == 1 for t in (*first.values(), *second.values())), (first, second)
+    assert first != second and len(set().union(*first.values())) > 1  # epochs and pictures differ
+    assert any(len(t) > 1 for t in turns(0, False).values())  # per record: a picture's records differ
+
+
 def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
     records = mixed_records(7)
     records.insert(3, make_record("broken", image=b"\x89PNG but not really"))

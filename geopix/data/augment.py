@@ -104,7 +104,6 @@ _TRANSFORM_NAMES = {
 }
 TRANSFORMS = tuple(Transform(*key) for key in _TRANSFORM_NAMES)
 IDENTITY = TRANSFORMS[0]
-TRANSFORM_BY_NAME = {t.name: t for t in TRANSFORMS}  # a batch names each sample's (``transforms``)
 
 # Direction words, by family: a word is rewritten into the word of its own family that names the
 # transformed direction ("upper" → "left" under transpose, "top" → "left", "left" → "top").

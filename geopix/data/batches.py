@@ -108,8 +108,9 @@ class Sample:
 
 
 def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
-    """The augmentation RNG of one record in one epoch: independent of row order and of which
-    worker reads the row, so a run is reproducible however Ray splits the shards."""
+    """The augmentation RNG of one record (or of one image: pass its id) in one epoch: independent
+    of row order and of which worker reads the row, so a run is reproducible however Ray splits
+    the shards."""
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, zlib.crc32(record_id.encode())])
 
 
@@ -295,6 +296,7 @@ class BatchIterator:
         prefetch_batches: int = 1,
         read_batch_size: int | None = None,
         chat_template: int,
+        turn_per_image: bool = False,
     ):
         self.data = data
         self.tokenizer = tokenizer
@@ -302,6 +304,7 @@ class BatchIterator:
         self.batch_size = batch_size
         self.max_length = max_length
         self.augment = augment
+        self.turn_per_image = turn_per_image  # one draw per image_id and epoch (train.augment_per_image)
         self.seed = seed
         self.epoch = epoch
         self.keep_original_masks = keep_original_masks
@@ -358,7 +361,8 @@ class BatchIterator:
 
     def _sample(self, record: Mapping[str, Any]) -> Sample | None:
         record_id = str(record.get("record_id"))
-        rng = record_rng(self.seed, self.epoch, record_id) if self.augment else None
+        draw_id = (record.get("image_id") or record_id) if self.turn_per_image else record_id
+        rng = record_rng(self.seed, self.epoch, draw_id) if self.augment else None
         try:
             sample, augmented = prepare_sample(
                 record,
@@ -398,7 +402,8 @@ def iter_batches(data: Any, tokenizer: Any, **options: Any) -> BatchIterator:
     """Collated batches from an iterable of records, a pyarrow Table, a Ray ``Dataset`` or
     ``DataIterator``; ``.stats`` counts what was dropped. ``options`` are :class:`BatchIterator`'s:
     ``image_size``, ``batch_size``, ``max_length``, ``augment``, ``seed``, ``seg_vocab`` and
-    ``chat_template`` (the trained model's version) always.
+    ``chat_template`` (the trained model's version) always; ``turn_per_image`` draws a record's
+    flip/rotation by its image id (every record of a picture turned alike within an epoch).
 
     Deterministic for a given ``seed``/``epoch`` and row order (augmentation draws depend only on
     seed, epoch and record id).

@@ -1,64 +1,35 @@
-"""Frozen vision features computed once per image (``train.vision_feature_cache_mb``).
+"""Frozen vision features computed once per image as the encoder sees it (``train.vision_feature_cache_mb``).
 
-The vision encoder is frozen, so an image's features never change while the rest trains; a third
-of the tiny step went into recomputing them every epoch (docs/performance.md). The cache keeps
-each image's features in its upright orientation, keyed by a hash of the upright pixels (never by
-an id a dataset might reuse), in a worker's memory with least-recently-used eviction.
+The vision encoder is frozen, so the features of a given picture never change while the rest
+trains; without the cache the tiny step spent a third of its time recomputing them
+(docs/performance.md). The cache is a memo of the encoder: per picture as handed to it (after
+the sample's flip or rotation), keyed by a digest of its pixel values (never by an id a dataset
+might reuse), in a worker's memory, least recently used out first. Every sample gets exactly
+the encoder's features (to a batched convolution's rounding).
 
-Augmentation turns a sample's image by one of the 8 flips/rotations of the square
-(geopix/data/augment.py). The cache undoes that on the pixels to find the upright image, and gives
-the sample the same flip/rotation applied to the upright image's feature maps. That is
-augmentation in feature space: a CNN is not equivariant to rotation, so T(E(x)) is not E(T(x)),
-and the learning bar compares the two (docs/evaluation.md). With the identity transform the
-features are exactly E(x).
+The memo is keyed on the turned picture, not the upright one with the turn applied to its feature
+maps: a CNN is not rotation-equivariant, and training on turned feature maps cost the model its
+VQA answers on the held-out split (docs/evaluation.md, 2026-12-05).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 
-from geopix.data.augment import TRANSFORM_BY_NAME, Transform
 
-
-def transform_maps(transform: Transform, maps: torch.Tensor) -> torch.Tensor:
-    """[..., H, W] tensors flipped/rotated as :meth:`Transform.image` does an H×W(×C) array."""
-    if transform.swap:
-        maps = maps.transpose(-1, -2)
-    if transform.flip_x:
-        maps = maps.flip(-1)
-    if transform.flip_y:
-        maps = maps.flip(-2)
-    return maps
-
-
-def undo_transform_maps(transform: Transform, maps: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`transform_maps`: the upright [..., H, W] tensors."""
-    if transform.flip_y:
-        maps = maps.flip(-2)
-    if transform.flip_x:
-        maps = maps.flip(-1)
-    if transform.swap:
-        maps = maps.transpose(-1, -2)
-    return maps
-
-
-def pixel_key(upright: torch.Tensor) -> bytes:
-    """A digest of one upright image's pixel values (any dtype, any device)."""
-    data = upright.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+def pixel_key(image: torch.Tensor) -> bytes:
+    """A digest of one image's pixel values (any dtype, any device)."""
+    data = image.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
     return hashlib.blake2b(data.tobytes(), digest_size=16).digest()
 
 
 class VisionFeatureCache:
-    """``cache(pixel_values, transforms)`` → the encoder's ``(feat_lo, feat_hi, tokens)`` for a batch.
-
-    ``transforms`` are the batch's transform names (``batch["transforms"]``). Tokens are rebuilt
-    from the (transformed) deeper map: both encoders' tokens are that map flattened row by row
-    (geopix/model/vision.py).
-    """
+    """``cache(pixel_values)`` → the encoder's ``(feat_lo, feat_hi, tokens)`` for a batch, the
+    encoder run only on the pictures it has not kept. Tokens are rebuilt from the deeper map:
+    both encoders' tokens are that map flattened row by row (geopix/model/vision.py)."""
 
     def __init__(self, encoder: torch.nn.Module, max_bytes: int):
         self.encoder = encoder
@@ -68,31 +39,25 @@ class VisionFeatureCache:
         self.hits = self.misses = self.evictions = 0
 
     @torch.no_grad()
-    def __call__(
-        self, pixel_values: torch.Tensor, transforms: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if len(transforms) != len(pixel_values):
-            raise ValueError(f"{len(pixel_values)} images but {len(transforms)} transform names")
-        steps = [TRANSFORM_BY_NAME[name] for name in transforms]
-        upright = [undo_transform_maps(t, image) for t, image in zip(steps, pixel_values, strict=True)]
-        keys = [pixel_key(image) for image in upright]
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = [pixel_key(image) for image in pixel_values]
         found: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         for key in keys:
             if key in self.entries and key not in found:
                 self.entries.move_to_end(key)
                 found[key] = self.entries[key]
-        new = list(dict.fromkeys(k for k in keys if k not in found))  # an image twice in a batch: once
-        self.misses += len(new)  # images the encoder ran on
+        new = list(dict.fromkeys(k for k in keys if k not in found))  # a picture twice in a batch: once
+        self.misses += len(new)  # pictures the encoder ran on
         self.hits += len(keys) - len(new)
         if new:
             first = {key: keys.index(key) for key in new}
-            lo, hi, _ = self.encoder(torch.stack([upright[first[key]] for key in new]))
+            lo, hi, _ = self.encoder(pixel_values[[first[key] for key in new]])
             for j, key in enumerate(new):
                 found[key] = (lo[j].clone(), hi[j].clone())  # clone: a row must not pin the batch
                 self._store(key, found[key])
-        feat_lo = torch.stack([transform_maps(t, found[k][0]) for t, k in zip(steps, keys, strict=True)])
-        feat_hi = torch.stack([transform_maps(t, found[k][1]) for t, k in zip(steps, keys, strict=True)])
-        return feat_lo.contiguous(), feat_hi.contiguous(), feat_hi.flatten(2).transpose(1, 2)
+        feat_lo = torch.stack([found[k][0] for k in keys])
+        feat_hi = torch.stack([found[k][1] for k in keys])
+        return feat_lo, feat_hi, feat_hi.flatten(2).transpose(1, 2)
 
     def _store(self, key: bytes, features: tuple[torch.Tensor, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in features)

@@ -83,6 +83,7 @@ def batch_stream(
             batch_size=cfg.train.batch_size,
             max_length=cfg.train.max_length,
             augment=cfg.train.augment,
+            turn_per_image=cfg.train.augment_per_image,
             seed=cfg.train.seed,
             epoch=epoch,
             seg_vocab=model.config.seg_vocabulary,
@@ -319,7 +320,7 @@ def _train(loop: dict[str, Any]) -> None:
             overlay_batch = batch
         inputs = to_device(batch, device, dtype)
         if cache is not None:
-            inputs["vision_features"] = cache(inputs["pixel_values"], batch["transforms"])
+            inputs["vision_features"] = cache(inputs["pixel_values"])
         out = engine(**inputs)
         # Every trainable parameter must get a gradient on every rank, or ZeRO's gradient buckets
         # differ between ranks and the collective fails: a batch without targets leaves the mask
