@@ -77,7 +77,8 @@ def batches_for(records, tokenizer, cfg, batch_size: int, rank: int = 0, world: 
     mine = records[rank::world]
     return list(iter_batches(mine, tokenizer, image_size=cfg.model.image_size, batch_size=batch_size,
                              max_length=None, augment=True, seed=0, seg_vocab=cfg.model.seg_vocabulary,
-                             chat_template=cfg.model.chat_template, drop_last=True))
+                             chat_template=cfg.model.chat_template, drop_last=True,
+                             turn_per_image=cfg.train.augment_per_image))
 
 
 def feature_cache(cfg, model, batches):
