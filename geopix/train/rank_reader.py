@@ -23,7 +23,8 @@ import numpy as np
 
 from geopix.data.shard_set import ShardError, shard_files
 
-COLUMNS = ("record_id", "image", "task", "conversation", "targets", "width", "height")
+# image_id: train.augment_per_image draws a picture's turn by it (the feature cache then hits).
+COLUMNS = ("record_id", "image_id", "image", "task", "conversation", "targets", "width", "height")
 
 
 @dataclass(frozen=True)
