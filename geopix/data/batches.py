@@ -406,6 +406,6 @@ def iter_batches(data: Any, tokenizer: Any, **options: Any) -> BatchIterator:
     flip/rotation by its image id (every record of a picture turned alike within an epoch).
 
     Deterministic for a given ``seed``/``epoch`` and row order (augmentation draws depend only on
-    seed, epoch and record id).
+    seed, epoch and record id, or image id with ``turn_per_image``).
     """
     return BatchIterator(data, tokenizer, **options)
