@@ -103,9 +103,9 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     # The memory starts as the identity (output projection 0) and is learned into use under ZeRO.
     read_in = [v for _, v in sorted(history(first.mlflow_run_id, "memory/out_proj_norm_0"))]
     assert cfg.model.memory_len > 0 and read_in and read_in[-1] > 0.01, read_in
-    # The preset's vision feature cache: a picture's records share its turn within an epoch, so
-    # some samples hit (0.38 at the end here: 10-step epochs, each drawing new turns, and the
-    # restarted worker's cache starts empty); without the per-image draw few would.
+    # The preset's vision feature cache hits in the real loop: a picture's records share its turn
+    # within an epoch (0.38 at the end here: 10-step epochs, each drawing new turns, and the
+    # restarted worker's cache starts empty). test_loader checks the per-image draw itself.
     hit_rate = [v for _, v in sorted(history(first.mlflow_run_id, "feature_cache/hit_rate"))]
     assert cfg.train.vision_feature_cache_mb > 0 and cfg.train.augment_per_image and hit_rate[-1] > 0.1, hit_rate
     lrs = [v for _, v in sorted(dict(history(first.mlflow_run_id, "lr")).items())]  # a redone step once
