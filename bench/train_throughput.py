@@ -87,11 +87,10 @@ def feature_cache(cfg, model, batches):
     does; bench/learning_bar.py's train time has them all). None when the config has none."""
     from geopix.train.feature_cache import VisionFeatureCache
 
-    if not cfg.train.vision_feature_cache_mb:
-        return None
-    cache = VisionFeatureCache(model.vision, int(cfg.train.vision_feature_cache_mb * 2**20))
-    for batch in batches:
-        cache(batch["pixel_values"])
+    cache = VisionFeatureCache.for_training(model.vision, cfg.train.vision_feature_cache_mb)
+    if cache is not None:
+        for batch in batches:
+            cache(batch["pixel_values"])
     return cache
 
 

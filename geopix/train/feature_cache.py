@@ -19,6 +19,8 @@ from collections import OrderedDict
 
 import torch
 
+Features = tuple[torch.Tensor, torch.Tensor]  # (feat_lo, feat_hi) of one picture
+
 
 def pixel_key(image: torch.Tensor) -> bytes:
     """A digest of one image's pixel values (any dtype, any device)."""
@@ -34,14 +36,19 @@ class VisionFeatureCache:
     def __init__(self, encoder: torch.nn.Module, max_bytes: int):
         self.encoder = encoder
         self.max_bytes = int(max_bytes)
-        self.entries: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.entries: OrderedDict[bytes, Features] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
+
+    @classmethod
+    def for_training(cls, encoder: torch.nn.Module, vision_feature_cache_mb: float) -> VisionFeatureCache | None:
+        """The cache ``train.vision_feature_cache_mb`` asks for; None when it is 0 (off)."""
+        return cls(encoder, int(vision_feature_cache_mb * 2**20)) if vision_feature_cache_mb > 0 else None
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keys = [pixel_key(image) for image in pixel_values]
-        found: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        found: dict[bytes, Features] = {}
         for key in keys:
             if key in self.entries and key not in found:
                 self.entries.move_to_end(key)
@@ -59,15 +66,14 @@ class VisionFeatureCache:
         feat_hi = torch.stack([found[k][1] for k in keys])
         return feat_lo, feat_hi, feat_hi.flatten(2).transpose(1, 2)
 
-    def _store(self, key: bytes, features: tuple[torch.Tensor, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in features)
+    def _store(self, key: bytes, features: Features) -> None:
+        size = _nbytes(features)
         if size > self.max_bytes:
             return
         self.entries[key] = features
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (lo, hi) = self.entries.popitem(last=False)
-            self.bytes -= lo.numel() * lo.element_size() + hi.numel() * hi.element_size()
+            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
             self.evictions += 1
 
     def stats(self) -> dict[str, float]:
@@ -79,3 +85,7 @@ class VisionFeatureCache:
             "mb": self.bytes / 2**20,
             "evictions": self.evictions,
         }
+
+
+def _nbytes(features: Features) -> int:
+    return sum(t.numel() * t.element_size() for t in features)

@@ -310,9 +310,7 @@ def _train(loop: dict[str, Any]) -> None:
     window_start = attempt_start = time.perf_counter()
     first_step = step
     overlay_batch = None
-    cache = None
-    if train.vision_feature_cache_mb > 0:
-        cache = VisionFeatureCache(engine.module.vision, int(train.vision_feature_cache_mb * 2**20))
+    cache = VisionFeatureCache.for_training(engine.module.vision, train.vision_feature_cache_mb)
     engine.train()
     while step < stage.max_steps:
         batch, position, stats = next(stream)
