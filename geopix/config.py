@@ -184,10 +184,6 @@ class ModelConfig(_Section):
     # length, so a random LLM cannot tell where in the image a token lies. CLIP's tokens carry
     # their place already; EfficientNet's do not. Starts at zero (the projector's output as is).
     image_token_positions: bool = False
-    # EfficientNet's image tokens with the stride-16 level's 2×2 cells in each (space-to-depth,
-    # 320 + 4 × 112 = 768 channels): a stride-32 token covers 32 px, more than a small object, so
-    # without them the LLM cannot tell one small vehicle in a cell from two. Same number of tokens.
-    image_token_detail: bool = False
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

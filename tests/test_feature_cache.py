@@ -28,22 +28,12 @@ def tokenizer(records):
     return train_tokenizer(corpus_texts(records), vocab_size=300, seg_vocab=SEG_VOCAB)
 
 
-def stage1_model(tokenizer, *overrides: str):
-    torch.manual_seed(0)
-    model = build_model(load_config("tiny", [*SMALL, *overrides]).model, tokenizer)
-    set_stage(model, 1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return stage1_model(tokenizer)
-
-
-@pytest.fixture(scope="module", params=["tokens from the stride-32 map", "tokens with stride-16 detail"])
-def either_model(request, model, tokenizer):
-    """The tiny model, and the one whose tokens are not its stride-32 map (the cache keeps them)."""
-    return model if request.param.endswith("map") else stage1_model(tokenizer, "model.image_token_detail=true")
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", SMALL).model, tokenizer)
+    set_stage(model, 1)
+    return model
 
 
 def batches(records, tokenizer, *, augment: bool, epoch: int = 0, batch_size: int = 4, turn_per_image: bool = False) -> list[dict]:
@@ -65,8 +55,7 @@ class EncoderCalls:
         encoder.register_forward_hook(lambda module, args, out: setattr(self, "images", self.images + len(args[0])))
 
 
-def test_each_picture_is_encoded_once_and_every_sample_gets_the_encoders_features(either_model, records, tokenizer):
-    model = either_model
+def test_each_picture_is_encoded_once_and_every_sample_gets_the_encoders_features(model, records, tokenizer):
     calls = EncoderCalls(model.vision)
     cache = VisionFeatureCache(model.vision, 2**30)
     pictures, samples, direct_images = set(), 0, 0
@@ -87,8 +76,7 @@ def test_each_picture_is_encoded_once_and_every_sample_gets_the_encoders_feature
     assert cache.stats()["hit_rate"] == pytest.approx(1 - len(pictures) / samples)
 
 
-def test_losses_and_gradients_with_the_cache_equal_those_without(either_model, records, tokenizer):
-    model = either_model
+def test_losses_and_gradients_with_the_cache_equal_those_without(model, records, tokenizer):
     batch = batches(records, tokenizer, augment=False, batch_size=8)[0]
     grads = []
     for cache in (None, VisionFeatureCache(model.vision, 2**30)):

@@ -16,7 +16,6 @@ from geopix.data.batches import iter_batches
 from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters, model_config
-from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.stages import set_stage
 from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
@@ -557,33 +556,6 @@ def test_image_token_positions_start_as_the_projector_output_and_learn_each_plac
         assert not torch.equal(plain(**batch).logits, placed(**batch).logits)
 
 
-def test_detail_tokens_carry_the_stride16_cells_under_each_token_and_survive_saving(cfg, tokenizer, batch, tmp_path):
-    plain = new_model(cfg, tokenizer).eval()
-    detailed = new_model(cfg, tokenizer, image_token_detail=True).eval()
-    encoder = detailed.vision
-    assert encoder.token_dim == 320 + 4 * 112 and not encoder.tokens_from_hi
-    assert detailed.projector[0].in_features == 768 and plain.projector[0].in_features == 320
-    seen = {}
-    encoder.blocks[encoder.detail_block].register_forward_hook(lambda m, a, out: seen.update(mid=out))
-    encoder.fold_batchnorm = False  # the hooked (unfolded) blocks run
-    pixels = batch["pixel_values"]
-    with torch.no_grad():
-        _, hi, tokens = encoder(pixels)
-    side = cfg.image_size // 32
-    assert tokens.shape == (len(pixels), side * side, 768)  # as many tokens as without the detail
-    torch.testing.assert_close(tokens[..., :320], hi.flatten(2).transpose(1, 2))
-    mid = seen["mid"]  # [B, 112, 2·side, 2·side]; token (r, c) holds cells (2r + i, 2c + j)
-    for r, c, i, j in [(0, 0, 0, 0), (0, side - 1, 1, 0), (side - 1, 0, 0, 1), (side - 1, side - 1, 1, 1)]:
-        cell = tokens[:, r * side + c, 320:].reshape(len(pixels), 112, 2, 2)[:, :, i, j]
-        torch.testing.assert_close(cell, mid[:, :, 2 * r + i, 2 * c + j])
-    loaded = GeoPixModel.load(detailed.save(tmp_path / "m", tokenizer)).eval()
-    assert loaded.config.image_token_detail and loaded.vision.token_dim == 768
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, detailed(**batch).logits)
-    with pytest.raises(ValueError, match="image_token_detail"):
-        GeoPixModelConfig.from_dict(detailed.config.to_dict() | {"vision_encoder": "clip"})
-
-
 def test_the_prior_term_teaches_each_prompt_where_its_target_lies(cfg, tokenizer, batch):
     from geopix.model.mask import PRIOR_SIZE
 
@@ -844,7 +816,7 @@ def test_a_model_directory_saved_before_the_restructuring_still_loads(tmp_path):
 def test_a_format_1_config_reads_as_the_model_config_it_describes(tmp_path):
     """The kept format-1 config (the pipeline's model section + token ids + the LLM's config) reads
     as a GeoPixModelConfig that says the same, and saving it writes format 2 that reads back equal."""
-    from geopix.model.configuration import CONFIG_FILE
+    from geopix.model.configuration import CONFIG_FILE, GeoPixModelConfig
 
     kept = Path(__file__).parent / "data" / "model_saved_before_restructuring"
     old = json.loads((kept / CONFIG_FILE).read_text())

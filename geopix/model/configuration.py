@@ -51,7 +51,6 @@ class GeoPixModelConfig:
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
     chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
     image_token_positions: bool = False  # a learned embedding per image-token place (geopix.config)
-    image_token_detail: bool = False  # EfficientNet tokens + the stride-16 level's 2×2 cells (geopix.config)
     # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
     mask_decoder: str = "geopix"  # or "release" (geopix/model/release_mask.py)
     release_neck_dim: int = 512  # the release necks' middle width
@@ -76,8 +75,6 @@ class GeoPixModelConfig:
             raise ValueError(f"mask_decoder {self.mask_decoder!r}: expected 'geopix' or 'release'")
         if self.seg_hidden_offset not in (0, -1):
             raise ValueError(f"seg_hidden_offset {self.seg_hidden_offset!r}: expected 0 or -1")
-        if self.image_token_detail and self.vision_encoder != "efficientnet_lite0":
-            raise ValueError(f"image_token_detail is for EfficientNet's tokens; {self.vision_encoder}'s have their own grid")
         ImageFormat(channel_order=self.image_channel_order, resample=self.image_resample)  # checks both
         if not self.class_names:
             self.class_names = [f"class_{k}" for k in range(self.num_classes)]

@@ -6,9 +6,7 @@ Every encoder returns ``(feat_lo, feat_hi, tokens)``:
   −11 on the patch grid),
 - ``feat_hi`` [B, C_hi, h_hi, w_hi]: the coarser/deeper level (stride 32 for the CNN; CLIP layer −2),
 - ``tokens``  [B, N, D]: what the projector maps into the LLM: ``feat_hi``'s grid flattened row by
-  row (CLS dropped for CLIP) where ``tokens_from_hi``, which training's feature cache relies on
-  (geopix/train/feature_cache.py); EfficientNet with ``detail`` adds the stride-16 level's 2×2
-  cells to each token (space-to-depth), and the cache then keeps the tokens too.
+  row (CLS dropped for CLIP), which training's feature cache relies on (geopix/train/feature_cache.py).
 
 The mask predictor's necks resize each level to their own grid, so encoders may differ in strides.
 Encoders are frozen (GEOPIX.md §1) and kept in eval mode so BatchNorm statistics never move.
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from geopix.imaging import IMAGENET_MEAN, IMAGENET_STD
@@ -38,7 +35,6 @@ class VisionEncoder(Protocol):
     lo_channels: int
     hi_channels: int
     token_dim: int
-    tokens_from_hi: bool  # tokens = feat_hi's grid flattened row by row
     image_mean: tuple[float, float, float]  # the normalisation its weights expect (RGB in [0, 1])
     image_std: tuple[float, float, float]
 
@@ -65,20 +61,13 @@ class EfficientNetLite0Encoder(FrozenEncoder):
 
     LO_BLOCKS: ClassVar[dict[int, tuple[int, int]]] = {8: (4, 40), 16: (10, 112)}  # stride → (last MBConv block at it, its channels)
     HI_BLOCK = 15  # last block at stride 32
-    hi_channels = 320
+    hi_channels, token_dim = 320, 320
     image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
     fold_batchnorm: ClassVar[bool] = True  # off only to time the step as it was (bench/train_throughput.py)
 
-    def __init__(
-        self, pretrained: bool = True, weights_path: str | Path | None = None, fine_stride: int = 16, detail: bool = False
-    ):
+    def __init__(self, pretrained: bool = True, weights_path: str | Path | None = None, fine_stride: int = 16):
         super().__init__()
         self.lo_block, self.lo_channels = self.LO_BLOCKS[fine_stride]
-        # detail: each stride-32 token also carries the 2×2 stride-16 cells under it.
-        self.detail_block, detail_channels = self.LO_BLOCKS[16]
-        self.detail = detail
-        self.tokens_from_hi = not detail
-        self.token_dim = self.hi_channels + (4 * detail_channels if detail else 0)
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name("efficientnet-lite0")
@@ -103,18 +92,13 @@ class EfficientNetLite0Encoder(FrozenEncoder):
         if self.fold_batchnorm:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = stem(pixel_values)
-        feat_lo = mid = x
+        feat_lo = x
         for index, block in enumerate(blocks):
             x = block(x)
             if index == self.lo_block:
                 feat_lo = x
-            if index == self.detail_block:
-                mid = x
         feat_lo, x = feat_lo.contiguous(), x.contiguous()
         tokens = x.flatten(2).transpose(1, 2)  # [B, (S/32)², 320]
-        if self.detail:  # + the 2×2 stride-16 cells under each token: [B, (S/32)², 320 + 448]
-            cells = F.pixel_unshuffle(mid.contiguous(), 2).flatten(2).transpose(1, 2)
-            tokens = torch.cat([tokens, cells], -1)
         return feat_lo, x, tokens
 
     def _folded(self) -> tuple[nn.Module, nn.ModuleList]:
@@ -178,7 +162,6 @@ class ClipEncoder(FrozenEncoder):
             self.clip = CLIPVisionModel(CLIPVisionConfig.from_dict(config))
         hidden = self.clip.config.hidden_size
         self.lo_channels = self.hi_channels = self.token_dim = hidden
-        self.tokens_from_hi = True
         self.patch_size = self.clip.config.patch_size
         self.requires_grad_(False)
         self.eval()
@@ -204,8 +187,7 @@ def build_vision_encoder(config: GeoPixModelConfig, weights: str | Path | None =
     read (random weights without it: a saved GeoPix model brings them all)."""
     if config.vision_encoder == "efficientnet_lite0":
         return EfficientNetLite0Encoder(
-            pretrained=weights is not None, weights_path=weights, fine_stride=config.fine_feature_stride,
-            detail=config.image_token_detail,
+            pretrained=weights is not None, weights_path=weights, fine_stride=config.fine_feature_stride
         )
     if config.vision_encoder == "clip":
         return ClipEncoder(config.vision_config or {}, weights_path=weights)

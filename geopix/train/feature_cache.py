@@ -19,8 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-# (feat_lo, feat_hi, tokens) of one picture; tokens None where they are feat_hi's grid flattened
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Features = tuple[torch.Tensor, torch.Tensor]  # (feat_lo, feat_hi) of one picture
 
 
 def pixel_key(image: torch.Tensor) -> bytes:
@@ -31,9 +30,8 @@ def pixel_key(image: torch.Tensor) -> bytes:
 
 class VisionFeatureCache:
     """``cache(pixel_values)`` → the encoder's ``(feat_lo, feat_hi, tokens)`` for a batch, the
-    encoder run only on the pictures it has not kept. Where the encoder's tokens are the deeper
-    map flattened row by row (``tokens_from_hi``, geopix/model/vision.py), they are rebuilt from
-    it instead of kept twice."""
+    encoder run only on the pictures it has not kept. Tokens are rebuilt from the deeper map:
+    both encoders' tokens are that map flattened row by row (geopix/model/vision.py)."""
 
     def __init__(self, encoder: torch.nn.Module, max_bytes: int):
         self.encoder = encoder
@@ -60,16 +58,13 @@ class VisionFeatureCache:
         self.hits += len(keys) - len(new)
         if new:
             first = {key: keys.index(key) for key in new}
-            lo, hi, tokens = self.encoder(pixel_values[[first[key] for key in new]])
-            keep_tokens = not self.encoder.tokens_from_hi
-            for j, key in enumerate(new):  # clone: a row must not pin the batch
-                found[key] = (lo[j].clone(), hi[j].clone(), tokens[j].clone() if keep_tokens else None)
+            lo, hi, _ = self.encoder(pixel_values[[first[key] for key in new]])
+            for j, key in enumerate(new):
+                found[key] = (lo[j].clone(), hi[j].clone())  # clone: a row must not pin the batch
                 self._store(key, found[key])
         feat_lo = torch.stack([found[k][0] for k in keys])
         feat_hi = torch.stack([found[k][1] for k in keys])
-        if found[keys[0]][2] is None:
-            return feat_lo, feat_hi, feat_hi.flatten(2).transpose(1, 2)
-        return feat_lo, feat_hi, torch.stack([found[k][2] for k in keys])
+        return feat_lo, feat_hi, feat_hi.flatten(2).transpose(1, 2)
 
     def _store(self, key: bytes, features: Features) -> None:
         size = _nbytes(features)
@@ -93,4 +88,4 @@ class VisionFeatureCache:
 
 
 def _nbytes(features: Features) -> int:
-    return sum(t.numel() * t.element_size() for t in features if t is not None)
+    return sum(t.numel() * t.element_size() for t in features)
