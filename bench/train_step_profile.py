@@ -1,7 +1,7 @@
 """Where a tiny training step's time goes: data, vision, projector + embedding, LLM, LM head, seg
 projection, mask predictor (memory included), class head, losses, backward, optimizer.
 
-    .venv/bin/python bench/train_step_profile.py [--steps 10] [--batch 8] [--threads 1] [--stage 1]
+    .venv/bin/python bench/train_step_profile.py [--steps 10] [--batch 8] [--threads 1] [--stage 1] [--cached]
 
 One process with the threads one training worker has (``train.threads_per_worker``) and one
 worker's batch, the tiny preset's model at its real input size, synthetic chips made in memory.
@@ -11,6 +11,11 @@ BCE/Dice/CE). Backward and the optimizer step are timed whole. Data is ``iter_ba
 the same batches (decode, augment, resize, tokenise, collate). Each part is printed as a share of
 the step, and the step against the data time (what a faster step would buy before data bounds it).
 DeepSpeed's own cost beside a plain loop is ``bench/train_throughput.py``'s figure.
+
+``--cached`` times the step as the preset trains it with ``train.vision_feature_cache_mb``: the
+vision features come from training's feature cache, filled by one untimed pass over the same
+batches first, so every timed step is all hits (the encoder does not run; the digest and lookup
+are timed as their own part).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    parser.add_argument("--cached", action="store_true", help="vision features from the feature cache (all hits)")
     args = parser.parse_args()
 
     import torch
@@ -48,6 +54,7 @@ def main() -> None:
     from geopix.data.batches import iter_batches
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
     from geopix.model import build_model
+    from geopix.train.feature_cache import VisionFeatureCache
     from geopix.train.stages import set_stage
 
     torch.set_num_threads(args.threads)
@@ -78,6 +85,11 @@ def main() -> None:
         module.register_forward_hook(
             lambda _m, _a, _o, name=name: spent.__setitem__(name, spent[name] + time.perf_counter() - starts[name])
         )
+    cache = None
+    if args.cached:
+        cache = VisionFeatureCache.for_training(model.vision, cfg.train.vision_feature_cache_mb or 1024)  # 1 GB if off
+        for batch in batches[: args.steps + 2]:  # the fill: the timed steps are all hits
+            cache(batch["pixel_values"])
     totals: dict[str, float] = defaultdict(float)
     timed = 0
     tokens = padded = 0
@@ -86,14 +98,17 @@ def main() -> None:
             spent.clear()
             totals.clear()
         t0 = time.perf_counter()
-        out = model(**batch)
+        features = cache(batch["pixel_values"]) if cache else None
+        tc = time.perf_counter()
+        out = model(**batch, vision_features=features)
         t1 = time.perf_counter()
         out.loss.backward()
         t2 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        totals["forward"] += t1 - t0
+        totals["feature cache"] += tc - t0
+        totals["forward"] += t1 - tc
         totals["backward"] += t2 - t1
         totals["optimizer"] += t3 - t2
         if step >= 2:
@@ -101,12 +116,14 @@ def main() -> None:
             tokens += int(batch["attention_mask"].sum())
             padded += batch["attention_mask"].numel()
     per_step = {k: v / timed for k, v in totals.items()}
-    parts = {name: spent[name] / timed for name in PARTS.values()}
-    parts["losses and glue (forward remainder)"] = per_step["forward"] - sum(parts.values())
+    parts = {"feature cache (digest, lookup, stack)": per_step["feature cache"]} if cache else {}
+    parts |= {name: spent[name] / timed for name in PARTS.values()}
+    parts["losses and glue (forward remainder)"] = per_step["forward"] - sum(spent[n] / timed for n in PARTS.values())
     parts["backward"] = per_step["backward"]
     parts["optimizer step"] = per_step["optimizer"]
     step_s = sum(per_step.values())
-    print(f"tiny stage {args.stage}, batch {args.batch}, {args.threads} thread(s), {timed} timed steps: "
+    print(f"tiny stage {args.stage}, batch {args.batch}, {args.threads} thread(s), {timed} timed steps"
+          f"{', vision features from the cache (all hits)' if cache else ''}: "
           f"{step_s:.3f} s per step = {args.batch / step_s:.2f} samples/s")  # fmt: skip
     print(f"{'part':<40} {'s/step':>8} {'share':>7}")
     for name, seconds in parts.items():
