@@ -56,9 +56,10 @@ def split_records(shards_uri: str, split: str, limit: int | None) -> list[dict[s
 
 
 def threshold_summaries(
-    model_uri: str, records: list[dict[str, Any]], thresholds: list[float], cfg: Any, batch: int
+    model_uri: str, records: list[dict[str, Any]], thresholds: list[float], cfg: Any, batch: int, failed: list[str]
 ) -> dict[float, dict[str, Any]]:
-    """Per threshold, the evaluation summary of ``records`` answered once by ``model_uri``."""
+    """Per threshold, the evaluation summary of ``records`` answered once by ``model_uri``; records
+    that cannot be decoded are left out and listed in ``failed`` (record id and error)."""
     from geopix.answer_form import boxes_from_masks
     from geopix.data.images import decode_targets, record_image
     from geopix.evaluate.job import RecordEvaluator, summarize, user_turn
@@ -68,11 +69,14 @@ def threshold_summaries(
     rows: dict[float, list[dict[str, Any]]] = {t: [] for t in thresholds}
     started = time.perf_counter()
     for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        images = [record_image(r) for r in chunk]
-        answers = evaluator._answer(images, [user_turn(r) for r in chunk])
-        for record, image, answer in zip(chunk, images, answers, strict=True):
-            masks, boxes, class_ids = decode_targets(record)
+        ready = []  # (record, image, targets) of the decodable records; a bad one is counted, the rest go on
+        for record in records[start : start + batch]:
+            try:
+                ready.append((record, record_image(record), decode_targets(record)))
+            except Exception as exc:  # noqa: BLE001
+                failed.append(f"{record.get('record_id')}: {type(exc).__name__}: {exc}")
+        answers = evaluator._answer([r[1] for r in ready], [user_turn(r[0]) for r in ready]) if ready else []
+        for (record, image, (masks, boxes, class_ids)), answer in zip(ready, answers, strict=True):
             for t in thresholds:
                 cut = answer.mask_probs > t
                 text = boxes_from_masks(answer.text, run_text, cut.numpy())
@@ -104,8 +108,11 @@ def main() -> None:
     per_model = {}
     for uri in args.models:
         thresholds = sorted({*args.thresholds, ANSWERED_AT})
-        summaries = threshold_summaries(uri, records, thresholds, cfg, args.batch)
-        per_model[uri] = {"figures": {
+        failed: list[str] = []
+        summaries = threshold_summaries(uri, records, thresholds, cfg, args.batch, failed)
+        if failed:
+            print(f"  {len(failed)} of {len(records)} records could not be decoded, left out: " + "; ".join(failed[:5]))
+        per_model[uri] = {"failed": failed, "figures": {
             str(t): {name: read(s) for name, read in FIGURES} for t, s in summaries.items()}}  # fmt: skip
 
     def stats(values: list[float]) -> str:  # mean ± spread (half the range), as the learning bar
