@@ -25,7 +25,7 @@ import json
 import time
 from collections import defaultdict
 
-from train_throughput import make_records
+from train_throughput import feature_cache, make_records
 
 PARTS = {  # module attribute → name in the table
     "vision": "vision encoder (frozen, no grad)",
@@ -54,7 +54,6 @@ def main() -> None:
     from geopix.data.batches import iter_batches
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
     from geopix.model import build_model
-    from geopix.train.feature_cache import VisionFeatureCache
     from geopix.train.stages import set_stage
 
     torch.set_num_threads(args.threads)
@@ -85,11 +84,9 @@ def main() -> None:
         module.register_forward_hook(
             lambda _m, _a, _o, name=name: spent.__setitem__(name, spent[name] + time.perf_counter() - starts[name])
         )
-    cache = None
-    if args.cached:
-        cache = VisionFeatureCache.for_training(model.vision, cfg.train.vision_feature_cache_mb or 1024)  # 1 GB if off
-        for batch in batches[: args.steps + 2]:  # the fill: the timed steps are all hits
-            cache(batch["pixel_values"])
+    cache = feature_cache(cfg, model, batches[: args.steps + 2]) if args.cached else None  # filled: all hits
+    if args.cached and cache is None:
+        parser.error("--cached needs train.vision_feature_cache_mb > 0 (the tiny preset has 1024)")
     totals: dict[str, float] = defaultdict(float)
     timed = 0
     tokens = padded = 0
