@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from geopix.redaction import (
     REDACTED,
@@ -200,6 +200,21 @@ class StageConfig(_Section):
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     # Record tasks this stage trains on (None = all): stage 1 aligns pixels on segmentation tasks.
     tasks: list[str] | None = None
+    # How many times an epoch shows each record of a task (absent tasks: 1). 2 shows every record
+    # twice; 0.5 shows a seeded half, another half each epoch. Sets the task mix without new data.
+    task_weights: dict[str, float] | None = None
+
+    @field_validator("task_weights")
+    @classmethod
+    def _known_tasks(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        from geopix.data.schema import TASKS
+
+        for task, weight in (weights or {}).items():
+            if task not in TASKS:
+                raise ValueError(f"{task!r} is not a task ({', '.join(TASKS)})")
+            if not weight > 0:
+                raise ValueError(f"{task}: {weight} is not > 0 (leave a task out with stage.tasks)")
+        return weights
 
 
 class TrainConfig(_Section):

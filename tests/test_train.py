@@ -149,6 +149,36 @@ def test_finished_run_is_not_trained_again(two_stages):
     assert again.model_uri == first.model_uri and again.mlflow_run_id == first.mlflow_run_id
 
 
+def test_task_weights_repeat_and_thin_a_tasks_records_per_epoch(shards):
+    """train.stageN.task_weights: 2 shows each record twice an epoch, 0.5 a seeded half that
+    changes with the epoch; other tasks and runs without weights keep their order; resumable."""
+    from collections import Counter
+
+    from geopix.train.rank_reader import RankReader
+
+    def epoch(reader, number, skip=0):
+        return [r["record_id"] for _, r in reader.epoch_records(number, skip)]
+
+    plain = RankReader(SHARDS, "train", rank=0, world=1, seed=0)
+    weights = {"vqa": 2.0, "caption": 0.5}
+    weighted = RankReader(SHARDS, "train", rank=0, world=1, seed=0, task_weights=weights)
+    task = {r["record_id"]: r["task"] for _, r in plain.epoch_records(0)}
+    base, seen = Counter(task.values()), Counter(epoch(weighted, 0))
+    assert {i: n for i, n in seen.items() if task[i] == "vqa"} == {i: 2 for i, t in task.items() if t == "vqa"}
+    captions = [{i for i in epoch(weighted, e) if task[i] == "caption"} for e in (0, 1)]
+    assert all(0 < len(c) < base["caption"] for c in captions) and captions[0] != captions[1]
+    assert max(n for i, n in seen.items() if task[i] == "caption") == 1
+    others = [i for i in epoch(plain, 0) if task[i] not in weights]
+    assert [i for i in epoch(weighted, 0) if task[i] not in weights] != others  # the mix moved them ...
+    assert sorted(i for i in seen if task[i] not in weights) == sorted(others)  # ... but all are there once
+    assert epoch(RankReader(SHARDS, "train", rank=0, world=1, seed=0, task_weights={}), 0) == epoch(plain, 0)
+    # A position is still (epoch, rows): skipping the first rows resumes the same sequence.
+    full = epoch(weighted, 1)
+    assert epoch(weighted, 1, skip=17) == full[17:]
+    with pytest.raises(Exception, match="'segmnet' is not a task"):
+        small_config("train.stage1.task_weights.segmnet=2")
+
+
 def _registered_checkpoints(cfg, run_name: str) -> int:
     """Checkpoints Ray Train has registered for the run (its checkpoint manager's own snapshot)."""
     import json

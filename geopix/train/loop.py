@@ -298,7 +298,13 @@ def _train(loop: dict[str, Any]) -> None:
             log.info("stage %d: resumed at step %d from the latest checkpoint", stage_no, step)
 
     reader = RankReader(
-        loop["shards_uri"], "train", rank=rank, world=world, seed=cfg.train.seed, tasks=stage.tasks
+        loop["shards_uri"],
+        "train",
+        rank=rank,
+        world=world,
+        seed=cfg.train.seed,
+        tasks=stage.tasks,
+        task_weights=stage.task_weights,
     )
     stream = batch_stream(reader, position, tokenizer, cfg, model)
     writer = MetricsWriter(loop["mlflow_run_id"]) if rank == 0 and loop.get("mlflow_run_id") else None

@@ -8,14 +8,16 @@ in every checkpoint and skipped over on resume (the skipped rows are read but no
 Assignment: with at least as many files as workers, file ``i`` goes to rank ``i % world``; with
 fewer, each file is shared by the ranks ``r ≡ i (mod files)``, which take every k-th row of it.
 Each epoch a rank visits its files in a seeded random order and shuffles rows inside a buffer of
-``shuffle_rows``. Workers never run out: epochs repeat until the step budget is spent, so every
-rank makes the same number of optimizer steps (a collective per step needs that).
+``shuffle_rows``; ``task_weights`` repeat or thin a task's rows before that buffer (a weight w
+gives each row floor(w) copies and one more with probability w − floor(w), drawn per epoch).
+Workers never run out: epochs repeat until the step budget is spent, so every rank makes the same
+number of optimizer steps (a collective per step needs that).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +66,7 @@ class RankReader:
         world: int,
         seed: int,
         tasks: Sequence[str] | None = None,
+        task_weights: Mapping[str, float] | None = None,
         shuffle_rows: int = 256,
         read_rows: int = 64,
     ):
@@ -72,6 +75,7 @@ class RankReader:
         self.fs, paths = shard_files(shards_uri, split)
         self.rank, self.world, self.seed = rank, world, seed
         self.tasks = set(tasks) if tasks else None
+        self.task_weights = dict(task_weights or {})
         self.shuffle_rows, self.read_rows = shuffle_rows, read_rows
         counts = []
         for path in paths:
@@ -107,6 +111,8 @@ class RankReader:
         import pyarrow.parquet as pq
 
         rng = np.random.default_rng([self.seed, epoch, self.rank, zlib.crc32(share.path.encode())])
+        # Its own stream, so the shuffle (and every run without weights) stays as it was.
+        copies_rng = np.random.default_rng([self.seed, epoch, self.rank, zlib.crc32(share.path.encode()), 1])
         file = pq.ParquetFile(share.path, filesystem=self.fs)
         columns = [c for c in COLUMNS if c in file.schema_arrow.names]
         buffer: list[dict[str, Any]] = []
@@ -117,11 +123,19 @@ class RankReader:
             table = table.filter(keep)
             if self.tasks is not None:
                 table = table.filter(is_task(table["task"], self.tasks))
-            buffer.extend(table.to_pylist())
+            rows = table.to_pylist()
+            if self.task_weights:
+                rows = [r for r in rows for _ in range(self._copies(r["task"], copies_rng))]
+            buffer.extend(rows)
             while len(buffer) >= self.shuffle_rows:
                 yield buffer.pop(int(rng.integers(len(buffer))))
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def _copies(self, task: str, rng: np.random.Generator) -> int:
+        weight = self.task_weights.get(task, 1.0)
+        whole = int(weight)
+        return whole + int(rng.random() < weight - whole)
 
 
 def is_task(column, tasks) -> Any:

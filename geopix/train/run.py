@@ -266,6 +266,8 @@ def train_stage(
             "max_steps": stage_cfg.max_steps,
             "lr": stage_cfg.lr,
             "tasks": ",".join(stage_cfg.tasks or ["all"]),
+            "task_weights": ",".join(f"{t}={w:g}" for t, w in sorted((stage_cfg.task_weights or {}).items()))
+            or "none",
         },
         config=cfg,
     ) as run:
