@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -212,8 +213,8 @@ class StageConfig(_Section):
         for task, weight in (weights or {}).items():
             if task not in TASKS:
                 raise ValueError(f"{task!r} is not a task ({', '.join(TASKS)})")
-            if not weight > 0:
-                raise ValueError(f"{task}: {weight} is not > 0 (leave a task out with stage.tasks)")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{task}: {weight} is not a finite number > 0 (leave a task out with stage.tasks)")
         return weights
 
 

@@ -39,7 +39,7 @@ def test_yaml_path_and_defaults(tmp_path):
         (["noequals"], "must look like section.key=value"),
         (["train.batch_size.x=1"], "'batch_size' is a value, not a section"),
         (["train.stage1.task_weights.vqaa=2"], "train.stage1.task_weights: Value error, 'vqaa' is not a task"),
-        (["train.stage2.task_weights.vqa=0"], "vqa: 0.0 is not > 0"),
+        (["train.stage2.task_weights.vqa=0"], "vqa: 0.0 is not a finite number > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from geopix import storage, tracking
-from geopix.config import load_config
+from geopix.config import ConfigError, load_config
 from geopix.data import schema
 from geopix.data.shard_set import ShardError
 from tests.conftest import SMALL_SHARDS
@@ -170,13 +170,15 @@ def test_task_weights_repeat_and_thin_a_tasks_records_per_epoch(shards):
     assert max(n for i, n in seen.items() if task[i] == "caption") == 1
     others = [i for i in epoch(plain, 0) if task[i] not in weights]
     assert [i for i in epoch(weighted, 0) if task[i] not in weights] != others  # the mix moved them ...
-    assert sorted(i for i in seen if task[i] not in weights) == sorted(others)  # ... but all are there once
+    assert {i: n for i, n in seen.items() if task[i] not in weights} == dict.fromkeys(others, 1)  # ... once each
     assert epoch(RankReader(SHARDS, "train", rank=0, world=1, seed=0, task_weights={}), 0) == epoch(plain, 0)
     # A position is still (epoch, rows): skipping the first rows resumes the same sequence.
     full = epoch(weighted, 1)
     assert epoch(weighted, 1, skip=17) == full[17:]
-    with pytest.raises(Exception, match="'segmnet' is not a task"):
+    with pytest.raises(ConfigError, match="'segmnet' is not a task"):
         small_config("train.stage1.task_weights.segmnet=2")
+    with pytest.raises(ConfigError, match="vqa: inf is not a finite number > 0"):
+        small_config("train.stage1.task_weights.vqa=.inf")
 
 
 def _registered_checkpoints(cfg, run_name: str) -> int:
