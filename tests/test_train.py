@@ -175,8 +175,10 @@ def test_task_weights_repeat_and_thin_a_tasks_records_per_epoch(shards):
     # A position is still (epoch, rows): skipping the first rows resumes the same sequence.
     full = epoch(weighted, 1)
     assert epoch(weighted, 1, skip=17) == full[17:]
-    with pytest.raises(ConfigError, match="'segmnet' is not a task"):
-        small_config("train.stage1.task_weights.segmnet=2")
+    from geopix.train.run import TrainError, check_data
+
+    with pytest.raises(TrainError, match=r"train.stage1.task_weights: \['segmnet'\] are not tasks"):
+        check_data(small_config("train.stage1.task_weights.segmnet=2"), SHARDS, 1)
     with pytest.raises(ConfigError, match="vqa: inf is not a finite number > 0"):
         small_config("train.stage1.task_weights.vqa=.inf")
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from geopix import storage, tracking
 from geopix.config import GeoPixConfig, PipelineConfig, to_yaml
+from geopix.data.schema import TASKS
 from geopix.data.shard_set import ShardError, check_shards, class_names
 from geopix.redaction import shareable_env
 from geopix.train.rank_reader import is_task
@@ -94,6 +95,9 @@ def check_data(
 
     fs, files = check_shards(shards_uri, "train")
     tasks = cfg.train.stage(stage).tasks
+    unknown = sorted(set(cfg.train.stage(stage).task_weights or {}) - set(TASKS))
+    if unknown:
+        raise TrainError(f"train.stage{stage}.task_weights: {unknown} are not tasks ({', '.join(TASKS)})")
     rows = 0
     for path in files:
         try:
