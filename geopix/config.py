@@ -145,7 +145,7 @@ class ModelConfig(_Section):
     decoder_dim: int = Field(64, ge=8)
     # The mask predictor's coarsest grid is image_size / mask_grid_stride; each further scale doubles
     # it. The finest scale reads the encoder's finer level, which for EfficientNet-lite0 is taken at
-    # stride fine_feature_stride (8: 40 channels, 16: 112 channels; CLIP has one patch grid).
+    # stride fine_feature_stride (4: 24 channels, 8: 40, 16: 112; CLIP has one patch grid).
     mask_grid_stride: Literal[4, 8, 16, 32] = 16
     # The scales after the first: "full" (a 3×3 neck and a two-way transformer each, GEOPIX.md §1)
     # or "light" (a pointwise second neck conv and a hypernetwork readout of the gated features
@@ -155,7 +155,7 @@ class ModelConfig(_Section):
     # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
     match_targets: bool = True
-    fine_feature_stride: Literal[8, 16] = 16
+    fine_feature_stride: Literal[4, 8, 16] = 16
     # Mask loss = BCE (pixel mean) × mask_bce_weight + Dice × mask_dice_weight (GEOPIX.md §1: 2.0 and
     # 0.5). Dice is per target and scale-free, so its weight sets how much small targets count.
     mask_bce_weight: float = Field(2.0, ge=0)

@@ -34,7 +34,7 @@ class GeoPixModelConfig:
     vision_encoder: str = "efficientnet_lite0"  # or "clip"
     vision_config: dict[str, Any] | None = None  # CLIP's ``CLIPVisionConfig`` (its dict)
     image_size: int = 256
-    fine_feature_stride: int = 16  # EfficientNet-lite0's finer level (8 or 16)
+    fine_feature_stride: int = 16  # EfficientNet-lite0's finer level (4, 8 or 16)
     seg_token_num: int = SegVocabulary.tokens_per_scale
     num_scales: int = SegVocabulary.num_scales
     decoder_dim: int = 64

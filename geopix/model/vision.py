@@ -59,7 +59,7 @@ class EfficientNetLite0Encoder(FrozenEncoder):
     architecture. Nothing is downloaded (we never call its ``from_pretrained``, which would fetch a URL).
     """
 
-    LO_BLOCKS: ClassVar[dict[int, tuple[int, int]]] = {8: (4, 40), 16: (10, 112)}  # stride → (last MBConv block at it, its channels)
+    LO_BLOCKS: ClassVar[dict[int, tuple[int, int]]] = {4: (2, 24), 8: (4, 40), 16: (10, 112)}  # stride → (last MBConv block at it, its channels)
     HI_BLOCK = 15  # last block at stride 32
     hi_channels, token_dim = 320, 320
     image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD  # what the ImageNet checkpoint was trained on
