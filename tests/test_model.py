@@ -102,6 +102,15 @@ def test_lite0_is_pretrained_offline_and_frozen(monkeypatch):
     assert not torch.equal(random.stem[0].weight, enc.stem[0].weight)  # the checkpoint was loaded
 
 
+@pytest.mark.parametrize(("stride", "channels"), [(4, 24), (8, 40), (16, 112)])
+def test_lite0_fine_level_is_taken_at_the_configured_stride(stride, channels):
+    """model.fine_feature_stride picks the encoder level the finest mask scale reads."""
+    enc = EfficientNetLite0Encoder(pretrained=False, fine_stride=stride)
+    assert enc.lo_channels == channels
+    lo, hi, _ = enc(torch.randn(1, 3, 128, 128))
+    assert lo.shape == (1, channels, 128 // stride, 128 // stride) and hi.shape == (1, 320, 4, 4)
+
+
 def test_folded_encoder_gives_the_unfolded_features_and_follows_loaded_weights(monkeypatch):
     """BatchNorms folded into the convs (channels-last) give the features of the module as saved;
     loading other weights rebuilds the folded copy; the saved weights keep their names."""
