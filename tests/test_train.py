@@ -179,6 +179,9 @@ def test_task_weights_repeat_and_thin_a_tasks_records_per_epoch(shards):
 
     with pytest.raises(TrainError, match=r"train.stage1.task_weights: \['segmnet'\] are not tasks"):
         check_data(small_config("train.stage1.task_weights.segmnet=2"), SHARDS, 1)
+    # The stage's task list is checked the same way, before any shard is read (here: none exist).
+    with pytest.raises(TrainError, match=r"train.stage2.tasks: \['vqq'\] are not tasks"):
+        check_data(small_config("train.stage2.tasks=[vqa,vqq]"), "s3://geopix-data/no-shards-here", 2)
     with pytest.raises(ConfigError, match="vqa: inf is not a finite number > 0"):
         small_config("train.stage1.task_weights.vqa=.inf")
 

@@ -110,9 +110,10 @@ class RankReader:
     def _file_records(self, share: FileShare, epoch: int) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
 
-        rng = np.random.default_rng([self.seed, epoch, self.rank, zlib.crc32(share.path.encode())])
+        seed = [self.seed, epoch, self.rank, zlib.crc32(share.path.encode())]
+        rng = np.random.default_rng(seed)
         # Its own stream, so the shuffle (and every run without weights) stays as it was.
-        copies_rng = np.random.default_rng([self.seed, epoch, self.rank, zlib.crc32(share.path.encode()), 1])
+        copies_rng = np.random.default_rng([*seed, 1])
         file = pq.ParquetFile(share.path, filesystem=self.fs)
         columns = [c for c in COLUMNS if c in file.schema_arrow.names]
         buffer: list[dict[str, Any]] = []

@@ -93,11 +93,13 @@ def check_data(
 
     from geopix.data.shard_set import read_manifest
 
+    settings = cfg.train.stage(stage)
+    tasks = settings.tasks
+    for field, names in (("tasks", tasks or []), ("task_weights", settings.task_weights or {})):
+        unknown = sorted(set(names) - set(TASKS))
+        if unknown:  # before any I/O: a misspelt task would otherwise read as "no training records"
+            raise TrainError(f"train.stage{stage}.{field}: {unknown} are not tasks ({', '.join(TASKS)})")
     fs, files = check_shards(shards_uri, "train")
-    tasks = cfg.train.stage(stage).tasks
-    unknown = sorted(set(cfg.train.stage(stage).task_weights or {}) - set(TASKS))
-    if unknown:
-        raise TrainError(f"train.stage{stage}.task_weights: {unknown} are not tasks ({', '.join(TASKS)})")
     rows = 0
     for path in files:
         try:
