@@ -164,6 +164,10 @@ class ModelConfig(_Section):
     # trained towards the target's area fraction per cell, × this weight; 0: the prior learns only
     # through the mask loss. A direct signal that the prompt must say which instance it means.
     mask_prior_weight: float = Field(0.0, ge=0)
+    # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
+    # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
+    # each answer's mean token loss, so every answer weighs the same whatever its length.
+    text_loss_mean: Literal["token", "answer"] = "token"
     memory_len: int = Field(8, ge=0)
     memory_dim: int = Field(64, ge=1)
     num_classes: int = Field(8, ge=1)

@@ -193,6 +193,25 @@ def test_per_sample_text_loss_weighs_up_to_the_batch_text_loss(cfg, tokenizer, b
     assert weighted.item() == pytest.approx(out.losses["text"].item(), rel=1e-5)
 
 
+def test_the_answer_mean_weighs_every_answer_the_same(cfg, tokenizer, batch):
+    """``text_loss_mean``: each answer's share of the text gradient is its share of the answer
+    tokens ("token") or the same for every answer ("answer"). At random weights every token's CE
+    gradient on the logits has about the same size, so a sample's share is its weight."""
+    answer_tokens = (batch["labels"][:, 1:] != -100).sum(1).float()
+    assert len(set(answer_tokens.tolist())) > 1  # answers of several lengths, or the two agree
+
+    def gradient_shares(mean: str) -> torch.Tensor:
+        out = new_model(cfg, tokenizer, text_loss_mean=mean)(**batch)
+        out.logits.retain_grad()
+        out.losses["text"].backward()
+        per_sample = out.logits.grad.abs().sum(dim=(1, 2))
+        return per_sample / per_sample.sum()
+
+    token, answer = gradient_shares("token"), gradient_shares("answer")
+    assert torch.allclose(token, answer_tokens / answer_tokens.sum(), rtol=0.05)
+    assert torch.allclose(answer, torch.full_like(answer, 1 / len(answer)), rtol=0.05)
+
+
 def test_image_expansion_shifts_seg_positions(cfg, tokenizer, batch):
     model = new_model(cfg, tokenizer)
     embeds, mask, labels, image_pos, _ = model.embed_multimodal(

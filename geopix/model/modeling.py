@@ -233,8 +233,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
             )
             answer_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-            losses["text"] = token_ce.sum() / answer_tokens.sum()
-            out.sample_text_loss = (token_ce.sum(1) / answer_tokens).detach()
+            sample_text_loss = token_ce.sum(1) / answer_tokens
+            if self.config.text_loss_mean == "answer":
+                losses["text"] = sample_text_loss[answer_tokens > 0].mean()
+            else:
+                losses["text"] = token_ce.sum() / answer_tokens.sum()
+            out.sample_text_loss = sample_text_loss.detach()
         if seg_positions is not None and target_sample is not None and len(seg_positions):
             n_img = embeds.shape[1] - input_ids.shape[1] + 1
             positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)
