@@ -367,6 +367,16 @@ class SweepConfig(_Section):
     out_uri: str = "s3://geopix-checkpoints/sweeps"  # Tune's experiment state, table, plot, best config
 
 
+# What the config hash leaves out: where things run and are tracked, and how flows and sweeps run.
+UNHASHED_SECTIONS = frozenset({"name", "stack", "tracking", "pipeline", "sweep"})
+# The hash leaves out every value at its field's default, so a field added with a default that
+# keeps what GeoPix did before changes no hash: a run interrupted before an upgrade resumes after
+# it, and a flow's outputs stay current. A changed default would then go unseen, so this number
+# stands for the defaults in every hash: bump it when a default changes what a config that does
+# not set it produces (tests/test_config.py pins the defaults and says so).
+HASH_DEFAULTS_VERSION = 1
+
+
 class GeoPixConfig(_Section):
     name: str = "custom"
     stack: StackConfig = Field(default_factory=StackConfig)
@@ -383,7 +393,7 @@ class GeoPixConfig(_Section):
     def config_hash(self) -> str:
         """A short content hash of what shapes outputs (not the stack, tracking or name); stable
         across key order. Tags runs, and lets a flow tell whether a step's outputs are current."""
-        return self.section_hash(*(set(type(self).model_fields) - {"name", "stack", "tracking", "pipeline", "sweep"}))
+        return self.section_hash(*(set(type(self).model_fields) - UNHASHED_SECTIONS))
 
     def for_workers(self) -> dict[str, Any]:
         """The config as JSON for other processes (Ray Train workers, Tune trials, Ray Data actors).
@@ -396,9 +406,10 @@ class GeoPixConfig(_Section):
         return data
 
     def section_hash(self, *sections: str) -> str:
-        """The content hash of some sections only (training's identity: data, model and train)."""
-        content = self.model_dump(mode="json", include=set(sections))
-        canonical = json.dumps(content, sort_keys=True, default=str)
+        """The content hash of some sections only (training's identity: data, model and train).
+        Values at their field's default are left out, and HASH_DEFAULTS_VERSION stands for them."""
+        content = self.model_dump(mode="json", include=set(sections), exclude_defaults=True)
+        canonical = json.dumps({"defaults": HASH_DEFAULTS_VERSION, **content}, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
