@@ -164,6 +164,11 @@ class ModelConfig(_Section):
     # trained towards the target's area fraction per cell, × this weight; 0: the prior learns only
     # through the mask loss. A direct signal that the prompt must say which instance it means.
     mask_prior_weight: float = Field(0.0, ge=0)
+    # A linear head on each projected image token predicts, per class, the share of the token's
+    # cell that class covers, trained (BCE × this weight) where an answer names every instance of
+    # a class ("segment every X": the class's map is then complete). A signal that the tokens the
+    # LLM reads say what lies where, which VQA counts and presence need; 0: off, no head.
+    image_class_map_weight: float = Field(0.0, ge=0)
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

@@ -17,6 +17,7 @@ from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters, model_config
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
+from geopix.train.loop import LOSS_KEYS
 from geopix.train.stages import set_stage
 from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 from tests.records import SEG_VOCAB, make_record
@@ -610,6 +611,46 @@ def test_fine_pool_tokens_read_the_finer_level_of_their_own_cell(cfg, tokenizer,
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
     with pytest.raises(ValueError, match="image_token_fine_pool needs a projector trained with it"):
         GeoPixModel(model.config, projector_weights=tmp_path / "mm_projector.safetensors")
+
+
+def test_the_image_class_map_target_is_each_complete_class_share_of_a_cell(cfg, tokenizer):
+    assert new_model(cfg, tokenizer).image_class_head is None  # off: no head, no parameters
+    model = new_model(cfg, tokenizer, image_class_map_weight=1.0)
+    hidden, classes = model.config.text_config["hidden_size"], model.config.num_classes
+    with torch.no_grad():  # each class's logit is its id, whatever the token
+        model.image_class_head.weight.zero_()
+        model.image_class_head.bias.copy_(torch.arange(classes, dtype=torch.float32))
+    # Two images of 2×2 tokens over 4×4 px (cells of 2×2 px), their tokens at places 1 and 0.
+    masks = torch.zeros(3, 4, 4)
+    masks[0, :2, :2] = 1  # sample 0, class 1: the top-left cell
+    masks[1, :2, :3] = 1  # sample 0, class 1 again: top-left again (the sum stops at 1), half of top-right
+    masks[2, 3, 3] = 1  # sample 1, class 3: a quarter of the bottom-right cell
+    loss = model.image_class_map_loss(
+        torch.randn(2, 6, hidden), torch.tensor([1, 0]), 4, masks, torch.tensor([0, 0, 1]), torch.tensor([1, 1, 3])
+    )
+    target = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.25]])
+    logits = torch.tensor([[1.0] * 4, [3.0] * 4])
+    assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_the_image_class_map_trains_the_projector_from_complete_answers_only(cfg, tokenizer, records):
+    complete = [dict(r, phrase_type="all_of_class") if i == 3 else r for i, r in enumerate(records)]
+    batch = make_batch(complete, tokenizer, 4, cfg.chat_template)
+    assert batch["targets_complete"].tolist() == [False, False, False, True]
+    model = new_model(cfg, tokenizer, image_class_map_weight=0.5)
+    for stage in (1, 2):
+        set_stage(model, stage)
+        assert model.image_class_head.weight.requires_grad
+        model.zero_grad(set_to_none=True)
+        out = model.train()(**batch)
+        assert "image_class_map" in out.losses and model.loss_weights["image_class_map"] == 0.5
+        assert set(out.losses) <= set(LOSS_KEYS)  # the training loop logs (and reduces) every term
+        out.losses["image_class_map"].backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert {"image_class_head.weight", "projector.0.weight"} <= grads
+        assert not any(n.startswith(("llm.", "mask_predictor.", "seg_projection.")) for n in grads)
+    incomplete = dict(batch, targets_complete=torch.zeros(4, dtype=torch.bool))
+    assert "image_class_map" not in model(**incomplete).losses
 
 
 def test_the_prior_term_teaches_each_prompt_where_its_target_lies(cfg, tokenizer, batch):

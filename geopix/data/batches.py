@@ -216,6 +216,7 @@ def collate(
         "seg_positions": torch.from_numpy(np.concatenate([s.seg_positions for s in samples])).long(),
         "target_sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         "target_counts": torch.tensor(counts, dtype=torch.long),
+        "targets_complete": torch.tensor([s.phrase_type == schema.COMPLETE_PHRASE_TYPE for s in samples]),
         "record_ids": [s.record_id for s in samples],
         "image_ids": [s.image_id for s in samples],
         "tasks": [s.task for s in samples],
@@ -237,6 +238,7 @@ MODEL_INPUTS = (
     "target_sample",
     "target_masks",
     "class_ids",
+    "targets_complete",
 )
 
 

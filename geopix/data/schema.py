@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 ROLES = ("user", "assistant")
 PHRASE_TYPES = ("class", "colour", "size_rank", "position", "relation", "all_of_class")
 SEG_TASKS = ("segment", "refer")  # answers carry one seg run per target
+COMPLETE_PHRASE_TYPE = "all_of_class"  # its targets are every instance of their class in the image
 
 # Size buckets on mask area in pixels, COCO's convention as half-open ranges, so every area has
 # exactly one bucket: small < 32², medium 32² to < 96², large ≥ 96². The generator's statistics and

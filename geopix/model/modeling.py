@@ -121,6 +121,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
         )
         self.mask_predictor = build_mask_predictor(config, self.vision.lo_channels, self.vision.hi_channels)
         self.class_head = nn.Linear(config.decoder_dim * config.num_scales, config.num_classes)
+        self.image_class_head = (  # training's signal only: no answer reads it
+            nn.Linear(hidden, config.num_classes) if config.image_class_map_weight > 0 else None
+        )
         if projector_weights:
             load_projector_weights(self.projector, str(projector_weights))
 
@@ -160,6 +163,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             "mask_bce": self.config.mask_bce_weight,
             "mask_dice": self.config.mask_dice_weight,
             "mask_prior": self.config.mask_prior_weight,
+            "image_class_map": self.config.image_class_map_weight,
         }
 
     @property
@@ -235,6 +239,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         target_masks: torch.Tensor | None = None,
         class_ids: torch.Tensor | None = None,
         vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        targets_complete: torch.Tensor | None = None,
         **_: Any,  # the loader's bookkeeping keys (record_ids, tasks, ...) are ignored
     ) -> GeoPixOutput:
         embeds, mask, labels, image_pos, (feat_lo, feat_hi) = self.embed_multimodal(
@@ -277,10 +282,39 @@ class GeoPixModel(GenerationMixin, nn.Module):
                     losses["mask_prior"] = prior_loss(priors, target_masks)
             if class_ids is not None:
                 losses["class"] = F.cross_entropy(out.class_logits.float(), class_ids)
+        if self.image_class_head is not None and targets_complete is not None and class_ids is not None:
+            complete = targets_complete[target_sample]
+            if bool(complete.any()):
+                n_img = embeds.shape[1] - input_ids.shape[1] + 1
+                losses["image_class_map"] = self.image_class_map_loss(
+                    embeds, image_pos, n_img, target_masks[complete], target_sample[complete], class_ids[complete]
+                )
         if losses:
             out.loss = sum(self.loss_weights[k] * v for k, v in losses.items())
             out.losses = losses
         return out
+
+    def image_class_map_loss(
+        self,
+        embeds: torch.Tensor,
+        image_pos: torch.Tensor,
+        n_img: int,
+        masks: torch.Tensor,
+        sample: torch.Tensor,
+        class_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """BCE of the class head on the image tokens the LLM reads (``embeds`` at ``image_pos``)
+        against each class's share of every token's cell, for the (sample, class) pairs whose
+        ``masks`` [T, S, S] are every instance of the class (the other classes are not known)."""
+        side = round(n_img**0.5)  # the tokens are a square grid flattened row by row
+        cover = F.adaptive_avg_pool2d(masks[:, None].float(), side).flatten(1)  # [T, N]
+        pairs, pair_of = torch.unique(sample * self.config.num_classes + class_ids, return_inverse=True)
+        target = cover.new_zeros(len(pairs), n_img).index_add_(0, pair_of, cover).clamp_(max=1)
+        rows = pairs // self.config.num_classes
+        tokens = embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
+        channel = (pairs % self.config.num_classes)[:, None, None].expand(-1, n_img, 1)
+        logits = self.image_class_head(tokens).gather(-1, channel)[..., 0]  # [pairs, N]: each pair's class
+        return F.binary_cross_entropy_with_logits(logits.float(), target)
 
     def seg_hidden(self, hidden: torch.Tensor, positions: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
         """[B, L, H] hidden states → [T, run, H], each seg run's states (``positions``: its start)."""
