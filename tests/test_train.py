@@ -128,6 +128,8 @@ def test_two_stages_zero2_losses_fall_and_the_model_chats(two_stages):
     record = next(r for _, r in RankReader(SHARDS, "train", rank=0, world=1, seed=0).epoch_records(0)
                   if r["task"] == "refer")  # fmt: skip
     assert record["image_id"]  # the workers draw a picture's turn by it (train.augment_per_image)
+    # Augmentation leaves relation phrases alone and the image class map trains on complete answers by it.
+    assert record["phrase_type"]
     answers = model.chat(processor([record["image"]]), ["[refer] the ship"], tokenizer, max_new_tokens=8)
     assert isinstance(answers[0].text, str) and answers[0].masks.dtype.is_floating_point is False
     batch = next(iter(iter_batches([record], tokenizer, image_size=64, batch_size=1, max_length=None,
