@@ -194,11 +194,6 @@ class ModelConfig(_Section):
     # length, so a random LLM cannot tell where in the image a token lies. CLIP's tokens carry
     # their place already; EfficientNet's do not. Starts at zero (the projector's output as is).
     image_token_positions: bool = False
-    # Each image token also carries the encoder's finer level (the one fine_feature_stride picks)
-    # pooled over the token's cell, its mean and its max: the stride-32 tokens blur colour and
-    # small objects, which VQA and grounding answers must read. The projector reads both, so a
-    # LLaVA projector (projector_weights) cannot be used with it.
-    image_token_fine_pool: bool = False
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

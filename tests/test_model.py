@@ -585,34 +585,6 @@ def test_image_token_positions_start_as_the_projector_output_and_learn_each_plac
         assert not torch.equal(plain(**batch).logits, placed(**batch).logits)
 
 
-def test_fine_pool_tokens_read_the_finer_level_of_their_own_cell(cfg, tokenizer, batch, tmp_path):
-    model = new_model(cfg, tokenizer, image_token_fine_pool=True).eval()
-    with torch.no_grad():
-        feat_lo, _, tokens = model.vision(batch["pixel_values"])
-        inputs = model.projector_inputs(feat_lo, tokens)
-        assert inputs.shape[-1] == tokens.shape[-1] + 2 * feat_lo.shape[1]  # its mean and its max
-        assert torch.equal(inputs[..., : tokens.shape[-1]], tokens)
-        # A change of the finer level inside the last token's cell moves that token's input only.
-        cell = feat_lo.shape[-1] // int(tokens.shape[1] ** 0.5)
-        bumped = feat_lo.clone()
-        bumped[..., -cell:, -cell:] += 1.0
-        moved = (model.projector_inputs(bumped, tokens) != inputs).any(-1)  # [B, N]
-        assert moved[:, -1].all() and not moved[:, :-1].any()
-        plain = new_model(cfg, tokenizer).eval()
-        assert plain.projector_inputs(feat_lo, tokens) is tokens
-    for stage in (1, 2):
-        set_stage(model, stage)
-        grads, _ = _trained_names(model.train(), batch)
-        assert "projector.0.weight" in grads
-    model.eval()
-    loaded = GeoPixModel.load(model.save(tmp_path / "m", tokenizer)).eval()
-    assert loaded.config.image_token_fine_pool
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-    with pytest.raises(ValueError, match="image_token_fine_pool needs a projector trained with it"):
-        GeoPixModel(model.config, projector_weights=tmp_path / "mm_projector.safetensors")
-
-
 def test_the_image_class_map_target_is_each_complete_class_share_of_a_cell(cfg, tokenizer):
     assert new_model(cfg, tokenizer).image_class_head is None  # off: no head, no parameters
     model = new_model(cfg, tokenizer, image_class_map_weight=1.0)

@@ -53,7 +53,6 @@ class GeoPixModelConfig:
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
     chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
     image_token_positions: bool = False  # a learned embedding per image-token place (geopix.config)
-    image_token_fine_pool: bool = False  # tokens + the finer level's mean and max per cell (geopix.config)
     # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
     mask_decoder: str = "geopix"  # or "release" (geopix/model/release_mask.py)
     release_neck_dim: int = 512  # the release necks' middle width

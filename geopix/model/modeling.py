@@ -101,14 +101,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
         else:
             self.llm = LlamaForCausalLM(LlamaConfig.from_dict(config.text_config))
         hidden = self.llm.config.hidden_size
-        if config.image_token_fine_pool and projector_weights:
-            raise ValueError(
-                "model.projector_weights: a LLaVA projector reads the encoder's tokens only; "
-                "model.image_token_fine_pool needs a projector trained with it"
-            )
-        fine_dim = 2 * self.vision.lo_channels if config.image_token_fine_pool else 0
         self.projector = nn.Sequential(
-            nn.Linear(self.vision.token_dim + fine_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+            nn.Linear(self.vision.token_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
         # [N, H], zero at the start; trained with the projector (geopix.train.stages).
         self.image_positions = (
@@ -193,7 +187,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         else:
             with torch.no_grad():  # frozen encoder: no graph through it
                 feat_lo, feat_hi, tokens = self.vision(pixel_values)
-        image_embeds = self.projector(self.projector_inputs(feat_lo, tokens))  # [B, N, H]
+        image_embeds = self.projector(tokens)  # [B, N, H]
         if self.image_positions is not None:
             image_embeds = image_embeds + self.image_positions
         is_image = input_ids == self.image_token_id
@@ -216,16 +210,6 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 )
         new_labels = torch.stack(rows_l) if labels is not None else None
         return torch.stack(rows_e), torch.stack(rows_m), new_labels, image_pos, (feat_lo, feat_hi)
-
-    def projector_inputs(self, feat_lo: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] what the projector reads: the encoder's tokens, and with ``image_token_fine_pool``
-        the finer level's mean and max over each token's cell after them (the max keeps an object
-        smaller than the cell from being averaged away)."""
-        if not self.config.image_token_fine_pool:
-            return tokens
-        side = round(tokens.shape[1] ** 0.5)  # tokens are a square grid flattened row by row
-        pooled = torch.cat([F.adaptive_avg_pool2d(feat_lo, side), F.adaptive_max_pool2d(feat_lo, side)], 1)
-        return torch.cat([tokens, pooled.flatten(2).transpose(1, 2).to(tokens.dtype)], -1)
 
     # -------------------------------------------------------------------------------- forward
     def forward(
