@@ -229,6 +229,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         embeds, mask, labels, image_pos, (feat_lo, feat_hi) = self.embed_multimodal(
             pixel_values, input_ids, attention_mask, labels, vision_features
         )
+        n_img = embeds.shape[1] - input_ids.shape[1] + 1  # image tokens in place of each <image>
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = self.llm.lm_head(hidden)
         losses: dict[str, torch.Tensor] = {}
@@ -245,7 +246,6 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 losses["text"] = token_ce.sum() / answer_tokens.sum()
             out.sample_text_loss = sample_text_loss.detach()
         if seg_positions is not None and target_sample is not None and len(seg_positions):
-            n_img = embeds.shape[1] - input_ids.shape[1] + 1
             positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)
             out.seg_positions = positions
             ema = None
@@ -269,7 +269,6 @@ class GeoPixModel(GenerationMixin, nn.Module):
         if self.image_class_head is not None and targets_complete is not None and class_ids is not None:
             complete = targets_complete[target_sample]
             if bool(complete.any()):
-                n_img = embeds.shape[1] - input_ids.shape[1] + 1
                 losses["image_class_map"] = self.image_class_map_loss(
                     embeds, image_pos, n_img, target_masks[complete], target_sample[complete], class_ids[complete]
                 )
