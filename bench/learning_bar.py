@@ -34,7 +34,7 @@ from typing import Any
 from train_throughput import reference_loop
 
 from geopix import ray_job, storage, tracking
-from geopix.config import load_config
+from geopix.config import add_overrides_argument, load_config
 from geopix.evaluate.job import flat_metrics, headline
 from geopix.evaluate.report import write_comparison
 
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget-s", type=float, default=900.0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parents[1] / "docs/benchmarks/learning_bar.json")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra config overrides key=value")
+    add_overrides_argument(parser)
     args = parser.parse_args()
 
     import ray

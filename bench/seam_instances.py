@@ -21,7 +21,7 @@ import numpy as np
 from segment_throughput import OUT, scene
 
 from geopix import storage
-from geopix.config import load_config
+from geopix.config import add_overrides_argument, load_config
 from geopix.evaluate.scene_scores import instance_scores
 from geopix.infer.scene_reader import open_scene, plan_windows
 from geopix.infer.segment import INSTANCES_FILE, MASK_FILE, segment_scenes
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--instruction", default="[segment] Segment all storage tanks.")
     parser.add_argument("--picture", type=Path, default=Path("docs/images/segment_instances_seam.png"))
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    add_overrides_argument(parser)
     args = parser.parse_args()
 
     import ray

@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 
 from geopix import storage
-from geopix.config import load_config
+from geopix.config import add_overrides_argument, load_config
 from geopix.data import synth
 from geopix.evaluate.scene_scores import scene_scores
 from geopix.infer.instances import InstanceStitcher
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--instruction", default="[segment] Segment all storage tanks.")
     parser.add_argument("--keep-class", action="append", default=None)
     parser.add_argument("--only-memory", action="store_true", help="only the peak-memory comparison")
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    add_overrides_argument(parser)
     args = parser.parse_args()
 
     import ray

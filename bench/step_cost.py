@@ -15,7 +15,7 @@ import statistics
 
 from train_throughput import plain_loop
 
-from geopix.config import load_config
+from geopix.config import add_overrides_argument, load_config
 
 RECORDS = 16 * 6
 SIZE = ["model.image_size=256", "train.batch_size=8"]
@@ -23,7 +23,7 @@ SIZE = ["model.image_size=256", "train.batch_size=8"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", nargs="+", required=True, help="config overrides key=value")
+    add_overrides_argument(parser, required=True)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()

@@ -27,6 +27,8 @@ from collections import defaultdict
 
 from train_throughput import feature_cache, make_records
 
+from geopix.config import add_overrides_argument, load_config
+
 PARTS = {  # module attribute → name in the table
     "vision": "vision encoder (frozen, no grad)",
     "projector": "projector",
@@ -44,13 +46,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stage", type=int, default=1, choices=[1, 2])
-    parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    add_overrides_argument(parser)
     parser.add_argument("--cached", action="store_true", help="vision features from the feature cache (all hits)")
     args = parser.parse_args()
 
     import torch
 
-    from geopix.config import load_config
     from geopix.data.batches import iter_batches
     from geopix.data.tokenizer import corpus_texts, train_tokenizer
     from geopix.model import build_model

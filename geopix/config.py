@@ -7,6 +7,7 @@ key or a wrong type is reported with the file and the key that caused it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -523,6 +524,14 @@ def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> G
     except ValidationError as exc:
         origin = f"{path}" + (f" with overrides {[redact_override(o) for o in overrides]}" if overrides else "")
         raise ConfigError(f"invalid config {origin}:\n{_describe_errors(exc)}") from None
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """``--set``/``-s`` into ``args.overrides``: every occurrence adds (``--set a=1 b=2`` and
+    ``--set a=1 --set b=2`` give both; a plain ``nargs`` list would keep the last one only)."""
+    parser.add_argument("--set", "-s", dest="overrides", action="extend", nargs="+", required=required,
+                        default=None if required else [], metavar="SECTION.KEY=VALUE",
+                        help="config override; repeatable")
 
 
 def to_yaml(config: GeoPixConfig) -> str:

@@ -12,14 +12,14 @@ import argparse
 import logging
 
 from geopix import ray_job
-from geopix.config import GeoPixConfig, load_config
+from geopix.config import GeoPixConfig, add_overrides_argument, load_config
 
 
 def flow_parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the flow's docstring as help and ``--config`` / ``--set``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default="tiny", help="preset name or YAML path")
-    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value")
+    add_overrides_argument(parser)
     return parser
 
 

@@ -1,10 +1,11 @@
+import argparse
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from geopix.config import ConfigError, GeoPixConfig, list_presets, load_config
+from geopix.config import ConfigError, GeoPixConfig, add_overrides_argument, list_presets, load_config
 
 
 def test_presets_load_with_their_sizes():
@@ -21,6 +22,21 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.stage1.lr == pytest.approx(5e-4)
     assert cfg.stack.ray_num_cpus is None
     assert cfg.model.memory_len == 4
+
+
+def test_every_set_option_adds_its_overrides():
+    # The benches once took `--set` as one list: a second `--set` silently dropped the first.
+    parser = argparse.ArgumentParser()
+    add_overrides_argument(parser)
+    args = parser.parse_args(["--set", "model.memory_len=4", "train.seed=3", "-s", "model.fine_feature_stride=4"])
+    assert args.overrides == ["model.memory_len=4", "train.seed=3", "model.fine_feature_stride=4"]
+    cfg = load_config("tiny", args.overrides)
+    assert (cfg.model.memory_len, cfg.train.seed, cfg.model.fine_feature_stride) == (4, 3, 4)
+    assert parser.parse_args([]).overrides == []  # the parse above left the default empty
+    required = argparse.ArgumentParser()
+    add_overrides_argument(required, required=True)
+    with pytest.raises(SystemExit):
+        required.parse_args([])
 
 
 def test_yaml_path_and_defaults(tmp_path):
