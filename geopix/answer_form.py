@@ -81,7 +81,7 @@ def grounding_answer(run: str, box_text: str) -> str:
 def mask_box_text(mask: np.ndarray) -> str | None:
     """The ``{<x1><y1><x2><y2>}`` box (0–100 of the mask's size) around the largest connected part
     of ``mask`` (8-connected), or None for an empty mask. One object is one part: a stray blob of
-    the mask elsewhere would otherwise stretch the box over both (measured in docs/evaluation.md)."""
+    the mask elsewhere would otherwise stretch the box over both (measured in docs/evaluation_history.md)."""
     from scipy import ndimage
 
     parts, count = ndimage.label(mask, structure=np.ones((3, 3), bool))

@@ -16,7 +16,7 @@ Versions (a model records the one it was trained with, ``GeoPixModelConfig.chat_
    The tag decides the answer's form (a caption, "Sure, it is [SEG…]", a box, a short VQA answer),
    and a small LLM reads it best right where it starts to write. Trained on a few phrasings per
    task, the tiny model chose the form from the sentence instead: held-out phrasings got captions
-   answered like segmentations and count questions answered "Yes, there …" (docs/evaluation.md).
+   answered like segmentations and count questions answered "Yes, there …" (docs/evaluation_history.md).
    The tag is the user's own, so nothing is added that the instruction does not say; an
    instruction without a tag is rendered as in version 1.
 3. version 1 after LLaVA v1's system sentence, once at the start of a conversation: the

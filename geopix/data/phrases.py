@@ -52,7 +52,7 @@ TEXT_VERSION = 7
 # The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
 # teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
 # sentences only, the model answered held-out caption phrasings like segmentations
-# (docs/evaluation.md). Not used for VQA, whose question kind lives in the sentence.
+# (docs/evaluation_history.md). Not used for VQA, whose question kind lives in the sentence.
 BARE = {"segment": "{plural}", "refer": "{phrase}", "ground": "{phrase}", "caption": ""}
 
 

@@ -61,7 +61,7 @@ class ClassMemory(nn.Module):
     features' loss gradient times the read before it) is there from the first step. With α = 0 at
     the start instead, only α had a gradient, against a read of random slots that carries no
     consistent sign: after a whole tiny-preset stage α was still ~3e-4 and the memory never
-    entered (docs/evaluation.md, bench/memory_probe.py).
+    entered (docs/evaluation_history.md, bench/memory_probe.py).
 
     The slots read are ``M = learned + ema``: ``learned`` is a parameter (the gradient write);
     ``ema`` is a buffer holding the optional EMA write. Keeping the EMA part out of the parameter

@@ -9,7 +9,7 @@ the encoder's features (to a batched convolution's rounding).
 
 The memo is keyed on the turned picture, not the upright one with the turn applied to its feature
 maps: a CNN is not rotation-equivariant, and training on turned feature maps cost the model its
-VQA answers on the held-out split (docs/evaluation.md, 2026-12-05).
+VQA answers on the held-out split (docs/evaluation_history.md, 2026-12-05).
 """
 
 from __future__ import annotations
