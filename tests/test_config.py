@@ -28,10 +28,10 @@ def test_every_set_option_adds_its_overrides():
     # The benches once took `--set` as one list: a second `--set` silently dropped the first.
     parser = argparse.ArgumentParser()
     add_overrides_argument(parser)
-    args = parser.parse_args(["--set", "model.memory_len=4", "train.seed=3", "-s", "model.fine_feature_stride=4"])
-    assert args.overrides == ["model.memory_len=4", "train.seed=3", "model.fine_feature_stride=4"]
+    args = parser.parse_args(["--set", "model.memory_len=4", "train.seed=3", "-s", "model.fine_feature_stride=16"])
+    assert args.overrides == ["model.memory_len=4", "train.seed=3", "model.fine_feature_stride=16"]
     cfg = load_config("tiny", args.overrides)
-    assert (cfg.model.memory_len, cfg.train.seed, cfg.model.fine_feature_stride) == (4, 3, 4)
+    assert (cfg.model.memory_len, cfg.train.seed, cfg.model.fine_feature_stride) == (4, 3, 16)
     assert parser.parse_args([]).overrides == []  # the parse above left the default empty
     required = argparse.ArgumentParser()
     add_overrides_argument(required, required=True)
