@@ -12,7 +12,6 @@ import pytest
 from geopix.answer_form import box_to_text, grounding_answer
 from geopix.data import contact_sheet, phrases, schema, synth
 from geopix.data.source import iter_records, read_catalog
-from geopix.vocabulary import IMAGE_TOKEN
 from tests.records import SEG_VOCAB
 
 CHIP = 256
@@ -104,29 +103,6 @@ def test_bare_forms_carry_only_the_task_tag_and_its_slot_and_only_in_training(so
         else:
             slot = user.removeprefix(tag + " ")
             assert slot and slot[0].islower() and not slot.endswith((".", "?")), user  # a phrase, no sentence
-
-
-def test_training_vqa_records_go_on_with_the_other_question_kinds(source):
-    """A training VQA record asks every question kind once (colour where a phrase can name an
-    instance), each follow-up a turn of its own; test keeps one held-out question per record."""
-    _, _, records = source
-    forms = {"count": ("There ",), "presence": ("Yes, ", "No."), "colour": ("It is ",)}
-    tag = schema.TASK_TAGS["vqa"]
-    answers: Counter = Counter()
-    for record in (r for r in records if r["task"] == "vqa"):
-        turns = record["conversation"]
-        kinds = [t.split(".")[1] for t in phrases.template_ids(record["template_id"]) if t.startswith("vqa.")]
-        if record["split"] == "test":
-            assert len(turns) == 2 and len(kinds) == 1
-            continue
-        assert sorted(kinds) in (["colour", "count", "presence"], ["count", "presence"]), kinds
-        assert len(turns) == 2 * len(kinds)
-        for k, (kind, (user, assistant)) in enumerate(zip(kinds, zip(turns[::2], turns[1::2]), strict=True)):
-            assert user["role"] == "user" and assistant["role"] == "assistant"
-            assert (IMAGE_TOKEN in user["text"]) == (k == 0) and user["text"].split("\n")[-1].startswith(tag)
-            assert assistant["text"].startswith(forms[kind]), (kind, assistant["text"])
-            answers[kind, assistant["text"] == "No." or " no " in assistant["text"]] += 1
-    assert answers["colour", False] and answers["count", True] and answers["presence", True] >= 5
 
 
 def test_held_out_appearances_occur_only_in_test():

@@ -15,7 +15,7 @@ joined by ``+`` in ``template_id``.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,14 +47,7 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # 5: + one bare training form per task: the task tag and its slot only ("[segment] ships").
 # 6: grounding answers draw the object and state its box: "Sure, it is [SEG…] at {<x1>…}.".
 # 7: 6–8 training phrasings per VQA question kind instead of 3–5 (held-out ones unchanged).
-# 8: a training VQA record goes on with the other question kinds as follow-up turns.
-TEXT_VERSION = 8
-
-# The share of follow-up presence questions asked about a class the image lacks (the first
-# question's is ABSENT_SHARE): a model that read 1 "No." in 4 answered every held-out presence
-# question "Yes" (docs/evaluation_history.md).
-ABSENT_SHARE = 0.25
-FOLLOW_UP_ABSENT_SHARE = 0.5
+TEXT_VERSION = 7
 
 # The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
 # teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
@@ -367,8 +360,6 @@ class Exchange:
     descriptions: tuple[str, ...]
     phrase_type: str | None
     template_id: str
-    # Further (prompt, answer) turns about the same image, after the first answer (training VQA).
-    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,63 +564,32 @@ def _ground(facts: ImageFacts, rng, held_out, expr: Expression, run: str) -> Exc
     )
 
 
-VQA_KINDS = {"count": VQA_COUNT, "presence": VQA_PRESENCE, "colour": VQA_COLOUR}
-
-
 def _vqa(facts: ImageFacts, rng, held_out, expressions: list[Expression], class_names: list[str]) -> Exchange:
+    groups = facts.by_class()
     # A colour question needs a phrase that does not already say the colour.
-    kinds = ["count", "presence"] + (["colour"] if _describable(expressions) else [])
+    describable = [e for e in expressions if e.kind != "colour"]
+    kinds = ["count", "presence"] + (["colour"] if describable else [])
     kind = kinds[int(rng.integers(len(kinds)))]
-    prompt, answer, template_id = _vqa_question(kind, facts, rng, held_out, expressions, class_names, ABSENT_SHARE)
-    return Exchange("vqa", prompt, answer, (), (), None, template_id)
-
-
-def _vqa_follow_ups(
-    first: Exchange, facts: ImageFacts, rng, expressions: list[Expression], class_names: list[str]
-) -> Exchange:
-    """``first`` going on with each question kind it did not ask, in random order: one training
-    picture then teaches all three kinds, without taking a record from the other tasks."""
-    asked = template_ids(first.template_id)[0].split(".")[1]
-    kinds = [k for k in VQA_KINDS if k != asked and (k != "colour" or _describable(expressions))]
-    turns, ids = [], [first.template_id]
-    for pos in rng.permutation(len(kinds)):
-        prompt, answer, template_id = _vqa_question(
-            kinds[int(pos)], facts, rng, False, expressions, class_names, FOLLOW_UP_ABSENT_SHARE
-        )
-        turns.append((prompt, answer))
-        ids.append(template_id)
-    return replace(first, follow_ups=tuple(turns), template_id="+".join(ids))
-
-
-def _describable(expressions: list[Expression]) -> list[Expression]:
-    return [e for e in expressions if e.kind != "colour"]
-
-
-def _vqa_question(
-    kind: str,
-    facts: ImageFacts,
-    rng,
-    held_out: bool,
-    expressions: list[Expression],
-    class_names: list[str],
-    absent_share: float,
-) -> tuple[str, str, str]:
-    """One question of ``kind`` about the image: (question, answer, template id)."""
     if kind == "colour":
-        describable = _describable(expressions)
         expr = describable[int(rng.integers(len(describable)))]
         template = _pick(rng, VQA_COLOUR, held_out)
-        colour = facts.instances[expr.target].colour
-        return template.text.format(phrase=expr.text), f"It is {colour}.", f"{template.id}+{expr.template.id}"
+        return Exchange(
+            "vqa",
+            template.text.format(phrase=expr.text),
+            f"It is {facts.instances[expr.target].colour}.",
+            (),
+            (),
+            None,
+            f"{template.id}+{expr.template.id}",
+        )
     # Ask about an absent class now and then, so "no" and zero are answers too.
-    groups = facts.by_class()
     present = sorted(groups)
     absent = [n for n in class_names if n not in groups]
-    pool = absent if absent and (not present or rng.random() < absent_share) else present
+    pool = absent if absent and (not present or rng.random() < 0.25) else present
     name = pool[int(rng.integers(len(pool)))]
     n = len(groups.get(name, []))
-    template = _pick(rng, VQA_KINDS[kind], held_out)
     if kind == "count":
+        template = _pick(rng, VQA_COUNT, held_out)
         if n == 0:
             answer = f"There are no {plural(name)}."
         elif n == 1:
@@ -637,9 +597,17 @@ def _vqa_question(
         else:
             answer = f"There are {n} {plural(name)}."
     else:
+        template = _pick(rng, VQA_PRESENCE, held_out)
         answer = "No." if n == 0 else ("Yes, there is one." if n == 1 else f"Yes, there are {n}.")
-    question = template.text.format(label=label(name), a_label=with_article(label(name)), plural=plural(name))
-    return question, answer, template.id
+    return Exchange(
+        "vqa",
+        template.text.format(label=label(name), a_label=with_article(label(name)), plural=plural(name)),
+        answer,
+        (),
+        (),
+        None,
+        template.id,
+    )
 
 
 def caption_text(facts: ImageFacts) -> str:
@@ -723,7 +691,4 @@ def image_exchanges(
     exchanges.append(_vqa(facts, rng, held_out, expressions, class_names))
     template = _pick(rng, CAPTION, held_out)
     exchanges.append(Exchange("caption", template.text, caption_text(facts), (), (), None, template.id))
-    if not held_out:  # drawn last, so every record above is what it was before follow-ups existed
-        vqa = next(k for k, ex in enumerate(exchanges) if ex.task == "vqa")
-        exchanges[vqa] = _vqa_follow_ups(exchanges[vqa], facts, rng, expressions, class_names)
     return exchanges

@@ -208,14 +208,6 @@ def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
                         "text": f"{IMAGE_TOKEN}\n{schema.TASK_TAGS[ex.task]} {ex.prompt}".rstrip(),
                     },
                     {"role": "assistant", "text": ex.answer},
-                    *(
-                        turn
-                        for prompt, answer in ex.follow_ups
-                        for turn in (
-                            {"role": "user", "text": f"{schema.TASK_TAGS[ex.task]} {prompt}"},
-                            {"role": "assistant", "text": answer},
-                        )
-                    ),
                 ],
                 "targets": targets,
             }
