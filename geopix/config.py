@@ -170,6 +170,11 @@ class ModelConfig(_Section):
     # a class ("segment every X": the class's map is then complete). A signal that the tokens the
     # LLM reads say what lies where, which VQA counts and presence need; 0: off, no head.
     image_class_map_weight: float = Field(0.0, ge=0)
+    # The class reader (geopix/model/class_reader.py): presence and count maps per class from the
+    # fine and coarse vision features, summed up into one token per class after the image tokens
+    # (what the LLM reads to say whether and how many); its maps are trained where the class map
+    # is, each loss × this weight. 0: off, no reader, no extra tokens.
+    class_reader_weight: float = Field(0.0, ge=0)
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

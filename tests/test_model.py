@@ -900,3 +900,62 @@ def test_a_format_1_config_reads_as_the_model_config_it_describes(tmp_path):
     assert GeoPixModelConfig.from_pretrained(tmp_path) == config
     with pytest.raises(ValueError, match=r"format_version 7"):
         GeoPixModelConfig.from_dict({**config.to_dict(), "format_version": 7}, "x.json")
+
+
+# ------------------------------------------------------------------------------ class reader
+def test_the_class_reader_targets_are_each_class_share_and_instance_count_per_cell():
+    from geopix.model.class_reader import ClassReader
+
+    # One image of 4×4 px read as 2×2 cells (2×2 px each), and a second; 3 classes.
+    masks = torch.zeros(4, 4, 4)
+    masks[0, :2, :2] = 1  # sample 0, class 1: all in the top-left cell
+    masks[1, 0, :4] = 1  # sample 0, class 1 again: half top-left, half top-right
+    masks[2, 3, 3] = 1  # sample 1, class 2: one pixel, in the bottom-right cell
+    masks[3, 1:3, 1:3] = 1  # sample 1, class 2 again: a quarter in each cell
+    presence = torch.zeros(2, 3, 2, 2)
+    presence[0, 1] = 2.0  # logits of the two supervised pairs; the rest is never read
+    presence[1, 2] = -1.0
+    counts = torch.full((2, 3, 2, 2), 0.5)
+    losses = ClassReader.losses(presence, counts, masks, torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 2, 2]))
+    cover = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.5]])  # the class's share, at most 1
+    instances = torch.tensor([[1.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 1.25]])  # rows sum to 2 instances
+    logits = torch.tensor([[2.0] * 4, [-1.0] * 4])
+    expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, cover)
+    assert torch.allclose(losses["reader_presence"], expected_bce)
+    assert torch.allclose(losses["reader_count"], (0.5 - instances).abs().sum(1).mean())
+
+
+def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, tokenizer, records, tmp_path):
+    complete = [dict(r, phrase_type="all_of_class") if i == 3 else r for i, r in enumerate(records)]
+    batch = make_batch(complete, tokenizer, 4, cfg.chat_template)
+    plain = new_model(cfg, tokenizer)
+    assert plain.class_reader is None  # off by default: models saved before load as they were
+    model = new_model(cfg, tokenizer, class_reader_weight=0.5)
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        grown = model.embed_multimodal(*args)[0].shape[1] - plain.embed_multimodal(*args)[0].shape[1]
+    assert grown == cfg.num_classes
+    for stage in (1, 2):
+        set_stage(model, stage)
+        model.train()
+        out = model(**batch)
+        assert {"reader_presence", "reader_count"} <= set(out.losses) <= set(LOSS_KEYS)
+        assert model.loss_weights["reader_count"] == 0.5
+        for key, reached in (("text", "class_reader.summary."), ("reader_count", "class_reader.maps.")):
+            model.zero_grad(set_to_none=True)
+            model(**batch).losses[key].backward()
+            grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+            assert any(n.startswith(reached) for n in grads), key
+            assert (key == "text") == any(n.startswith("llm.") for n in grads)  # the maps' loss stays out of the LLM
+    incomplete = dict(batch, targets_complete=torch.zeros(4, dtype=torch.bool))
+    assert not {"reader_presence", "reader_count"} & set(model(**incomplete).losses)
+    # Answers: a batch decodes as its requests alone, and a saved model answers as before.
+    model.eval()
+    texts = user_texts(records)
+    together = model.chat(batch["pixel_values"], texts, tokenizer, max_new_tokens=12)
+    alone = model.chat(batch["pixel_values"][2:3], texts[2:3], tokenizer, max_new_tokens=12)[0]
+    assert alone.text == together[2].text
+    loaded = GeoPixModel.load(model.save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.class_reader_weight == 0.5
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)

@@ -81,7 +81,7 @@ class GenerationMixin:
         for i, ids in enumerate(prompts):  # left padding: every row's last prompt token is at −1
             input_ids[i, width - len(ids) :] = torch.tensor(ids, device=device)
             attention[i, width - len(ids) :] = 1
-        embeds, attention, _, _, (feat_lo, feat_hi) = self.embed_multimodal(
+        embeds, attention, _, _, (feat_lo, feat_hi, _) = self.embed_multimodal(
             pixel_values.to(self.projector[0].weight.dtype), input_ids, attention, None
         )
         positions = (attention.cumsum(1) - 1).clamp_min(0)

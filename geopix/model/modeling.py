@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from geopix.config import ModelConfig
 from geopix.imaging import ImageFormat
 from geopix.model.adapters import add_lora, add_trainable_tokens
+from geopix.model.class_reader import ClassReader, complete_class_targets
 from geopix.model.configuration import GeoPixModelConfig
 from geopix.model.generation import GenerationMixin
 from geopix.model.layers import local_path
@@ -118,6 +119,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
         self.image_class_head = (  # training's signal only: no answer reads it
             nn.Linear(hidden, config.num_classes) if config.image_class_map_weight > 0 else None
         )
+        self.class_reader = (  # one more token per class after the image tokens (class_reader.py)
+            ClassReader(self.vision.lo_channels, self.vision.hi_channels, config.num_classes, hidden)
+            if config.class_reader_weight > 0
+            else None
+        )
         if projector_weights:
             load_projector_weights(self.projector, str(projector_weights))
 
@@ -158,6 +164,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
             "mask_dice": self.config.mask_dice_weight,
             "mask_prior": self.config.mask_prior_weight,
             "image_class_map": self.config.image_class_map_weight,
+            "reader_presence": self.config.class_reader_weight,
+            "reader_count": self.config.class_reader_weight,
         }
 
     @property
@@ -173,14 +181,20 @@ class GeoPixModel(GenerationMixin, nn.Module):
         labels: torch.Tensor | None,
         vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor]
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor,
+        tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None],
     ]:
-        """Replace each sample's single ``<image>`` token by its N projected image tokens.
+        """Replace each sample's single ``<image>`` token by its N projected image tokens (and,
+        with the class reader, one token per class after them).
 
         Returns (inputs_embeds [B, L+N−1, H], attention_mask, labels (−100 over image tokens),
-        image_pos [B], (feat_lo, feat_hi)). Right padding stays right padding: every row grows by
-        the same N−1, so one shift per sample fixes ``seg_positions``. ``vision_features``: the
-        encoder's output for ``pixel_values`` computed elsewhere (training's feature cache).
+        image_pos [B], (feat_lo, feat_hi, the class reader's maps or None)). Right padding stays
+        right padding: every row grows by the same N−1, so one shift per sample fixes
+        ``seg_positions``. ``vision_features``: the encoder's output for ``pixel_values`` computed
+        elsewhere (training's feature cache).
         """
         if vision_features is not None:
             feat_lo, feat_hi, tokens = vision_features
@@ -190,6 +204,10 @@ class GeoPixModel(GenerationMixin, nn.Module):
         image_embeds = self.projector(tokens)  # [B, N, H]
         if self.image_positions is not None:
             image_embeds = image_embeds + self.image_positions
+        class_maps = None
+        if self.class_reader is not None:
+            class_maps = self.class_reader(feat_lo, feat_hi, self.config.image_size // 8)
+            image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
         is_image = input_ids == self.image_token_id
         if not bool((is_image.sum(1) == 1).all()):
             raise ValueError(
@@ -209,7 +227,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
                     torch.cat([labels[i, :p], labels.new_full((n,), IGNORE_INDEX), labels[i, p + 1 :]])
                 )
         new_labels = torch.stack(rows_l) if labels is not None else None
-        return torch.stack(rows_e), torch.stack(rows_m), new_labels, image_pos, (feat_lo, feat_hi)
+        return torch.stack(rows_e), torch.stack(rows_m), new_labels, image_pos, (feat_lo, feat_hi, class_maps)
 
     # -------------------------------------------------------------------------------- forward
     def forward(
@@ -226,10 +244,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
         targets_complete: torch.Tensor | None = None,
         **_: Any,  # the loader's bookkeeping keys (record_ids, tasks, ...) are ignored
     ) -> GeoPixOutput:
-        embeds, mask, labels, image_pos, (feat_lo, feat_hi) = self.embed_multimodal(
+        embeds, mask, labels, image_pos, (feat_lo, feat_hi, class_maps) = self.embed_multimodal(
             pixel_values, input_ids, attention_mask, labels, vision_features
         )
         n_img = embeds.shape[1] - input_ids.shape[1] + 1  # image tokens in place of each <image>
+        n_grid = n_img - (self.config.num_classes if class_maps is not None else 0)  # the reader's come last
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = self.llm.lm_head(hidden)
         losses: dict[str, torch.Tensor] = {}
@@ -266,12 +285,15 @@ class GeoPixModel(GenerationMixin, nn.Module):
                     losses["mask_prior"] = prior_loss(priors, target_masks)
             if class_ids is not None:
                 losses["class"] = F.cross_entropy(out.class_logits.float(), class_ids)
-        if self.image_class_head is not None and targets_complete is not None and class_ids is not None:
+        maps_on = self.image_class_head is not None or class_maps is not None
+        if maps_on and targets_complete is not None and class_ids is not None:
             complete = targets_complete[target_sample]
             if bool(complete.any()):
-                losses["image_class_map"] = self.image_class_map_loss(
-                    embeds, image_pos, n_img, target_masks[complete], target_sample[complete], class_ids[complete]
-                )
+                known = (target_masks[complete], target_sample[complete], class_ids[complete])
+                if self.image_class_head is not None:
+                    losses["image_class_map"] = self.image_class_map_loss(embeds, image_pos, n_grid, *known)
+                if class_maps is not None:
+                    losses.update(ClassReader.losses(*class_maps, *known))
         if losses:
             out.loss = sum(self.loss_weights[k] * v for k, v in losses.items())
             out.losses = losses
@@ -290,9 +312,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
         against each class's share of every token's cell, for the (sample, class) pairs whose
         ``masks`` [T, S, S] are every instance of the class (the other classes are not known)."""
         side = round(n_img**0.5)  # the tokens are a square grid flattened row by row
-        cover = F.adaptive_avg_pool2d(masks[:, None].float(), side).flatten(1)  # [T, N]
-        pairs, pair_of = torch.unique(sample * self.config.num_classes + class_ids, return_inverse=True)
-        target = cover.new_zeros(len(pairs), n_img).index_add_(0, pair_of, cover).clamp_(max=1)
+        pairs, cover, _ = complete_class_targets(masks, sample, class_ids, side, self.config.num_classes)
+        target = cover.clamp(max=1)
         rows = pairs // self.config.num_classes
         tokens = embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
         channel = (pairs % self.config.num_classes)[:, None, None].expand(-1, n_img, 1)

@@ -30,7 +30,9 @@ from geopix.train.feature_cache import VisionFeatureCache
 from geopix.train.rank_reader import Position, RankReader
 
 log = logging.getLogger("geopix.train")
-LOSS_KEYS = ("text", "mask_bce", "mask_dice", "mask_prior", "class", "image_class_map")
+LOSS_KEYS = (
+    "text", "mask_bce", "mask_dice", "mask_prior", "class", "image_class_map", "reader_presence", "reader_count"
+)  # fmt: skip
 # The text loss per record task (mean over a task's samples of their mean answer-token CE): logged
 # as loss/text_<task>, one curve per task. Every rank reduces every key, so the set is fixed.
 TASK_TEXT_KEYS = tuple(f"text_{task}" for task in schema.TASKS)

@@ -1,0 +1,90 @@
+"""The class reader: per-class presence and count maps from the vision encoder's features, summed
+up into one token per class that the LLM reads after the image tokens.
+
+Why: the LLM reads 64 stride-32 image tokens, and from them it did not learn whether a class is
+in the picture at all. Asked "Is there a storage tank …?", the 2026-12-06 model put the same
+probability on "No" (about 0.3) whether there was one or not, on its own training pictures too,
+and a linear class head on those tokens told present from absent classes at an AUC of 0.77
+(docs/evaluation_history.md). Presence and count answers, and the count a "segment every X"
+answer states before its seg runs, all need that reading. The reader looks where the mask decoder
+does (the fine level, with the coarse level for context) and hands the LLM, per class, the
+class's own learned embedding plus what its maps say: how sure it is the class is there and how
+many instances it counts. The LLM then only has to match the class its question names.
+
+Maps are ``grid`` × ``grid`` cells (stride 8 at the tiny preset's 256 px), trained where the
+class map is (:func:`complete_class_targets`): presence by BCE against each class's share of a
+cell, counts by the L1 distance to each instance's share of a cell (a class's map sums to its
+count).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClassReader(nn.Module):
+    def __init__(self, fine_channels: int, coarse_channels: int, num_classes: int, hidden: int, width: int = 64):
+        super().__init__()
+        self.fine = nn.Sequential(nn.Conv2d(fine_channels, width, 3, padding=1), nn.GELU())
+        self.coarse = nn.Conv2d(coarse_channels, width, 1)
+        self.maps = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, 2 * num_classes, 1)
+        )
+        self.class_embeddings = nn.Parameter(torch.randn(num_classes, hidden) * 0.02)
+        # (presence, log(1 + count)) of a class → the rest of its token.
+        self.summary = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(
+        self, feat_fine: torch.Tensor, feat_coarse: torch.Tensor, grid: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [B, C_fine, h, w] and [B, C_coarse, h', w'] → (presence logits, counts ≥ 0),
+        each [B, classes, grid, grid]."""
+        x = self.fine(F.adaptive_avg_pool2d(feat_fine, grid))
+        x = x + F.interpolate(self.coarse(feat_coarse), size=(grid, grid), mode="bilinear", align_corners=False)
+        presence, counts = self.maps(x).chunk(2, dim=1)
+        return presence, F.softplus(counts)
+
+    def tokens(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One token per class [B, classes, hidden]: its embedding plus its maps' summary (the
+        most confident cell's presence, the summed count)."""
+        present = presence.flatten(2).amax(-1).sigmoid()
+        total = counts.flatten(2).sum(-1)
+        return self.class_embeddings + self.summary(torch.stack([present, torch.log1p(total)], -1))
+
+    @staticmethod
+    def losses(
+        presence: torch.Tensor,
+        counts: torch.Tensor,
+        masks: torch.Tensor,
+        sample: torch.Tensor,
+        class_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """BCE of the presence map and the L1 distance of the count map (summed over the cells,
+        averaged over the pairs) for the (sample, class) pairs whose ``masks`` are complete."""
+        num_classes, grid = presence.shape[1], presence.shape[-1]
+        pairs, cover, instances = complete_class_targets(masks, sample, class_ids, grid, num_classes)
+        rows, channels = pairs // num_classes, pairs % num_classes
+        return {
+            "reader_presence": F.binary_cross_entropy_with_logits(
+                presence[rows, channels].flatten(1).float(), cover.clamp(max=1)
+            ),
+            "reader_count": (counts[rows, channels].flatten(1).float() - instances).abs().sum(1).mean(),
+        }
+
+
+def complete_class_targets(
+    masks: torch.Tensor, sample: torch.Tensor, class_ids: torch.Tensor, side: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (sample, class) pairs of ``masks`` [T, S, S] (every instance of the class: the other
+    classes are not known), and per pair over ``side`` × ``side`` cells flattened row by row
+    [pairs, side²]: the share of each cell the class covers (summed over instances, so overlaps
+    may exceed 1) and how many instances lie in it (each instance spread by its share of pixels,
+    so a pair's row sums to its count; an empty mask counts for nothing). Pairs are ``sample ×
+    num_classes + class``, sorted."""
+    cover = F.adaptive_avg_pool2d(masks[:, None].float(), side).flatten(1)  # [T, side²]
+    share = cover / cover.sum(1, keepdim=True).clamp(min=1e-12)
+    pairs, pair_of = torch.unique(sample * num_classes + class_ids, return_inverse=True)
+    zeros = cover.new_zeros(len(pairs), side * side)
+    return pairs, zeros.index_add(0, pair_of, cover), zeros.index_add(0, pair_of, share)
