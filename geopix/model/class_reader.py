@@ -25,7 +25,7 @@ from torch import nn
 
 
 class ClassReader(nn.Module):
-    def __init__(self, fine_channels: int, coarse_channels: int, num_classes: int, hidden: int, width: int = 64):
+    def __init__(self, fine_channels: int, coarse_channels: int, num_classes: int, hidden: int, width: int = 32):
         super().__init__()
         self.fine = nn.Sequential(nn.Conv2d(fine_channels, width, 3, padding=1), nn.GELU())
         self.coarse = nn.Conv2d(coarse_channels, width, 1)
