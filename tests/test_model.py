@@ -935,6 +935,9 @@ def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, to
     with torch.no_grad():
         grown = model.embed_multimodal(*args)[0].shape[1] - plain.embed_multimodal(*args)[0].shape[1]
     assert grown == cfg.num_classes
+    with torch.no_grad():  # counts start near zero: a large start once swamped the clipped gradients
+        _, counts = model.class_reader(*model.vision(batch["pixel_values"])[:2])
+    assert counts.flatten(2).sum(-1).max() < 1
     for stage in (1, 2):
         set_stage(model, stage)
         model.train()

@@ -120,7 +120,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
             nn.Linear(hidden, config.num_classes) if config.image_class_map_weight > 0 else None
         )
         self.class_reader = (  # one more token per class after the image tokens (class_reader.py)
-            ClassReader(self.vision.lo_channels, self.vision.hi_channels, config.num_classes, hidden)
+            ClassReader(
+                self.vision.lo_channels, self.vision.hi_channels, config.num_classes, hidden, config.image_size // 8
+            )
             if config.class_reader_weight > 0
             else None
         )
@@ -206,7 +208,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             image_embeds = image_embeds + self.image_positions
         class_maps = None
         if self.class_reader is not None:
-            class_maps = self.class_reader(feat_lo, feat_hi, self.config.image_size // 8)
+            class_maps = self.class_reader(feat_lo, feat_hi)
             image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
         is_image = input_ids == self.image_token_id
         if not bool((is_image.sum(1) == 1).all()):
