@@ -10,6 +10,9 @@ answer states before its seg runs, all need that reading. The reader looks where
 does (the fine level, with the coarse level for context) and hands the LLM, per class, the
 class's own learned embedding plus what its maps say: how sure it is the class is there and how
 many instances it counts. The LLM then only has to match the class its question names.
+Measured over three seeds (docs/evaluation_history.md, 2026-12-06, eleventh session): the LLM
+follows the tokens, but the maps, trained only on pairs where their class is there, read presence
+at an AUC of 0.73, and counting fell; off in every preset.
 
 Maps are ``grid`` × ``grid`` cells (stride 8 at the tiny preset's 256 px), trained where the
 class map is (:func:`complete_class_targets`): presence by BCE against each class's share of a
