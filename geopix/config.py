@@ -170,6 +170,11 @@ class ModelConfig(_Section):
     # a class ("segment every X": the class's map is then complete). A signal that the tokens the
     # LLM reads say what lies where, which VQA counts and presence need; 0: off, no head.
     image_class_map_weight: float = Field(0.0, ge=0)
+    # The same head's most confident token per class, trained (BCE × this weight) against whether
+    # the picture holds the class at all, for every class, on records whose source annotates every
+    # instance (`class_counts`): the one signal that says which classes a picture lacks. 0: off
+    # (a head is built when either weight is above 0).
+    image_presence_weight: float = Field(0.0, ge=0)
     # The class reader (geopix/model/class_reader.py): presence and count maps per class from the
     # fine and coarse vision features, summed up into one token per class after the image tokens
     # (what the LLM reads to say whether and how many); its maps are trained where the class map

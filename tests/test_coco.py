@@ -112,6 +112,13 @@ def test_import_coco_with_referring_expressions(coco_files):
     assert first.shape == (30, 40) and first[5:13, 10:20].all() and first.sum() == pytest.approx(80, abs=20)
     assert ships["targets"][0]["box"] == [10.0, 5.0, 20.0, 13.0]
 
+    # Every record of a picture says what it holds; a skipped (crowd) annotation leaves it unknown.
+    assert {r["record_id"]: r["class_counts"] for r in records.values()} == {
+        "coco-7-segment-3": [{"class_id": 3, "count": 2}],
+        "coco-7-11-0-refer": [{"class_id": 3, "count": 2}],
+        "coco-7-11-0-ground": [{"class_id": 3, "count": 2}],
+        "coco-8-segment-5": None,
+    }
     refer = records["coco-7-11-0-refer"]
     assert refer["split"] == "test" and refer["targets"][0]["description"] == "the small ship on the right"
     ground = records["coco-7-11-0-ground"]

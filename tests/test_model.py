@@ -625,6 +625,43 @@ def test_the_image_class_map_trains_the_projector_from_complete_answers_only(cfg
     assert "image_class_map" not in model(**incomplete).losses
 
 
+def test_image_presence_trains_every_class_of_pictures_whose_class_counts_are_known(cfg, tokenizer, records):
+    assert new_model(cfg, tokenizer, image_class_map_weight=0.0).image_class_head is None
+    model = new_model(cfg, tokenizer, image_class_map_weight=0.0, image_presence_weight=1.0)
+    hidden, classes = model.config.text_config["hidden_size"], model.config.num_classes
+    # The loss by hand: two pictures of 2 tokens, picture 0 known to hold class 1 only, picture 1 unknown.
+    with torch.no_grad():  # logit of class c on a token = c × the token's first feature
+        model.image_class_head.weight.zero_()
+        model.image_class_head.weight[:, 0] = torch.arange(classes, dtype=torch.float32)
+        model.image_class_head.bias.zero_()
+    embeds = torch.zeros(2, 3, hidden)
+    embeds[0, 1:3, 0] = torch.tensor([-1.0, 2.0])  # picture 0's tokens at places 1 and 2
+    loss = model.image_presence_loss(embeds, torch.tensor([1, 0]), 2, torch.tensor([0]), torch.tensor([1]),
+                                     torch.tensor([True, False]))  # fmt: skip
+    most = torch.arange(classes, dtype=torch.float32) * 2.0  # each class's most confident token
+    most[0] = 0.0
+    target = torch.zeros(classes)
+    target[1] = 1.0
+    assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(most, target))
+    # In training: the records' class counts reach the head and the projector, not the LLM.
+    counted = [dict(r, class_counts=[{"class_id": 0, "count": 2}]) if i % 2 else r for i, r in enumerate(records)]
+    batch = make_batch(counted, tokenizer, 4, cfg.chat_template)
+    assert batch["class_counts_known"].tolist() == [False, True, False, True]
+    assert batch["class_count_sample"].tolist() == [1, 3] and batch["class_count_values"].tolist() == [2, 2]
+    model = new_model(cfg, tokenizer, image_presence_weight=0.5)
+    for stage in (1, 2):
+        set_stage(model, stage)
+        model.zero_grad(set_to_none=True)
+        out = model.train()(**batch)
+        assert "image_presence" in out.losses and model.loss_weights["image_presence"] == 0.5
+        assert set(out.losses) <= set(LOSS_KEYS)
+        out.losses["image_presence"].backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert {"image_class_head.weight", "projector.0.weight"} <= grads
+        assert not any(n.startswith(("llm.", "mask_predictor.")) for n in grads)
+    assert "image_presence" not in model(**make_batch(records, tokenizer, 4, cfg.chat_template)).losses
+
+
 def test_the_prior_term_teaches_each_prompt_where_its_target_lies(cfg, tokenizer, batch):
     from geopix.model.mask import PRIOR_SIZE
 

@@ -31,12 +31,15 @@ def planted_bad_records() -> dict[str, dict]:
     missing["image"], missing["image_uri"] = None, "s3://geopix-data/tests/shard/no-such-image.png"
     truncated = make_record(904)
     truncated["image"] = truncated["image"][: len(truncated["image"]) // 2]
+    miscounted = make_record(905)  # its target's class is not among the classes the picture holds
+    miscounted["class_counts"] = [{"class_id": miscounted["targets"][0]["class_id"] + 1, "count": 1}]
     return {
         "targets[0].mask": bad_rle,
         "targets[0].box": outside,
         "targets[0].class_id": unknown,
         "image_uri": missing,
         "image": truncated,
+        "class_counts": miscounted,
     }
 
 
@@ -49,6 +52,8 @@ def write_source(uri: str, records) -> None:
 @pytest.fixture(scope="module")
 def source(stack, ray_cluster):
     good = [make_record(i, class_id=i % 3, task="refer" if i % 2 else "segment") for i in range(120)]
+    for record in good[::4]:  # some pictures say every class they hold; the rest leave it unknown
+        record["class_counts"] = [{"class_id": record["targets"][0]["class_id"], "count": len(record["targets"])}]
     # An image given by URI (fetched and embedded by sharding), and one pre-assigned to test.
     by_uri = make_record(500)
     storage.write_bytes("s3://geopix-data/tests/shard/images/500.png", by_uri["image"])
@@ -101,6 +106,9 @@ def test_shard_reconciles_and_reports_every_reject(source):
             assert table.num_rows == shard["rows"]
             for row in table.to_pylist():
                 assert row["split"] == split and row["image"]
+                index = int(row["record_id"].split("-")[1])
+                counted = index < 120 and index % 4 == 0
+                assert (row["class_counts"] is not None) == counted, row["record_id"]
                 assert validate_record(row, CATALOG, SEG_VOCAB) == []
                 assert split_of_image.setdefault(row["image_id"], split) == split
     assert split_of_image["img-00501"] == "test"

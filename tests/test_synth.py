@@ -62,6 +62,14 @@ def test_every_record_is_valid_and_all_tasks_and_phrase_types_occur(source):
         assert (record["phrase_type"] is None) == (record["task"] in ("caption", "vqa"))
         assert (record["phrase_type"] == "all_of_class") == (record["task"] == "segment")
         assert bool(record["targets"]) == (record["task"] in ("segment", "refer", "ground"))
+    # Every record of a picture says how many instances of each class it holds: the caption's counts.
+    held = {r["image_id"]: r["class_counts"] for r in records if r["task"] == "caption"}
+    for record in records:
+        assert record["class_counts"] == held[record["image_id"]] and held[record["image_id"]]
+        if record["task"] == "caption":
+            counts = {catalog.names[c["class_id"]]: c["count"] for c in record["class_counts"]}
+            for name, count in counts.items():
+                assert phrases._count_phrase(count, name) in record["conversation"][1]["text"], (name, count)
     assert stats["images"] == {"train": 30, "val": 10, "test": 20}
     assert sum(stats["records"].values()) == len(records)
     assert stats["records_per_task"] == dict(Counter(r["task"] for r in records))

@@ -105,6 +105,7 @@ class Sample:
     class_ids: np.ndarray  # [N] int64
     seg_positions: np.ndarray  # [N] int64, index of each run's first seg token in input_ids
     original_masks: np.ndarray | None = None  # [N, H, W] uint8 at the decoded size
+    class_counts: np.ndarray | None = None  # [K, 2] int64 (class id, instances): every class held; None: unknown
 
 
 def record_rng(seed: int, epoch: int, record_id: str) -> np.random.Generator:
@@ -172,8 +173,18 @@ def prepare_sample(
         class_ids=class_ids,
         seg_positions=np.asarray(positions, dtype=np.int64),
         original_masks=np.ascontiguousarray(masks) if keep_original_masks else None,
+        class_counts=_class_counts(record),
     )
     return sample, augmented
+
+
+def _class_counts(record: Mapping[str, Any]) -> np.ndarray | None:
+    """The record's ``class_counts`` as [K, 2] (class id, count), or None where unknown; flips and
+    rotations leave them as they are."""
+    items = record.get("class_counts")
+    if items is None:
+        return None
+    return np.asarray([(c["class_id"], c["count"]) for c in items], dtype=np.int64).reshape(-1, 2)
 
 
 def collate(
@@ -217,6 +228,7 @@ def collate(
         "target_sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         "target_counts": torch.tensor(counts, dtype=torch.long),
         "targets_complete": torch.tensor([s.phrase_type == schema.COMPLETE_PHRASE_TYPE for s in samples]),
+        **_collate_class_counts(samples),
         "record_ids": [s.record_id for s in samples],
         "image_ids": [s.image_id for s in samples],
         "tasks": [s.task for s in samples],
@@ -226,6 +238,20 @@ def collate(
     if all(s.original_masks is not None for s in samples):
         batch["original_masks"] = [torch.from_numpy(s.original_masks) for s in samples]
     return batch
+
+
+def _collate_class_counts(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Each picture's class counts packed along one axis (as targets are): ``class_count_sample``
+    [K] (which sample), ``class_count_ids`` [K], ``class_count_values`` [K]; ``class_counts_known``
+    [B] says whose are known (a known picture lists every class it holds; the rest hold none)."""
+    rows = [(i, c, n) for i, s in enumerate(samples) if s.class_counts is not None for c, n in s.class_counts]
+    packed = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+    return {
+        "class_count_sample": packed[:, 0],
+        "class_count_ids": packed[:, 1],
+        "class_count_values": packed[:, 2],
+        "class_counts_known": torch.tensor([s.class_counts is not None for s in samples]),
+    }
 
 
 # What a batch hands the model's forward (the rest: ids, tasks, transforms, original masks).
@@ -239,6 +265,10 @@ MODEL_INPUTS = (
     "target_masks",
     "class_ids",
     "targets_complete",
+    "class_count_sample",
+    "class_count_ids",
+    "class_count_values",
+    "class_counts_known",
 )
 
 

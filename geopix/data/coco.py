@@ -14,7 +14,8 @@ Output, per image: one ``segment`` record per class present ("Segment all ships.
 instance of the class), and per referring sentence one ``refer`` record and one ``ground``
 record (whose answer draws the object and states its box, as GeoPix answers: "Sure, it is
 [SEG…] at {<x1><y1><x2><y2>}."). Images are referenced by URI and fetched (and checked) by sharding. Crowd annotations
-are skipped and counted.
+are skipped and counted. Every record of an image carries its ``class_counts`` (COCO annotates
+every instance of its categories), null where one of the image's annotations was skipped.
 """
 
 from __future__ import annotations
@@ -197,21 +198,25 @@ def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -
             "source": source,
         }
         targets: dict[int, dict] = {}
+        every_instance = True  # until an annotation of the image is skipped
         for index, ann in anns_by_image.get(image["id"], []):
             if ann.get("iscrowd"):
                 stats.skipped["crowd annotation"] += 1
+                every_instance = False
                 continue
             try:
                 mask = _segmentation_to_mask(ann["segmentation"], height, width)
             except Exception as exc:  # noqa: BLE001 - pycocotools raises plain Exceptions on bad input
                 stats.skip(f"annotation with unreadable segmentation ({type(exc).__name__})",
                            f"{instances_uri}: {_entry('annotations', index, ann)}: segmentation: {exc}")  # fmt: skip
+                every_instance = False
                 continue
             if ann.get("bbox") is None:
                 box = mask_box(mask)
                 if box is None:
                     stats.skip("annotation without 'bbox' and with an empty mask",
                                f"{instances_uri}: {_entry('annotations', index, ann)} has no 'bbox' and an empty mask")  # fmt: skip
+                    every_instance = False
                     continue
                 stats.boxes_from_masks += 1
             else:
@@ -230,6 +235,10 @@ def _records(coco, refs, catalog, images_uri, source, seg_vocab, stats, files) -
         by_class: dict[int, list[dict]] = defaultdict(list)
         for target in targets.values():
             by_class[target["class_id"]].append(target)
+        # COCO annotates every instance of its categories; a skipped annotation leaves it unknown.
+        base["class_counts"] = (
+            [{"class_id": c, "count": len(m)} for c, m in sorted(by_class.items())] if every_instance else None
+        )
         for class_id, members in sorted(by_class.items()):
             class_name = catalog.names.get(class_id, str(class_id))
             name = plural(class_name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ TARGET_TYPE = pa.struct(
     ]
 )
 TURN_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("text", pa.string())])
+CLASS_COUNT_TYPE = pa.struct([pa.field("class_id", pa.int32()), pa.field("count", pa.int32())])
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -87,9 +89,16 @@ RECORD_SCHEMA = pa.schema(
         pa.field("template_id", pa.string()),  # which phrasing template produced the text
         pa.field("conversation", pa.list_(TURN_TYPE)),
         pa.field("targets", pa.list_(TARGET_TYPE)),
+        # Every class the picture holds, with its number of instances (classes not listed hold
+        # none), when the source annotates every instance of every class; null otherwise. The
+        # targets of one question rarely say which classes a picture lacks: training reads it.
+        pa.field("class_counts", pa.list_(CLASS_COUNT_TYPE)),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
+
+# Columns a record file may lack (written before they existed): read as null.
+OPTIONAL_COLUMNS = frozenset({"class_counts"})
 
 REJECT_SCHEMA = pa.schema(
     [
@@ -233,6 +242,31 @@ def validate_record(
         problems += [f"targets[{index}].{p}" for p in _validate_target(target, width, height, catalog)]
     if task in SEG_TASKS and not record.get("targets"):
         problems.append(f"targets: a {task} record needs at least one target")
+    if record.get("class_counts") is not None:
+        problems += _validate_class_counts(record, catalog)
+    return problems
+
+
+def _validate_class_counts(record: Mapping[str, Any], catalog: ClassCatalog | None) -> list[str]:
+    """``class_counts`` lists each class once with a positive count, and agrees with the targets:
+    no target of an unlisted class, no more targets of a class than it holds, and exactly as
+    many as it holds when the targets are every instance of their class."""
+    problems, counts = [], {}
+    for index, item in enumerate(record["class_counts"]):
+        class_id, count = item.get("class_id"), item.get("count")
+        if catalog is not None and class_id not in catalog:
+            problems.append(f"class_counts[{index}].class_id: {class_id!r} is not in the source's classes")
+        if class_id in counts:
+            problems.append(f"class_counts[{index}].class_id: class {class_id} is listed twice")
+        if not isinstance(count, int) or count < 1:
+            problems.append(f"class_counts[{index}].count: must be a positive integer, got {count!r}")
+        counts[class_id] = count
+    held = Counter(t.get("class_id") for t in record.get("targets") or [])
+    for class_id, n in sorted(held.items()):
+        holds = counts.get(class_id) or 0
+        complete = record.get("phrase_type") == COMPLETE_PHRASE_TYPE
+        if n > holds or (complete and n != holds):
+            problems.append(f"class_counts: class {class_id} holds {holds} but the targets have {n} of it")
     return problems
 
 

@@ -47,6 +47,7 @@ from ray.data.datasource import FilenameProvider
 from geopix import __version__, storage
 from geopix.config import DataConfig
 from geopix.data.schema import (
+    OPTIONAL_COLUMNS,
     RECORD_SCHEMA,
     REJECT_SCHEMA,
     SCHEMA_VERSION,
@@ -105,7 +106,7 @@ def merge_catalogs(catalogs: dict[str, ClassCatalog]) -> ClassCatalog:
 def _check_files(files: list[str]) -> tuple[list[str], list[dict[str, str]]]:
     """Split record files into readable ones and unreadable ones (with the reason)."""
     good, bad = [], []
-    expected = set(RECORD_SCHEMA.names)
+    expected = set(RECORD_SCHEMA.names) - OPTIONAL_COLUMNS
     for uri in files:
         fs, path = storage.arrow_filesystem(uri)
         try:

@@ -45,6 +45,7 @@ class GeoPixModelConfig:
     mask_dice_weight: float = 0.5
     mask_prior_weight: float = 0.0  # BCE of each scale's 8×8 prior against the target's coarse mask
     image_class_map_weight: float = 0.0  # BCE of a per-image-token class map (geopix.config); 0: no head
+    image_presence_weight: float = 0.0  # BCE of the class map's most confident token vs presence (geopix.config)
     class_reader_weight: float = 0.0  # the class reader's map losses (geopix.config); 0: no reader
     text_loss_mean: str = "token"  # or "answer": each answer's mean token loss weighs the same
     memory_len: int = 8

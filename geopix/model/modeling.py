@@ -117,7 +117,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
         self.mask_predictor = build_mask_predictor(config, self.vision.lo_channels, self.vision.hi_channels)
         self.class_head = nn.Linear(config.decoder_dim * config.num_scales, config.num_classes)
         self.image_class_head = (  # training's signal only: no answer reads it
-            nn.Linear(hidden, config.num_classes) if config.image_class_map_weight > 0 else None
+            nn.Linear(hidden, config.num_classes)
+            if config.image_class_map_weight > 0 or config.image_presence_weight > 0
+            else None
         )
         self.class_reader = (  # one more token per class after the image tokens (class_reader.py)
             ClassReader(
@@ -166,6 +168,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             "mask_dice": self.config.mask_dice_weight,
             "mask_prior": self.config.mask_prior_weight,
             "image_class_map": self.config.image_class_map_weight,
+            "image_presence": self.config.image_presence_weight,
             "reader_presence": self.config.class_reader_weight,
             "reader_count": self.config.class_reader_weight,
         }
@@ -244,6 +247,10 @@ class GeoPixModel(GenerationMixin, nn.Module):
         class_ids: torch.Tensor | None = None,
         vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         targets_complete: torch.Tensor | None = None,
+        class_count_sample: torch.Tensor | None = None,
+        class_count_ids: torch.Tensor | None = None,
+        class_count_values: torch.Tensor | None = None,
+        class_counts_known: torch.Tensor | None = None,
         **_: Any,  # the loader's bookkeeping keys (record_ids, tasks, ...) are ignored
     ) -> GeoPixOutput:
         embeds, mask, labels, image_pos, (feat_lo, feat_hi, class_maps) = self.embed_multimodal(
@@ -296,6 +303,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
                     losses["image_class_map"] = self.image_class_map_loss(embeds, image_pos, n_grid, *known)
                 if class_maps is not None:
                     losses.update(ClassReader.losses(*class_maps, *known))
+        known_counts = class_counts_known is not None and bool(class_counts_known.any())
+        if self.config.image_presence_weight > 0 and known_counts:
+            losses["image_presence"] = self.image_presence_loss(
+                embeds, image_pos, n_grid, class_count_sample, class_count_ids, class_counts_known
+            )
         if losses:
             out.loss = sum(self.loss_weights[k] * v for k, v in losses.items())
             out.losses = losses
@@ -321,6 +333,25 @@ class GeoPixModel(GenerationMixin, nn.Module):
         channel = (pairs % self.config.num_classes)[:, None, None].expand(-1, n_img, 1)
         logits = self.image_class_head(tokens).gather(-1, channel)[..., 0]  # [pairs, N]: each pair's class
         return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+    def image_presence_loss(
+        self,
+        embeds: torch.Tensor,
+        image_pos: torch.Tensor,
+        n_img: int,
+        count_sample: torch.Tensor,
+        count_ids: torch.Tensor,
+        known: torch.Tensor,
+    ) -> torch.Tensor:
+        """BCE of the class head's most confident image token, per class, against whether the
+        picture holds the class, for every class of the pictures whose ``class_counts`` are known
+        (``count_sample``/``count_ids``: the classes they hold)."""
+        rows = known.nonzero()[:, 0]
+        tokens = embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
+        logits = self.image_class_head(tokens).amax(1)  # [known, classes]
+        present = torch.zeros(len(known), self.config.num_classes, device=embeds.device)
+        present[count_sample, count_ids] = 1.0
+        return F.binary_cross_entropy_with_logits(logits.float(), present[rows])
 
     def seg_hidden(self, hidden: torch.Tensor, positions: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
         """[B, L, H] hidden states → [T, run, H], each seg run's states (``positions``: its start)."""

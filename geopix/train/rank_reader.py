@@ -28,7 +28,9 @@ from geopix.data.shard_set import ShardError, shard_files
 # image_id: train.augment_per_image draws a picture's turn by it (the feature cache then hits).
 # phrase_type: augmentation leaves relation phrases alone, and "segment every X" answers are
 # complete (the image class map); both read it from the record.
-COLUMNS = ("record_id", "image_id", "image", "task", "phrase_type", "conversation", "targets", "width", "height")
+COLUMNS = (
+    "record_id", "image_id", "image", "task", "phrase_type", "conversation", "targets", "width", "height", "class_counts"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,8 @@ def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
         facts, rng, held_out=chip.split == "test", class_names=[c.name for c in CLASSES], seg_vocab=seg_vocab
     )
     png = chip.png()
+    held = Counter(inst.obj.class_id for inst in instances)  # the generator paints every instance it knows
+    class_counts = [{"class_id": c, "count": n} for c, n in sorted(held.items())]
     rles: dict[int, dict[str, Any]] = {}
     records = []
     for k, ex in enumerate(exchanges):
@@ -210,6 +212,7 @@ def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
                     {"role": "assistant", "text": ex.answer},
                 ],
                 "targets": targets,
+                "class_counts": class_counts,
             }
         )
     return records
