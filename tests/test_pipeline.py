@@ -135,11 +135,15 @@ def test_step_flags_are_checked(tracked):
 
 
 # --------------------------------------------------------------------------- the whole flow
+# Stage 1 runs long enough that the first job is stopped mid-training however slow the machine is
+# beside it: the test stops it after a second submission and its first checkpoint (step 5), and
+# with 20 steps a loaded machine once finished stage 1 in that window.
+STAGE1_STEPS = 100
 SMALL = [
     "model.image_size=64", "data.chip_size=64", "model.llm_hidden_size=64", "model.llm_num_layers=2",
     "model.llm_intermediate_size=128", "model.decoder_dim=32", "model.memory_dim=32",
     "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=5", "train.tokenizer_vocab_size=400",
-    "train.overlay_samples=2", "train.stage1.max_steps=20", "train.stage1.warmup_steps=2",
+    "train.overlay_samples=2", f"train.stage1.max_steps={STAGE1_STEPS}", "train.stage1.warmup_steps=2",
     "train.stage2.max_steps=5", "train.stage2.warmup_steps=1", "train.max_failures=0",
     # One DeepSpeed worker: what this test checks is the chaining, the job kill and the skips;
     # two-worker DeepSpeed (and its resume after a kill) is test_train's.
@@ -223,8 +227,8 @@ def test_full_pipeline_killed_mid_training_resumes_there_and_a_finished_one_skip
     assert status == {"source": "skipped", "shard": "skipped", "stage1": "ran", "stage2": "ran",
                       "evaluate": "ran", "register": "ran", "segment": "ran"}  # fmt: skip
     outputs = {s["step"]: s["outputs"] for s in summary["steps"]}
-    assert outputs["stage1"]["resumed_from_step"] and 0 < outputs["stage1"]["resumed_from_step"] < 20
-    assert outputs["stage1"]["steps"] == 20 and outputs["stage2"]["steps"] == 5
+    assert outputs["stage1"]["resumed_from_step"] and 0 < outputs["stage1"]["resumed_from_step"] < STAGE1_STEPS
+    assert outputs["stage1"]["steps"] == STAGE1_STEPS and outputs["stage2"]["steps"] == 5
     # Outputs where the summary says: shards, models, the report, the registry, segmented scenes.
     assert storage.list_files(outputs["shard"]["shards_uri"], "manifest.json")
     assert storage.list_files(outputs["evaluate"]["eval_uri"], storage.SUCCESS_MARKER)
