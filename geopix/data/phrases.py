@@ -47,7 +47,8 @@ def _group(prefix: str, train: list[str], held_out: list[str]) -> tuple[Template
 # 5: + one bare training form per task: the task tag and its slot only ("[segment] ships").
 # 6: grounding answers draw the object and state its box: "Sure, it is [SEG…] at {<x1>…}.".
 # 7: 6–8 training phrasings per VQA question kind instead of 3–5 (held-out ones unchanged).
-TEXT_VERSION = 7
+# 8: the text is version 7's; every record carries its picture's class_counts (schema.py).
+TEXT_VERSION = 8
 
 # The bare form: the task tag followed by the slot alone (the class, the phrase, or nothing). It
 # teaches that the tag, not the sentence around it, decides the answer's form: trained on a few
