@@ -262,9 +262,9 @@ def _validate_class_counts(record: Mapping[str, Any], catalog: ClassCatalog | No
             problems.append(f"class_counts[{index}].count: must be a positive integer, got {count!r}")
         counts[class_id] = count
     held = Counter(t.get("class_id") for t in record.get("targets") or [])
+    complete = record.get("phrase_type") == COMPLETE_PHRASE_TYPE
     for class_id, n in sorted(held.items()):
         holds = counts.get(class_id) or 0
-        complete = record.get("phrase_type") == COMPLETE_PHRASE_TYPE
         if n > holds or (complete and n != holds):
             problems.append(f"class_counts: class {class_id} holds {holds} but the targets have {n} of it")
     return problems

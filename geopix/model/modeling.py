@@ -329,7 +329,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         pairs, cover, _ = complete_class_targets(masks, sample, class_ids, side, self.config.num_classes)
         target = cover.clamp(max=1)
         rows = pairs // self.config.num_classes
-        tokens = embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
+        tokens = image_tokens(embeds, image_pos, rows, n_img)
         channel = (pairs % self.config.num_classes)[:, None, None].expand(-1, n_img, 1)
         logits = self.image_class_head(tokens).gather(-1, channel)[..., 0]  # [pairs, N]: each pair's class
         return F.binary_cross_entropy_with_logits(logits.float(), target)
@@ -347,7 +347,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         picture holds the class, for every class of the pictures whose ``class_counts`` are known
         (``count_sample``/``count_ids``: the classes they hold)."""
         rows = known.nonzero()[:, 0]
-        tokens = embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
+        tokens = image_tokens(embeds, image_pos, rows, n_img)
         logits = self.image_class_head(tokens).amax(1)  # [known, classes]
         present = torch.zeros(len(known), self.config.num_classes, device=embeds.device)
         present[count_sample, count_ids] = 1.0
@@ -459,6 +459,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
+def image_tokens(embeds: torch.Tensor, image_pos: torch.Tensor, rows: torch.Tensor, n_img: int) -> torch.Tensor:
+    """[B, L, H] embeddings → [len(rows), n_img, H]: the first ``n_img`` image tokens of each of ``rows``
+    (``image_pos``: where each sample's image tokens start)."""
+    return embeds[rows[:, None], image_pos[rows][:, None] + torch.arange(n_img, device=embeds.device)]
+
+
 @torch.no_grad()
 def match_targets(
     logits: torch.Tensor, targets: torch.Tensor, target_sample: torch.Tensor, weights: dict[str, float]
