@@ -17,7 +17,9 @@ Writes docs/benchmarks/learning_bar.json (``--json``) after every run, so a stop
 what it measured: ``{"bars": [{"name", "value", "spread", "bar", "pass"}, …], "runs": [{"seed",
 "memory_len", "train_seconds", "commit", <every figure>}, …]}``; the per-run evaluations and
 reports are under evaluate.out_uri/<bench name>/, and the K comparison (first seed) under
-…/comparison/.
+…/comparison/. ``--resume learning-bar-…`` reruns a stopped bench of the same settings without
+retraining the stages it finished (their evaluations run again); a run's training seconds are its
+two stages' own recorded seconds, so a resumed run reports what its stages took.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import json
 import operator
 import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def main() -> None:
                         help="memory sizes K (default: the preset's and 0, or 0 and 8)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--budget-s", type=float, default=900.0)
+    parser.add_argument("--resume", metavar="BENCH", default=None,
+                        help="a stopped bench's name (learning-bar-…): its finished stages are kept, not retrained")
     parser.add_argument("--json", type=Path, default=Path(__file__).parents[1] / "docs/benchmarks/learning_bar.json")
     add_overrides_argument(parser)
     args = parser.parse_args()
@@ -87,7 +90,7 @@ def main() -> None:
     # Timed before any training starts, on an idle machine (20 steps, as bench/train_throughput.py).
     plain = reference_loop()
     print(f"plain torch loop on this machine: {plain:.1f} samples/s", flush=True)
-    bench = f"learning-bar-{ray_job.run_id()}"
+    bench = args.resume or f"learning-bar-{ray_job.run_id()}"
     out = storage.join_uri(base.evaluate.out_uri, bench)
     commit = _commit()
     runs: list[dict[str, Any]] = []
@@ -116,10 +119,10 @@ def one_run(overrides: list[str], seed: int, k: int, out: str, *, budget_s: floa
     cfg = load_config("tiny", [*overrides, f"model.memory_len={k}", f"train.seed={seed}"])
     tag = f"k{k}-s{seed}"
     bench = out.rstrip("/").rsplit("/", 1)[-1]
-    started = time.perf_counter()
     one = train_stage(cfg, 1, run_name=f"{bench}-{tag}-stage1", register=False)
     two = train_stage(cfg, 2, init_model_uri=one.model_uri, run_name=f"{bench}-{tag}-stage2", register=False)
-    train_s = time.perf_counter() - started
+    # Each stage's own recorded seconds, so a resumed bench reports what its finished stages took.
+    train_s = one.seconds + two.seconds
     result = evaluate_model(cfg, two.model_uri, name=tag, out_uri=out)
     after_stage1 = evaluate_model(cfg, one.model_uri, name=f"{tag}-stage1", out_uri=out)
     run = {"seed": seed, "memory_len": k, "train_seconds": train_s, "stage1_seconds": one.seconds,
