@@ -180,6 +180,12 @@ class ModelConfig(_Section):
     # (what the LLM reads to say whether and how many); its maps are trained where the class map
     # is, each loss × this weight. 0: off, no reader, no extra tokens.
     class_reader_weight: float = Field(0.0, ge=0)
+    # The reader's maps trained from each picture's `class_counts` instead (or as well), × this
+    # weight: BCE of a class's most confident cell against whether the picture holds the class,
+    # and the L1 distance of log(1 + its summed count) to log(1 + the class's count), for every
+    # class. These are the two figures its token carries. The reader is built when either reader
+    # weight is above 0.
+    class_reader_image_weight: float = Field(0.0, ge=0)
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

@@ -962,6 +962,49 @@ def test_the_class_reader_targets_are_each_class_share_and_instance_count_per_ce
     assert torch.allclose(losses["reader_count"], (0.5 - instances).abs().sum(1).mean())
 
 
+def test_the_class_reader_image_losses_read_every_class_of_pictures_whose_class_counts_are_known(
+    cfg, tokenizer, records
+):
+    from geopix.model.class_reader import ClassReader
+
+    # By hand: two pictures, 3 classes, 2 × 2 cells; picture 0 holds 2 of class 1 and nothing else,
+    # picture 1 is unknown.
+    presence = torch.zeros(2, 3, 2, 2)
+    presence[0, 0, 0, 1] = 1.5  # class 0's most confident cell
+    presence[0, 1] = -0.5
+    presence[0, 1, 1, 1] = 0.5
+    presence[0, 2] = -2.0
+    counts = torch.zeros(2, 3, 2, 2)
+    counts[0, 0, 0, 0] = 1.0  # class 0 sums to 1, class 1 to 3, class 2 to 0
+    counts[0, 1] = 0.75
+    counts[1] = 9.0  # an unknown picture is never read
+    losses = ClassReader.image_losses(presence, counts, torch.tensor([0]), torch.tensor([1]), torch.tensor([2]),
+                                      torch.tensor([True, False]))  # fmt: skip
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([1.5, 0.5, -2.0]), torch.tensor([0.0, 1.0, 0.0])
+    )
+    assert torch.allclose(losses["reader_image_presence"], bce)
+    l1 = (torch.log1p(torch.tensor([1.0, 3.0, 0.0])) - torch.log1p(torch.tensor([0.0, 2.0, 0.0]))).abs().mean()
+    assert torch.allclose(losses["reader_image_count"], l1)
+    # In training: the reader is built by this weight alone; the counts reach its maps, not the LLM.
+    counted = [dict(r, class_counts=[{"class_id": 0, "count": 2}]) if i % 2 else r for i, r in enumerate(records)]
+    batch = make_batch(counted, tokenizer, 4, cfg.chat_template)
+    model = new_model(cfg, tokenizer, class_reader_image_weight=0.5)
+    assert model.class_reader is not None
+    for stage in (1, 2):
+        set_stage(model, stage)
+        model.zero_grad(set_to_none=True)
+        out = model.train()(**batch)
+        assert {"reader_image_presence", "reader_image_count"} <= set(out.losses) <= set(LOSS_KEYS)
+        assert not {"reader_presence", "reader_count"} & set(out.losses)  # the cell losses have their own weight
+        assert model.loss_weights["reader_image_count"] == 0.5
+        (out.losses["reader_image_presence"] + out.losses["reader_image_count"]).backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(n.startswith("class_reader.maps.") for n in grads)
+        assert not any(n.startswith(("llm.", "mask_predictor.")) for n in grads)
+    assert "reader_image_count" not in model(**make_batch(records, tokenizer, 4, cfg.chat_template)).losses
+
+
 def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, tokenizer, records, tmp_path):
     complete = [dict(r, phrase_type="all_of_class") if i == 3 else r for i, r in enumerate(records)]
     batch = make_batch(complete, tokenizer, 4, cfg.chat_template)

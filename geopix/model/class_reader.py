@@ -12,7 +12,8 @@ class's own learned embedding plus what its maps say: how sure it is the class i
 many instances it counts. The LLM then only has to match the class its question names.
 Measured over three seeds (docs/evaluation_history.md, 2026-12-06, eleventh session): the LLM
 follows the tokens, but the maps, trained only on pairs where their class is there, read presence
-at an AUC of 0.73, and counting fell; off in every preset.
+at an AUC of 0.73, and counting fell; off in every preset. :meth:`ClassReader.image_losses` trains
+the same maps from each picture's ``class_counts`` (every class, present or not) instead.
 
 Maps are ``grid`` × ``grid`` cells (stride 8 at the tiny preset's 256 px), trained where the
 class map is (:func:`complete_class_targets`): presence by BCE against each class's share of a
@@ -83,6 +84,31 @@ class ClassReader(nn.Module):
                 presence[rows, channels].flatten(1).float(), cover.clamp(max=1)
             ),
             "reader_count": (counts[rows, channels].flatten(1).float() - instances).abs().sum(1).mean(),
+        }
+
+
+    @staticmethod
+    def image_losses(
+        presence: torch.Tensor,
+        counts: torch.Tensor,
+        count_sample: torch.Tensor,
+        count_ids: torch.Tensor,
+        count_values: torch.Tensor,
+        known: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """For every class of the pictures whose ``class_counts`` are ``known`` [B] (packed as
+        ``count_sample``/``count_ids``/``count_values``: the classes they hold): BCE of the most
+        confident cell against whether the picture holds the class, and the L1 distance of
+        log(1 + the summed count) to log(1 + the class's count), the two figures the tokens carry."""
+        rows = known.nonzero()[:, 0]
+        truth = counts.new_zeros(known.shape[0], presence.shape[1])
+        truth[count_sample, count_ids] = count_values.to(truth.dtype)
+        truth = truth[rows]
+        most = presence[rows].flatten(2).amax(-1).float()  # [known, classes]
+        total = counts[rows].flatten(2).sum(-1).float()
+        return {
+            "reader_image_presence": F.binary_cross_entropy_with_logits(most, (truth > 0).float()),
+            "reader_image_count": (torch.log1p(total) - torch.log1p(truth)).abs().mean(),
         }
 
 

@@ -47,6 +47,7 @@ class GeoPixModelConfig:
     image_class_map_weight: float = 0.0  # BCE of a per-image-token class map (geopix.config); 0: no head
     image_presence_weight: float = 0.0  # BCE of the class map's most confident token vs presence (geopix.config)
     class_reader_weight: float = 0.0  # the class reader's map losses (geopix.config); 0: no reader
+    class_reader_image_weight: float = 0.0  # its picture-level losses from class_counts (geopix.config)
     text_loss_mean: str = "token"  # or "answer": each answer's mean token loss weighs the same
     memory_len: int = 8
     memory_dim: int = 64

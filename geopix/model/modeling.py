@@ -125,7 +125,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             ClassReader(
                 self.vision.lo_channels, self.vision.hi_channels, config.num_classes, hidden, config.image_size // 8
             )
-            if config.class_reader_weight > 0
+            if config.class_reader_weight > 0 or config.class_reader_image_weight > 0
             else None
         )
         if projector_weights:
@@ -171,6 +171,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
             "image_presence": self.config.image_presence_weight,
             "reader_presence": self.config.class_reader_weight,
             "reader_count": self.config.class_reader_weight,
+            "reader_image_presence": self.config.class_reader_image_weight,
+            "reader_image_count": self.config.class_reader_image_weight,
         }
 
     @property
@@ -301,9 +303,15 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 known = (target_masks[complete], target_sample[complete], class_ids[complete])
                 if self.image_class_head is not None:
                     losses["image_class_map"] = self.image_class_map_loss(embeds, image_pos, n_grid, *known)
-                if class_maps is not None:
+                if class_maps is not None and self.config.class_reader_weight > 0:
                     losses.update(ClassReader.losses(*class_maps, *known))
         known_counts = class_counts_known is not None and bool(class_counts_known.any())
+        if class_maps is not None and self.config.class_reader_image_weight > 0 and known_counts:
+            losses.update(
+                ClassReader.image_losses(
+                    *class_maps, class_count_sample, class_count_ids, class_count_values, class_counts_known
+                )
+            )
         if self.config.image_presence_weight > 0 and known_counts:
             losses["image_presence"] = self.image_presence_loss(
                 embeds, image_pos, n_grid, class_count_sample, class_count_ids, class_counts_known
