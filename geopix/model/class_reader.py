@@ -86,7 +86,6 @@ class ClassReader(nn.Module):
             "reader_count": (counts[rows, channels].flatten(1).float() - instances).abs().sum(1).mean(),
         }
 
-
     @staticmethod
     def image_losses(
         presence: torch.Tensor,
