@@ -186,6 +186,11 @@ class ModelConfig(_Section):
     # class. These are the two figures its token carries. The reader is built when either reader
     # weight is above 0.
     class_reader_image_weight: float = Field(0.0, ge=0)
+    # Where the LLM reads the reader: "after_image", one token per class after the image tokens
+    # (the LLM must find the token of the class a question names); "on_class_words", each class's
+    # summary added to the prompt's words that name it ("tank", "tanks" for storage_tank), so a
+    # question carries the answer's evidence on its own words.
+    class_reader_tokens: Literal["after_image", "on_class_words"] = "after_image"
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

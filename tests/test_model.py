@@ -1042,3 +1042,73 @@ def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, to
     assert loaded.config.class_reader_weight == 0.5
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_words_naming_it(
+    cfg, tokenizer, records, tmp_path
+):
+    from geopix.model.class_reader import class_word_ids
+    from geopix.model.generation import answer_labels
+
+    names = ["storage_tank", "ship", "building"] + [f"class_{k}" for k in range(3, cfg.num_classes)]
+    word_ids = class_word_ids(names, tokenizer)
+    ship, building = (tokenizer.encode(f" {w}", add_special_tokens=False) for w in ("ship", "building"))
+    assert ship in word_ids[1] and building in word_ids[2]
+    assert [tokenizer.encode(f" {w}", add_special_tokens=False) for w in ("tank", "tanks")] == word_ids[0][:2]
+    # An answer that names a class too: its word must stay as the LLM has it (answers are generated).
+    named = [dict(r, conversation=[r["conversation"][0], {"role": "assistant", "text": f"Sure, the ship is {SEG_VOCAB.run}."}])
+             if i == 1 else r for i, r in enumerate(records)]  # fmt: skip
+    batch = make_batch(named, tokenizer, 4, cfg.chat_template)
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    plain = new_model(cfg, tokenizer)
+    model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_tokens="on_class_words")
+    model.class_names, model.config.class_word_ids = names, word_ids
+    assert model.reader_tokens == 0 and model.class_reader.class_embeddings is None
+    with torch.no_grad():  # no extra token, and the words start as the LLM has them
+        assert torch.equal(model.embed_multimodal(*args)[0], plain.embed_multimodal(*args)[0])
+        torch.nn.init.normal_(model.class_reader.summary[-1].weight)
+        moved = (model.embed_multimodal(*args)[0] - plain.embed_multimodal(*args)[0]).abs().sum(-1) > 0
+    n_img = moved.shape[1] - batch["input_ids"].shape[1] + 1
+    expected, in_answer = torch.zeros_like(moved), 0
+    for b, row in enumerate(batch["input_ids"].tolist()):
+        image_at = row.index(model.image_token_id)
+        for seq in (s for sequences in word_ids for s in sequences):
+            for p in range(len(row) - len(seq) + 1):
+                if row[p : p + len(seq)] == seq:
+                    for q in range(p, p + len(seq)):
+                        if batch["labels"][b, q] == IGNORE_INDEX:
+                            expected[b, q + (n_img - 1 if q > image_at else 0)] = True
+                        else:
+                            in_answer += 1
+    assert expected.sum() >= 3 and in_answer >= 1  # the prompts' "ship" and "building"; the answer's "ship"
+    assert torch.equal(moved, expected)
+    # The text loss reaches the reader's summary and, through it, its maps.
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(**batch).losses["text"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"class_reader.summary.2.weight"} <= grads and any(n.startswith("class_reader.maps.") for n in grads)
+    # Teacher-forced answers embed the answer as decoding does: prompt through the model, then the
+    # answer's plain token embeddings.
+    model.eval()
+    prompt = model.prompt_ids(user_texts(records)[1], tokenizer)
+    answer = tokenizer.encode(" Sure, the ship is", add_special_tokens=False)
+    ids = torch.tensor([prompt + answer])
+    pixels = batch["pixel_values"][1:2]
+    with torch.no_grad():
+        embeds = model.embed_multimodal(pixels, ids[:, : len(prompt)], torch.ones(1, len(prompt), dtype=torch.long), None)[0]
+        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(ids[:, len(prompt) :])], 1)
+        decoded = model.llm(inputs_embeds=embeds).logits
+        forced = model(pixels, ids, torch.ones_like(ids), labels=answer_labels(ids, len(prompt))).logits
+        unlabelled = model(pixels, ids, torch.ones_like(ids)).logits
+    assert torch.allclose(forced, decoded, atol=1e-5)
+    assert not torch.allclose(unlabelled[:, -1], decoded[:, -1], atol=1e-3)  # without labels the answer's "ship" moves
+    # A batch decodes as its requests alone; a saved model answers the same.
+    texts = user_texts(records)
+    together = model.chat(batch["pixel_values"], texts, tokenizer, max_new_tokens=12)
+    alone = model.chat(batch["pixel_values"][2:3], texts[2:3], tokenizer, max_new_tokens=12)[0]
+    assert alone.text == together[2].text
+    loaded = GeoPixModel.load(model.save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.class_reader_tokens == "on_class_words" and loaded.config.class_word_ids == word_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)

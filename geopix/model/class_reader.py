@@ -32,7 +32,14 @@ from torch import nn
 
 class ClassReader(nn.Module):
     def __init__(
-        self, fine_channels: int, coarse_channels: int, num_classes: int, hidden: int, grid: int, width: int = 32
+        self,
+        fine_channels: int,
+        coarse_channels: int,
+        num_classes: int,
+        hidden: int,
+        grid: int,
+        width: int = 32,
+        on_class_words: bool = False,
     ):
         super().__init__()
         self.grid = grid
@@ -46,9 +53,17 @@ class ClassReader(nn.Module):
         # gradient, under global gradient clipping, shrank every other part's first steps.
         with torch.no_grad():
             self.maps[-1].bias[num_classes:] = math.log(math.expm1(0.1 / grid**2))
-        self.class_embeddings = nn.Parameter(torch.randn(num_classes, hidden) * 0.02)
-        # (presence, log(1 + count)) of a class → the rest of its token.
+        # (presence, log(1 + count)) of a class → the rest of its token, or what is added to the
+        # words that name it (:meth:`summaries`).
         self.summary = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        if on_class_words:  # the word itself says which class: no embedding of its own
+            self.class_embeddings = None
+            # The words start as the LLM has them (the reader's input grows from zero, like the
+            # image tokens' place embeddings); a random start would swamp embeddings of std 0.02.
+            nn.init.zeros_(self.summary[-1].weight)
+            nn.init.zeros_(self.summary[-1].bias)
+        else:
+            self.class_embeddings = nn.Parameter(torch.randn(num_classes, hidden) * 0.02)
 
     def forward(self, feat_fine: torch.Tensor, feat_coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [B, C_fine, h, w] and [B, C_coarse, h', w'] → (presence logits, counts ≥ 0),
@@ -59,12 +74,32 @@ class ClassReader(nn.Module):
         presence, counts = self.maps(x).chunk(2, dim=1)
         return presence, F.softplus(counts)
 
-    def tokens(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One token per class [B, classes, hidden]: its embedding plus its maps' summary (the
-        most confident cell's presence, the summed count)."""
+    def summaries(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """What the maps say per class [B, classes, hidden]: the most confident cell's presence
+        and the summed count, through a small MLP."""
         present = presence.flatten(2).amax(-1).sigmoid()
         total = counts.flatten(2).sum(-1)
-        return self.class_embeddings + self.summary(torch.stack([present, torch.log1p(total)], -1))
+        return self.summary(torch.stack([present, torch.log1p(total)], -1))
+
+    def tokens(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One token per class [B, classes, hidden]: its embedding plus its maps' summary."""
+        return self.class_embeddings + self.summaries(presence, counts)
+
+    def on_class_words(
+        self,
+        text_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        summaries: torch.Tensor,
+        word_ids: list[list[list[int]]],
+        asked: torch.Tensor,
+    ) -> torch.Tensor:
+        """``text_embeds`` [B, L, H] with each class's summary added to every token of the words
+        that name it (``word_ids``: per class, the token sequences of its words) where ``asked``
+        [B, L] (the prompt, not an answer: generated words are embedded without it, so training
+        must not see it there either)."""
+        named = named_classes(input_ids, word_ids).masked_fill(~asked, -1)  # [B, L]
+        picked = summaries.gather(1, named.clamp(min=0)[..., None].expand(-1, -1, summaries.shape[-1]))
+        return text_embeds + picked * (named >= 0)[..., None].to(picked.dtype)
 
     @staticmethod
     def losses(
@@ -125,3 +160,33 @@ def complete_class_targets(
     pairs, pair_of = torch.unique(sample * num_classes + class_ids, return_inverse=True)
     zeros = cover.new_zeros(len(pairs), side * side)
     return pairs, zeros.index_add(0, pair_of, cover), zeros.index_add(0, pair_of, share)
+
+
+def class_word_ids(class_names: list[str], tokenizer) -> list[list[list[int]]]:
+    """Per class, the token sequences of the last word of its name (``storage_tank`` → "tank") as
+    it follows a space, singular and plural ("tank", "tanks", "tankes": a form no text uses
+    matches nothing): the words :meth:`ClassReader.on_class_words` marks."""
+    ids = []
+    for name in class_names:
+        word = name.replace("_", " ").replace("-", " ").split()[-1].lower()
+        forms = [tokenizer.encode(f" {form}", add_special_tokens=False) for form in (word, f"{word}s", f"{word}es")]
+        ids.append([f for i, f in enumerate(forms) if f and f not in forms[:i]])
+    return ids
+
+
+def named_classes(input_ids: torch.Tensor, word_ids: list[list[list[int]]]) -> torch.Tensor:
+    """[B, L]: the class whose word each token is part of (every token of a matched sequence), or
+    −1. A word that begins another ("ship" in "shipyard") is matched too."""
+    named = torch.full_like(input_ids, -1)
+    length = input_ids.shape[1]
+    for c, sequences in enumerate(word_ids):
+        for seq in sequences:
+            k = len(seq)
+            if k > length:
+                continue
+            starts = torch.ones_like(input_ids[:, : length - k + 1], dtype=torch.bool)
+            for j, token in enumerate(seq):
+                starts &= input_ids[:, j : length - k + 1 + j] == token
+            for j in range(k):
+                named[:, j : length - k + 1 + j].masked_fill_(starts, c)
+    return named

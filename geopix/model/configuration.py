@@ -48,12 +48,15 @@ class GeoPixModelConfig:
     image_presence_weight: float = 0.0  # BCE of the class map's most confident token vs presence (geopix.config)
     class_reader_weight: float = 0.0  # the class reader's map losses (geopix.config); 0: no reader
     class_reader_image_weight: float = 0.0  # its picture-level losses from class_counts (geopix.config)
+    class_reader_tokens: str = "after_image"  # or "on_class_words" (geopix.config)
     text_loss_mean: str = "token"  # or "answer": each answer's mean token loss weighs the same
     memory_len: int = 8
     memory_dim: int = 64
     num_classes: int = 8
     memory_ema_momentum: float = 0.0
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
+    # Per class, the token sequences of the words that name it (geopix.model.class_reader.class_word_ids).
+    class_word_ids: list[list[list[int]]] = field(default_factory=list)
     chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
     image_token_positions: bool = False  # a learned embedding per image-token place (geopix.config)
     # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
@@ -78,6 +81,8 @@ class GeoPixModelConfig:
                              f"(seg_token_num × num_scales: {self.seg_vocabulary.run})")  # fmt: skip
         if self.mask_decoder not in ("geopix", "release"):
             raise ValueError(f"mask_decoder {self.mask_decoder!r}: expected 'geopix' or 'release'")
+        if self.class_reader_tokens not in ("after_image", "on_class_words"):
+            raise ValueError(f"class_reader_tokens {self.class_reader_tokens!r}: expected 'after_image' or 'on_class_words'")
         if self.seg_hidden_offset not in (0, -1):
             raise ValueError(f"seg_hidden_offset {self.seg_hidden_offset!r}: expected 0 or -1")
         ImageFormat(channel_order=self.image_channel_order, resample=self.image_resample)  # checks both

@@ -121,9 +121,14 @@ class GeoPixModel(GenerationMixin, nn.Module):
             if config.image_class_map_weight > 0 or config.image_presence_weight > 0
             else None
         )
-        self.class_reader = (  # one more token per class after the image tokens (class_reader.py)
+        self.class_reader = (  # per class, a token after the image tokens or its words (class_reader.py)
             ClassReader(
-                self.vision.lo_channels, self.vision.hi_channels, config.num_classes, hidden, config.image_size // 8
+                self.vision.lo_channels,
+                self.vision.hi_channels,
+                config.num_classes,
+                hidden,
+                config.image_size // 8,
+                on_class_words=config.class_reader_tokens == "on_class_words",
             )
             if config.class_reader_weight > 0 or config.class_reader_image_weight > 0
             else None
@@ -179,6 +184,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
     def vocab_size(self) -> int:
         return self.llm.config.vocab_size
 
+    @property
+    def reader_tokens(self) -> int:
+        """How many tokens the class reader puts after the image tokens (0: none, or on words)."""
+        after_image = self.class_reader is not None and self.config.class_reader_tokens == "after_image"
+        return self.config.num_classes if after_image else 0
+
     # ------------------------------------------------------------------ image token expansion
     def embed_multimodal(
         self,
@@ -195,7 +206,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
         tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None],
     ]:
         """Replace each sample's single ``<image>`` token by its N projected image tokens (and,
-        with the class reader, one token per class after them).
+        with the class reader, one token per class after them, or its summaries on the words that
+        name the classes: ``class_reader_tokens``).
 
         Returns (inputs_embeds [B, L+N−1, H], attention_mask, labels (−100 over image tokens),
         image_pos [B], (feat_lo, feat_hi, the class reader's maps or None)). Right padding stays
@@ -211,10 +223,6 @@ class GeoPixModel(GenerationMixin, nn.Module):
         image_embeds = self.projector(tokens)  # [B, N, H]
         if self.image_positions is not None:
             image_embeds = image_embeds + self.image_positions
-        class_maps = None
-        if self.class_reader is not None:
-            class_maps = self.class_reader(feat_lo, feat_hi)
-            image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
         is_image = input_ids == self.image_token_id
         if not bool((is_image.sum(1) == 1).all()):
             raise ValueError(
@@ -222,6 +230,20 @@ class GeoPixModel(GenerationMixin, nn.Module):
             )
         image_pos = is_image.float().argmax(1)
         text_embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, self.pad_token_id))
+        class_maps = None
+        if self.class_reader is not None:
+            class_maps = self.class_reader(feat_lo, feat_hi)
+            if self.reader_tokens:
+                image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
+            else:  # on the prompt's words that name a class; answers are generated without it
+                asked = labels == IGNORE_INDEX if labels is not None else torch.ones_like(is_image)
+                text_embeds = self.class_reader.on_class_words(
+                    text_embeds,
+                    input_ids,
+                    self.class_reader.summaries(*class_maps),
+                    self.config.class_word_ids,
+                    asked,
+                )
         b, n = image_embeds.shape[:2]
         rows_e, rows_m, rows_l = [], [], []
         for i in range(b):  # B is small; a loop is clearer than a scatter
@@ -259,7 +281,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             pixel_values, input_ids, attention_mask, labels, vision_features
         )
         n_img = embeds.shape[1] - input_ids.shape[1] + 1  # image tokens in place of each <image>
-        n_grid = n_img - (self.config.num_classes if class_maps is not None else 0)  # the reader's come last
+        n_grid = n_img - self.reader_tokens  # the reader's come last
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = self.llm.lm_head(hidden)
         losses: dict[str, torch.Tensor] = {}

@@ -241,6 +241,7 @@ def _train(loop: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from geopix.model import GeoPixModel, build_model
+    from geopix.model.class_reader import class_word_ids
     from geopix.storage import local_copy
     from geopix.tracking import MetricsWriter
     from geopix.train.stages import set_stage
@@ -266,6 +267,7 @@ def _train(loop: dict[str, Any]) -> None:
     else:
         model = build_model(local_weights(cfg.model), tokenizer)
     model.class_names = list(loop["class_names"])
+    model.config.class_word_ids = class_word_ids(model.class_names, tokenizer)
     set_stage(model, stage_no, cfg.model)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
