@@ -1048,7 +1048,7 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
     cfg, tokenizer, records, tmp_path
 ):
     from geopix.model.class_reader import class_word_ids
-    from geopix.model.generation import answer_labels
+    from geopix.model.generation import prompt_mask
 
     names = ["storage_tank", "ship", "building"] + [f"class_{k}" for k in range(3, cfg.num_classes)]
     word_ids = class_word_ids(names, tokenizer)
@@ -1099,10 +1099,12 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
         embeds = model.embed_multimodal(pixels, ids[:, : len(prompt)], torch.ones(1, len(prompt), dtype=torch.long), None)[0]
         embeds = torch.cat([embeds, model.llm.get_input_embeddings()(ids[:, len(prompt) :])], 1)
         decoded = model.llm(inputs_embeds=embeds).logits
-        forced = model(pixels, ids, torch.ones_like(ids), labels=answer_labels(ids, len(prompt))).logits
-        unlabelled = model(pixels, ids, torch.ones_like(ids)).logits
+        forced = model(pixels, ids, torch.ones_like(ids), prompt_mask=prompt_mask(ids, len(prompt)))
+        assert forced.loss is None and not forced.losses  # no text loss to compute
+        forced = forced.logits
+        unmasked = model(pixels, ids, torch.ones_like(ids)).logits
     assert torch.allclose(forced, decoded, atol=1e-5)
-    assert not torch.allclose(unlabelled[:, -1], decoded[:, -1], atol=1e-3)  # without labels the answer's "ship" moves
+    assert not torch.allclose(unmasked[:, -1], decoded[:, -1], atol=1e-3)  # without the mask the answer's "ship" moves
     # A batch decodes as its requests alone; a saved model answers the same.
     texts = user_texts(records)
     together = model.chat(batch["pixel_values"], texts, tokenizer, max_new_tokens=12)

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from geopix.answer_form import boxes_from_masks, stated_count
 from geopix.chat_template import assistant_turn_text, prompt_text
-from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN, seg_run_starts
+from geopix.vocabulary import IMAGE_TOKEN, seg_run_starts
 
 
 @dataclass
@@ -177,7 +177,7 @@ class GenerationMixin:
             pixel_values.to(self.projector[0].weight.dtype),
             input_ids,
             torch.ones_like(input_ids),
-            labels=answer_labels(input_ids, len(prompt)),  # the answer's words, embedded as generated
+            prompt_mask=prompt_mask(input_ids, len(prompt)),  # the answer's words, embedded as generated
             seg_positions=torch.tensor(starts * batch, device=device),
             target_sample=torch.arange(batch, device=device).repeat_interleave(len(starts)),
         )
@@ -209,7 +209,7 @@ class GenerationMixin:
             image,
             input_ids,
             torch.ones_like(input_ids),
-            labels=answer_labels(input_ids, prompt_len),
+            prompt_mask=prompt_mask(input_ids, prompt_len),
             seg_positions=torch.tensor(starts, device=image.device),
             target_sample=torch.zeros(len(starts), dtype=torch.long, device=image.device),
         )
@@ -222,11 +222,13 @@ def _boxed(answer: ChatAnswer, run_text: str) -> ChatAnswer:
     return answer
 
 
-def answer_labels(input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Training's labels of prompt + answer ids: the prompt not supervised. Teacher-forced answers
-    pass them so that the model embeds the answer's words as it does in training and decoding
-    (the class reader's summaries go on the prompt's words only)."""
-    return input_ids.clone().index_fill_(1, torch.arange(prompt_len, device=input_ids.device), IGNORE_INDEX)
+def prompt_mask(input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """[B, L]: True on the first ``prompt_len`` tokens of prompt + answer ids. Teacher-forced
+    answers pass it so that the model embeds the answer's words as training and decoding do (the
+    class reader's summaries go on the prompt's words only), without labels and their text loss."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask[:, :prompt_len] = True
+    return mask
 
 
 def decoded_answer(tokens: list[int], tokenizer: Any) -> str:

@@ -198,6 +198,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
         vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> tuple[
         torch.Tensor,
         torch.Tensor,
@@ -213,7 +214,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
         image_pos [B], (feat_lo, feat_hi, the class reader's maps or None)). Right padding stays
         right padding: every row grows by the same N−1, so one shift per sample fixes
         ``seg_positions``. ``vision_features``: the encoder's output for ``pixel_values`` computed
-        elsewhere (training's feature cache).
+        elsewhere (training's feature cache). ``prompt_mask`` [B, L]: where the reader's summaries
+        may go on class words, the prompt (default: where ``labels`` are −100, everywhere without
+        labels: decoding embeds its generated words apart).
         """
         if vision_features is not None:
             feat_lo, feat_hi, tokens = vision_features
@@ -236,13 +239,14 @@ class GeoPixModel(GenerationMixin, nn.Module):
             if self.reader_tokens:
                 image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
             else:  # on the prompt's words that name a class; answers are generated without it
-                asked = labels == IGNORE_INDEX if labels is not None else torch.ones_like(is_image)
+                if prompt_mask is None:
+                    prompt_mask = labels == IGNORE_INDEX if labels is not None else torch.ones_like(is_image)
                 text_embeds = self.class_reader.on_class_words(
                     text_embeds,
                     input_ids,
                     self.class_reader.summaries(*class_maps),
                     self.config.class_word_ids,
-                    asked,
+                    prompt_mask,
                 )
         b, n = image_embeds.shape[:2]
         rows_e, rows_m, rows_l = [], [], []
@@ -275,10 +279,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
         class_count_ids: torch.Tensor | None = None,
         class_count_values: torch.Tensor | None = None,
         class_counts_known: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         **_: Any,  # the loader's bookkeeping keys (record_ids, tasks, ...) are ignored
     ) -> GeoPixOutput:
         embeds, mask, labels, image_pos, (feat_lo, feat_hi, class_maps) = self.embed_multimodal(
-            pixel_values, input_ids, attention_mask, labels, vision_features
+            pixel_values, input_ids, attention_mask, labels, vision_features, prompt_mask
         )
         n_img = embeds.shape[1] - input_ids.shape[1] + 1  # image tokens in place of each <image>
         n_grid = n_img - self.reader_tokens  # the reader's come last
