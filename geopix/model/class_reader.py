@@ -1,5 +1,6 @@
 """The class reader: per-class presence and count maps from the vision encoder's features, summed
-up into one token per class that the LLM reads after the image tokens.
+up per class into what the LLM reads: one token per class after the image tokens, or an addition
+to the prompt's words that name the class (``class_reader_tokens``).
 
 Why: the LLM reads 64 stride-32 image tokens, and from them it did not learn whether a class is
 in the picture at all. Asked "Is there a storage tank …?", the 2026-12-06 model put the same
@@ -10,10 +11,11 @@ answer states before its seg runs, all need that reading. The reader looks where
 does (the fine level, with the coarse level for context) and hands the LLM, per class, the
 class's own learned embedding plus what its maps say: how sure it is the class is there and how
 many instances it counts. The LLM then only has to match the class its question names.
-Measured over three seeds (docs/evaluation_history.md, 2026-12-06, eleventh session): the LLM
-follows the tokens, but the maps, trained only on pairs where their class is there, read presence
-at an AUC of 0.73, and counting fell; off in every preset. :meth:`ClassReader.image_losses` trains
-the same maps from each picture's ``class_counts`` (every class, present or not) instead.
+Measured (docs/evaluation_history.md, 2026-12-06): maps trained only on pairs where their class
+is there read presence at an AUC of 0.73; :meth:`ClassReader.image_losses` trains them from each
+picture's ``class_counts`` (every class, present or not) and they read it at 0.99. The LLM did
+not read the asked class's token after the image (forcing that token moved no answer); on the
+words that name the class, presence answers follow the summary.
 
 Maps are ``grid`` × ``grid`` cells (stride 8 at the tiny preset's 256 px), trained where the
 class map is (:func:`complete_class_targets`): presence by BCE against each class's share of a
@@ -74,12 +76,17 @@ class ClassReader(nn.Module):
         presence, counts = self.maps(x).chunk(2, dim=1)
         return presence, F.softplus(counts)
 
+    @staticmethod
+    def read(presence: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class [B, classes]: the most confident cell's presence logit and the summed count,
+        what :meth:`summaries` carries and :meth:`image_losses` trains."""
+        return presence.flatten(2).amax(-1), counts.flatten(2).sum(-1)
+
     def summaries(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """What the maps say per class [B, classes, hidden]: the most confident cell's presence
-        and the summed count, through a small MLP."""
-        present = presence.flatten(2).amax(-1).sigmoid()
-        total = counts.flatten(2).sum(-1)
-        return self.summary(torch.stack([present, torch.log1p(total)], -1))
+        """What the maps say per class [B, classes, hidden]: :meth:`read`'s presence and
+        log(1 + count), through a small MLP."""
+        most, total = self.read(presence, counts)
+        return self.summary(torch.stack([most.sigmoid(), torch.log1p(total)], -1))
 
     def tokens(self, presence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One token per class [B, classes, hidden]: its embedding plus its maps' summary."""
@@ -138,8 +145,7 @@ class ClassReader(nn.Module):
         truth = counts.new_zeros(known.shape[0], presence.shape[1])
         truth[count_sample, count_ids] = count_values.to(truth.dtype)
         truth = truth[rows]
-        most = presence[rows].flatten(2).amax(-1).float()  # [known, classes]
-        total = counts[rows].flatten(2).sum(-1).float()
+        most, total = (x.float() for x in ClassReader.read(presence[rows], counts[rows]))  # [known, classes]
         return {
             "reader_image_presence": F.binary_cross_entropy_with_logits(most, (truth > 0).float()),
             "reader_image_count": (torch.log1p(total) - torch.log1p(truth)).abs().mean(),
