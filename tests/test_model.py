@@ -1008,9 +1008,9 @@ def test_the_class_reader_image_losses_read_every_class_of_pictures_whose_class_
 def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, tokenizer, records, tmp_path):
     complete = [dict(r, phrase_type="all_of_class") if i == 3 else r for i, r in enumerate(records)]
     batch = make_batch(complete, tokenizer, 4, cfg.chat_template)
-    plain = new_model(cfg, tokenizer)
-    assert plain.class_reader is None  # off by default: models saved before load as they were
-    model = new_model(cfg, tokenizer, class_reader_weight=0.5)
+    plain = new_model(cfg, tokenizer, class_reader_image_weight=0.0)
+    assert plain.class_reader is None  # no reader weight, no reader: models saved before it load as they were
+    model = new_model(cfg, tokenizer, class_reader_weight=0.5, class_reader_image_weight=0.0, class_reader_tokens="after_image")
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
         grown = model.embed_multimodal(*args)[0].shape[1] - plain.embed_multimodal(*args)[0].shape[1]
@@ -1060,7 +1060,7 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
              if i == 1 else r for i, r in enumerate(records)]  # fmt: skip
     batch = make_batch(named, tokenizer, 4, cfg.chat_template)
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-    plain = new_model(cfg, tokenizer)
+    plain = new_model(cfg, tokenizer, class_reader_image_weight=0.0)  # no reader
     model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_tokens="on_class_words")
     model.class_names, model.config.class_word_ids = names, word_ids
     assert model.reader_tokens == 0 and model.class_reader.class_embeddings is None
