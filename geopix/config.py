@@ -191,6 +191,12 @@ class ModelConfig(_Section):
     # summary added to the prompt's words that name it ("tank", "tanks" for storage_tank), so a
     # question carries the answer's evidence on its own words.
     class_reader_tokens: Literal["after_image", "on_class_words"] = "after_image"
+    # The reader's loss on a class's summed count from class_counts: "log_l1", the L1 distance of
+    # log(1 + count); "poisson", the Poisson negative log-likelihood of the class's count given the
+    # summed count, whose gradient does not fade as counts grow. Trained alone on frozen features
+    # (docs/evaluation_history.md, fourteenth session), Poisson read 50 % of test counts exactly
+    # against 24 %; not yet measured in training, so off.
+    class_reader_count_loss: Literal["log_l1", "poisson"] = "log_l1"
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

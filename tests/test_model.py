@@ -986,6 +986,11 @@ def test_the_class_reader_image_losses_read_every_class_of_pictures_whose_class_
     assert torch.allclose(losses["reader_image_presence"], bce)
     l1 = (torch.log1p(torch.tensor([1.0, 3.0, 0.0])) - torch.log1p(torch.tensor([0.0, 2.0, 0.0]))).abs().mean()
     assert torch.allclose(losses["reader_image_count"], l1)
+    poisson = ClassReader.image_losses(presence, counts, torch.tensor([0]), torch.tensor([1]), torch.tensor([2]),
+                                       torch.tensor([True, False]), count_loss="poisson")  # fmt: skip
+    total, truth = torch.tensor([1.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    assert torch.allclose(poisson["reader_image_count"], (total - truth * torch.log(total + 1e-4)).mean())
+    assert torch.equal(poisson["reader_image_presence"], losses["reader_image_presence"])
     # In training: the reader is built by this weight alone; the counts reach its maps, not the LLM.
     counted = [dict(r, class_counts=[{"class_id": 0, "count": 2}]) if i % 2 else r for i, r in enumerate(records)]
     batch = make_batch(counted, tokenizer, 4, cfg.chat_template)
@@ -1003,6 +1008,14 @@ def test_the_class_reader_image_losses_read_every_class_of_pictures_whose_class_
         assert any(n.startswith("class_reader.maps.") for n in grads)
         assert not any(n.startswith(("llm.", "mask_predictor.")) for n in grads)
     assert "reader_image_count" not in model(**make_batch(records, tokenizer, 4, cfg.chat_template)).losses
+    # The config picks the count loss.
+    poisson_model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_count_loss="poisson").eval()
+    known = [batch[k] for k in ("class_count_sample", "class_count_ids", "class_count_values", "class_counts_known")]
+    with torch.no_grad():
+        maps = poisson_model.class_reader(*poisson_model.vision(batch["pixel_values"])[:2])
+        expected = ClassReader.image_losses(*maps, *known, count_loss="poisson")["reader_image_count"]
+        assert torch.allclose(poisson_model(**batch).losses["reader_image_count"], expected)
+        assert not torch.allclose(ClassReader.image_losses(*maps, *known)["reader_image_count"], expected)
 
 
 def test_the_class_reader_adds_one_token_per_class_that_the_answers_read(cfg, tokenizer, records, tmp_path):

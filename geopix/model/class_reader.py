@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+POISSON_EPS = 1e-4  # log(total + eps): an absent class's count map may sum to almost 0
+
 
 class ClassReader(nn.Module):
     def __init__(
@@ -136,11 +138,13 @@ class ClassReader(nn.Module):
         count_ids: torch.Tensor,
         count_values: torch.Tensor,
         known: torch.Tensor,
+        count_loss: str = "log_l1",
     ) -> dict[str, torch.Tensor]:
         """For every class of the pictures whose ``class_counts`` are ``known`` [B] (packed as
         ``count_sample``/``count_ids``/``count_values``: the classes they hold): BCE of the most
-        confident cell against whether the picture holds the class, and the L1 distance of
-        log(1 + the summed count) to log(1 + the class's count), the two figures the tokens carry."""
+        confident cell against whether the picture holds the class, and for the summed count
+        (``count_loss``) the L1 distance of log(1 + it) to log(1 + the class's count), or the
+        Poisson negative log-likelihood of the class's count given it (total − count · log total)."""
         rows = known.nonzero()[:, 0]
         truth = counts.new_zeros(known.shape[0], presence.shape[1])
         truth[count_sample, count_ids] = count_values.to(truth.dtype)
@@ -148,7 +152,11 @@ class ClassReader(nn.Module):
         most, total = (x.float() for x in ClassReader.read(presence[rows], counts[rows]))  # [known, classes]
         return {
             "reader_image_presence": F.binary_cross_entropy_with_logits(most, (truth > 0).float()),
-            "reader_image_count": (torch.log1p(total) - torch.log1p(truth)).abs().mean(),
+            "reader_image_count": (
+                F.poisson_nll_loss(total, truth, log_input=False, eps=POISSON_EPS)
+                if count_loss == "poisson"  # its gradient, 1 − count / total, does not fade as counts grow
+                else (torch.log1p(total) - torch.log1p(truth)).abs().mean()
+            ),
         }
 
 

@@ -49,6 +49,7 @@ class GeoPixModelConfig:
     class_reader_weight: float = 0.0  # the class reader's map losses (geopix.config); 0: no reader
     class_reader_image_weight: float = 0.0  # its picture-level losses from class_counts (geopix.config)
     class_reader_tokens: str = "after_image"  # or "on_class_words" (geopix.config)
+    class_reader_count_loss: str = "log_l1"  # or "poisson" (geopix.config)
     text_loss_mean: str = "token"  # or "answer": each answer's mean token loss weighs the same
     memory_len: int = 8
     memory_dim: int = 64
@@ -83,6 +84,8 @@ class GeoPixModelConfig:
             raise ValueError(f"mask_decoder {self.mask_decoder!r}: expected 'geopix' or 'release'")
         if self.class_reader_tokens not in ("after_image", "on_class_words"):
             raise ValueError(f"class_reader_tokens {self.class_reader_tokens!r}: expected 'after_image' or 'on_class_words'")
+        if self.class_reader_count_loss not in ("log_l1", "poisson"):
+            raise ValueError(f"class_reader_count_loss {self.class_reader_count_loss!r}: expected 'log_l1' or 'poisson'")
         if self.seg_hidden_offset not in (0, -1):
             raise ValueError(f"seg_hidden_offset {self.seg_hidden_offset!r}: expected 0 or -1")
         ImageFormat(channel_order=self.image_channel_order, resample=self.image_resample)  # checks both

@@ -336,7 +336,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
         if class_maps is not None and self.config.class_reader_image_weight > 0 and known_counts:
             losses.update(
                 ClassReader.image_losses(
-                    *class_maps, class_count_sample, class_count_ids, class_count_values, class_counts_known
+                    *class_maps,
+                    class_count_sample,
+                    class_count_ids,
+                    class_count_values,
+                    class_counts_known,
+                    count_loss=self.config.class_reader_count_loss,
                 )
             )
         if self.config.image_presence_weight > 0 and known_counts:
