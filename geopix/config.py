@@ -197,6 +197,10 @@ class ModelConfig(_Section):
     # (docs/evaluation_history.md, fourteenth session), Poisson read 50 % of test counts exactly
     # against 24 %; the tiny preset trains with it (configs/tiny.yaml has the three-seed figures).
     class_reader_count_loss: Literal["log_l1", "poisson"] = "log_l1"
+    # With on_class_words: each summary added to a word rescaled to this many times the RMS of the
+    # word's own embedding, so the word still says which class it names; 0: the summary as its MLP
+    # gives it (at the 2026-12-06 preset about 18× the word's norm).
+    class_reader_word_scale: float = Field(0.0, ge=0)
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

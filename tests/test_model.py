@@ -1127,3 +1127,29 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
     assert loaded.config.class_reader_tokens == "on_class_words" and loaded.config.class_word_ids == word_ids
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_the_class_reader_word_scale_adds_each_summary_at_that_many_times_the_word_rms():
+    from geopix.model.class_reader import ClassReader
+
+    torch.manual_seed(0)
+    reader = ClassReader(8, 8, num_classes=3, hidden=16, grid=4, on_class_words=True, word_scale=0.5)
+    word_ids = [[[5]], [[6, 7]], [[9]]]
+    input_ids = torch.tensor([[1, 5, 2, 6, 7, 3, 9], [6, 7, 1, 1, 5, 4, 4]])
+    asked = torch.ones_like(input_ids, dtype=torch.bool)
+    asked[1, 4:] = False  # an answer's "5" stays as the LLM has it
+    text = torch.randn(2, 7, 16) * 0.02
+    summaries = (torch.randn(2, 3, 16) * 6).requires_grad_()  # far larger than the words, as trained
+    added = reader.on_class_words(text, input_ids, summaries, word_ids, asked) - text
+    named = torch.tensor([[0, 1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(added.abs().sum(-1) > 0, named)
+    rms = lambda x: x.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms(added)[named], 0.5 * rms(text)[named], rtol=1e-4)
+    # Which class and what it says still come through: its direction is the summary's.
+    cos = torch.nn.functional.cosine_similarity(added[0, 1], summaries[0, 0], dim=0)
+    assert cos > 0.999
+    added.sum().backward()
+    assert summaries.grad.abs().sum() > 0
+    # Unscaled (the default), the summary is added as it is.
+    reader.word_scale = 0.0
+    assert torch.allclose(reader.on_class_words(text, input_ids, summaries, word_ids, asked)[0, 1] - text[0, 1], summaries[0, 0])

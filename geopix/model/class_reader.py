@@ -44,9 +44,11 @@ class ClassReader(nn.Module):
         grid: int,
         width: int = 32,
         on_class_words: bool = False,
+        word_scale: float = 0.0,
     ):
         super().__init__()
         self.grid = grid
+        self.word_scale = word_scale
         self.fine = nn.Sequential(nn.Conv2d(fine_channels, width, 3, padding=1), nn.GELU())
         self.coarse = nn.Conv2d(coarse_channels, width, 1)
         self.maps = nn.Sequential(
@@ -62,10 +64,12 @@ class ClassReader(nn.Module):
         self.summary = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         if on_class_words:  # the word itself says which class: no embedding of its own
             self.class_embeddings = None
-            # The words start as the LLM has them (the reader's input grows from zero, like the
-            # image tokens' place embeddings); a random start would swamp embeddings of std 0.02.
-            nn.init.zeros_(self.summary[-1].weight)
-            nn.init.zeros_(self.summary[-1].bias)
+            if not word_scale:
+                # The words start as the LLM has them (the reader's input grows from zero, like the
+                # image tokens' place embeddings); a random start would swamp embeddings of std 0.02.
+                # (A rescaled summary keeps its random start: rescaling needs a direction.)
+                nn.init.zeros_(self.summary[-1].weight)
+                nn.init.zeros_(self.summary[-1].bias)
         else:
             self.class_embeddings = nn.Parameter(torch.randn(num_classes, hidden) * 0.02)
 
@@ -105,9 +109,17 @@ class ClassReader(nn.Module):
         """``text_embeds`` [B, L, H] with each class's summary added to every token of the words
         that name it (``word_ids``: per class, the token sequences of its words) where ``asked``
         [B, L] (the prompt, not an answer: generated words are embedded without it, so training
-        must not see it there either)."""
+        must not see it there either). With ``word_scale`` > 0 each added summary is rescaled to
+        that many times the RMS of the word's own embedding."""
         named = named_classes(input_ids, word_ids).masked_fill(~asked, -1)  # [B, L]
         picked = summaries.gather(1, named.clamp(min=0)[..., None].expand(-1, -1, summaries.shape[-1]))
+        if self.word_scale:
+            # Unscaled, the summary grew to about 18× the word's norm and the word's identity faded:
+            # count answers named another class than asked (docs/evaluation.md). The word's RMS is
+            # the yardstick, not a path for the gradient (it would grow both without end).
+            word_rms = text_embeds.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+            picked_rms = picked.float().pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+            picked = picked * (self.word_scale * word_rms / picked_rms).to(picked.dtype)
         return text_embeds + picked * (named >= 0)[..., None].to(picked.dtype)
 
     @staticmethod

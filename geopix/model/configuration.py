@@ -50,6 +50,7 @@ class GeoPixModelConfig:
     class_reader_image_weight: float = 0.0  # its picture-level losses from class_counts (geopix.config)
     class_reader_tokens: str = "after_image"  # or "on_class_words" (geopix.config)
     class_reader_count_loss: str = "log_l1"  # or "poisson" (geopix.config)
+    class_reader_word_scale: float = 0.0  # on_class_words: the summary × word RMS; 0: as it is (geopix.config)
     text_loss_mean: str = "token"  # or "answer": each answer's mean token loss weighs the same
     memory_len: int = 8
     memory_dim: int = 64

@@ -129,6 +129,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 hidden,
                 config.image_size // 8,
                 on_class_words=config.class_reader_tokens == "on_class_words",
+                word_scale=config.class_reader_word_scale,
             )
             if config.class_reader_weight > 0 or config.class_reader_image_weight > 0
             else None
