@@ -19,7 +19,9 @@ what it measured: ``{"bars": [{"name", "value", "spread", "bar", "pass"}, …], 
 reports are under evaluate.out_uri/<bench name>/, and the K comparison (first seed) under
 …/comparison/. ``--resume learning-bar-…`` reruns a stopped bench of the same settings without
 retraining the stages it finished (their evaluations run again); a run's training seconds are its
-two stages' own recorded seconds, so a resumed run reports what its stages took.
+two stages' own recorded seconds, and its plain-loop figures the ones timed by the invocation that
+trained each stage (…/plain-loop/<stage run>.json), so a resumed run reports what its stages took
+beside what.
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:  # seed outermost: every finished seed is a complete K comparison
         for k in sizes:
-            runs.append(one_run(args.overrides, seed, k, out, budget_s=args.budget_s) | {
-                "commit": commit, "plain_loop_samples_per_s": plain, "overrides": args.overrides})
+            runs.append(one_run(args.overrides, seed, k, out, plain, budget_s=args.budget_s) | {
+                "commit": commit, "overrides": args.overrides})
             report = bar_report(runs, sizes, args.budget_s)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -111,22 +113,23 @@ def main() -> None:
     print(f"\nbars and figures: {args.json}\nevaluations and reports: {out}/")
 
 
-def one_run(overrides: list[str], seed: int, k: int, out: str, *, budget_s: float) -> dict[str, Any]:
+def one_run(overrides: list[str], seed: int, k: int, out: str, plain: float, *, budget_s: float) -> dict[str, Any]:
     """Train both stages for one (seed, K), evaluate both models; the run's figures."""
     from geopix.evaluate.job import evaluate_model
-    from geopix.train.run import train_stage
 
     cfg = load_config("tiny", [*overrides, f"model.memory_len={k}", f"train.seed={seed}"])
     tag = f"k{k}-s{seed}"
     bench = out.rstrip("/").rsplit("/", 1)[-1]
-    one = train_stage(cfg, 1, run_name=f"{bench}-{tag}-stage1", register=False)
-    two = train_stage(cfg, 2, init_model_uri=one.model_uri, run_name=f"{bench}-{tag}-stage2", register=False)
+    one, plain1 = train_beside(cfg, 1, f"{bench}-{tag}-stage1", out, plain)
+    two, plain2 = train_beside(cfg, 2, f"{bench}-{tag}-stage2", out, plain, init_model_uri=one.model_uri)
     # Each stage's own recorded seconds, so a resumed bench reports what its finished stages took.
     train_s = one.seconds + two.seconds
     result = evaluate_model(cfg, two.model_uri, name=tag, out_uri=out)
     after_stage1 = evaluate_model(cfg, one.model_uri, name=f"{tag}-stage1", out_uri=out)
     run = {"seed": seed, "memory_len": k, "train_seconds": train_s, "stage1_seconds": one.seconds,
-           "stage2_seconds": two.seconds, "model_uri": two.model_uri, "stage1_model_uri": one.model_uri}
+           "stage2_seconds": two.seconds, "model_uri": two.model_uri, "stage1_model_uri": one.model_uri,
+           # Stage 1 is most of the training time; stage 2's figure differs only on a resumed bench.
+           "plain_loop_samples_per_s": plain1, "stage2_plain_loop_samples_per_s": plain2}
     run |= figures(result.summary) | {f"stage1_{k}": v for k, v in figures(after_stage1.summary).items()}
     run["stage2_cIoU_cost"] = run["stage1_seg_cIoU"] - run["seg_cIoU"]
     run["summary"], run["stage1_summary"] = result.summary, after_stage1.summary
@@ -134,6 +137,24 @@ def one_run(overrides: list[str], seed: int, k: int, out: str, *, budget_s: floa
           f"budget; stage 1 {one.seconds:.0f} s, stage 2 {two.seconds:.0f} s)\n  {headline(result.summary)}\n"
           f"  after stage 1 only: {headline(after_stage1.summary)}", flush=True)
     return run
+
+
+def train_beside(cfg, stage: int, run_name: str, out: str, plain: float, **kwargs: Any) -> tuple[Any, float | None]:
+    """Train one stage (or keep it, when a resumed bench finished it before) and the plain loop's
+    samples/s timed by the invocation that trained it: this one's, or the figure recorded then
+    (None for a stage trained before records were kept)."""
+    from geopix.train.run import finished_run, train_stage
+
+    record = storage.join_uri(out, "plain-loop", f"{run_name}.json")
+    trained_before = finished_run(storage.join_uri(cfg.train.runs_uri, run_name)) is not None
+    result = train_stage(cfg, stage, run_name=run_name, register=False, **kwargs)
+    if not trained_before:
+        storage.write_bytes(record, json.dumps({"plain_loop_samples_per_s": plain}).encode())
+        return result, plain
+    try:
+        return result, json.loads(storage.read_bytes(record))["plain_loop_samples_per_s"]
+    except (storage.StorageError, FileNotFoundError):
+        return result, None
 
 
 def figures(summary: dict[str, Any]) -> dict[str, float]:
