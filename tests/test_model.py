@@ -1074,7 +1074,9 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
     batch = make_batch(named, tokenizer, 4, cfg.chat_template)
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
     plain = new_model(cfg, tokenizer, class_reader_image_weight=0.0)  # no reader
-    model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_tokens="on_class_words")
+    # Unscaled (the tiny preset rescales: test_the_class_reader_word_scale_…), so the words start as the LLM has them.
+    model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_tokens="on_class_words",
+                      class_reader_word_scale=0.0)  # fmt: skip
     model.class_names, model.config.class_word_ids = names, word_ids
     assert model.reader_tokens == 0 and model.class_reader.class_embeddings is None
     with torch.no_grad():  # no extra token, and the words start as the LLM has them
