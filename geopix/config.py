@@ -153,6 +153,11 @@ class ModelConfig(_Section):
     # with the first scale's decoded mask token: no transformer over the finest, per-target grid;
     # docs/performance.md, "Where a tiny step's time goes").
     fine_scale: Literal["full", "light"] = "full"
+    # What the transformer scales add to the image features as their place in the attention:
+    # "linear", a learned 1×1 conv of the x/y grid (a query can only prefer one side, monotonically);
+    # "fourier", sin/cos of the grid under fixed random Gaussian frequencies (SAM's encoding), in
+    # which a query can peak at one place: a seg prompt can say "there", not only "more to the left".
+    mask_position_embedding: Literal["linear", "fourier"] = "linear"
     # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
     match_targets: bool = True

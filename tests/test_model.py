@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from geopix.answer_form import mask_box_text
 from geopix.config import load_config
@@ -148,6 +149,36 @@ def test_light_fine_scale_reads_out_without_a_transformer(cfg, tokenizer, batch,
     assert GeoPixModel.load(tmp_path / "light").config.fine_scale == "light"
     with pytest.raises(ValueError, match="fine_scale 'tiny'"):
         new_model(cfg, tokenizer, fine_scale="tiny")
+
+
+def test_fourier_places_let_a_query_peak_inside_the_grid_and_load_as_trained(cfg, tokenizer, batch, tmp_path):
+    from geopix.model.mask import FourierPosition, coord_channels
+
+    torch.manual_seed(0)
+    grid = coord_channels(32, 1, torch.zeros(1))
+    for place in [(5, 9), (16, 16), (27, 3)]:  # (row, column), none on the border
+        fourier, linear = FourierPosition(64)(grid)[0], nn.Conv2d(2, 64, 1)(grid)[0]
+        for encoding in (fourier, linear):
+            score = torch.einsum("d,dhw->hw", encoding[:, place[0], place[1]], encoding)
+            peak = divmod(int(score.argmax()), 32)
+            if encoding is fourier:  # the query of a place scores highest there
+                assert peak == place
+            else:  # a linear map of x/y peaks on the border, whatever the query
+                assert 0 in peak or 31 in peak
+
+    model = new_model(cfg, tokenizer, mask_position_embedding="fourier")
+    decoder = model.mask_predictor.decoders[0]
+    assert isinstance(decoder.pos, FourierPosition) and not list(decoder.pos.parameters())
+    model(**batch).loss.backward()
+    assert decoder.transformer.layers[0].cross_attn_token_to_image.q_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    loaded = GeoPixModel.load(model.save(tmp_path / "fourier", tokenizer)).eval()
+    assert loaded.config.mask_position_embedding == "fourier"
+    assert torch.equal(loaded.mask_predictor.decoders[0].pos.frequencies, decoder.pos.frequencies)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).mask_logits, loaded(**batch).mask_logits)
+    with pytest.raises(ValueError, match="mask_position_embedding 'sine'"):
+        new_model(cfg, tokenizer, mask_position_embedding="sine")
 
 
 # ------------------------------------------------------------------------- forward / backward

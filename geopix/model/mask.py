@@ -171,6 +171,23 @@ def coord_channels(size: int, batch: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, y])[None].expand(batch, -1, -1, -1)
 
 
+class FourierPosition(nn.Module):
+    """x/y grid [B, 2, g, g] → [B, dim, g, g]: sin and cos of 2π·(x, y)·B for fixed Gaussian
+    frequencies B [2, dim/2] (SAM's random-Fourier place encoding). Unlike a linear map of x/y,
+    its dot product with a query can peak at one place. B is a saved buffer, so a loaded model
+    reads the places it was trained with."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"a Fourier place encoding needs an even decoder_dim, got {dim}")
+        self.register_buffer("frequencies", torch.randn(2, dim // 2))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * torch.einsum("bchw,cd->bdhw", coords, self.frequencies.to(coords.dtype))
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+
 class ImageNeck(nn.Module):
     """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv k×k → BN → ReLU (k = 3, or
     1 where the grid is finer than the features and a 3×3 there would only smooth the resize)."""
@@ -219,7 +236,7 @@ class ScaleDecoder(nn.Module):
     token's output dotted with the image embedding gives the logits; a zero-initialised 8×8 prior
     predicted from the prompt is added (it tells the decoder *where*)."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, depth: int):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, depth: int, position_embedding: str = "linear"):
         super().__init__()
         config = SamMaskDecoderConfig(
             hidden_size=dim, mlp_dim=mlp_dim, num_hidden_layers=depth, num_attention_heads=heads
@@ -228,7 +245,8 @@ class ScaleDecoder(nn.Module):
         self.transformer = SamTwoWayTransformer(config)
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.pos = nn.Conv2d(2, dim, 1)  # positional embedding from the x/y grid
+        # The place each image feature has in the attention, from its x/y (geopix.config).
+        self.pos = FourierPosition(dim) if position_embedding == "fourier" else nn.Conv2d(2, dim, 1)
         self.prior = zero_prior(dim)
 
     def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,10 +299,13 @@ class MaskPredictor(nn.Module):
         memory_len: int,
         memory_dim: int,
         fine_scale: str = "full",
+        position_embedding: str = "linear",
     ):
         super().__init__()
         if fine_scale not in ("full", "light"):
             raise ValueError(f"fine_scale {fine_scale!r}: expected 'full' or 'light'")
+        if position_embedding not in ("linear", "fourier"):
+            raise ValueError(f"mask_position_embedding {position_embedding!r}: expected 'linear' or 'fourier'")
         light = fine_scale == "light"
         heads = 8 if dim >= 128 else 4
         mlp_dim = 2048 if dim >= 256 else 4 * dim
@@ -295,7 +316,7 @@ class MaskPredictor(nn.Module):
             for s, g in enumerate(self.grids)
         )
         self.decoders = nn.ModuleList(
-            ReadoutDecoder(dim) if light and s > 0 else ScaleDecoder(dim, heads, mlp_dim, depth=2)
+            ReadoutDecoder(dim) if light and s > 0 else ScaleDecoder(dim, heads, mlp_dim, 2, position_embedding)
             for s in range(num_scales)
         )
         self.scale_mix = nn.Parameter(torch.full((num_scales,), 1.0 / num_scales))

@@ -72,7 +72,11 @@ def build_mask_predictor(config: GeoPixModelConfig, lo_channels: int, hi_channel
             raise ValueError("mask_prior_weight > 0 needs GeoPix's mask decoder; this model has the release's")
         return ReleaseMaskPredictor(**shared, neck_dim=config.release_neck_dim)
     return MaskPredictor(
-        **shared, image_size=config.image_size, grid_stride=config.mask_grid_stride, fine_scale=config.fine_scale
+        **shared,
+        image_size=config.image_size,
+        grid_stride=config.mask_grid_stride,
+        fine_scale=config.fine_scale,
+        position_embedding=config.mask_position_embedding,
     )
 
 
