@@ -156,8 +156,10 @@ class ModelConfig(_Section):
     # What the transformer scales add to the image features as their place in the attention:
     # "linear", a learned 1×1 conv of the x/y grid (a query can only prefer one side, monotonically);
     # "fourier", sin/cos of the grid under fixed random Gaussian frequencies (SAM's encoding), in
-    # which a query can peak at one place: a seg prompt can say "there", not only "more to the left".
-    mask_position_embedding: Literal["linear", "fourier"] = "linear"
+    # which a query can peak at one place: a seg prompt can say "there", not only "more to the left";
+    # "linear_fourier", the linear one plus a learned projection of the Fourier features that
+    # starts at zero (training starts from the linear embedding).
+    mask_position_embedding: Literal["linear", "fourier", "linear_fourier"] = "linear"
     # Several seg runs in one answer are paired with its targets by the loss-minimising assignment
     # (Hungarian) rather than by order; off: the k-th run is supervised by the k-th target.
     match_targets: bool = True

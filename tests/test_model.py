@@ -181,6 +181,18 @@ def test_fourier_places_let_a_query_peak_inside_the_grid_and_load_as_trained(cfg
         new_model(cfg, tokenizer, mask_position_embedding="sine")
 
 
+def test_linear_and_fourier_places_start_as_the_linear_ones_and_learn_the_fourier_part(cfg, tokenizer, batch):
+    from geopix.model.mask import LinearAndFourierPosition, coord_channels
+
+    model = new_model(cfg, tokenizer, mask_position_embedding="linear_fourier")
+    pos = model.mask_predictor.decoders[0].pos
+    assert isinstance(pos, LinearAndFourierPosition)
+    grid = coord_channels(32, 1, torch.zeros(1))
+    assert torch.equal(pos(grid), pos.linear(grid))  # the Fourier part enters only through learning
+    model(**batch).loss.backward()
+    assert pos.project.weight.grad.abs().sum() > 0 and pos.linear.weight.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------- forward / backward
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_forward_backward_shapes(cfg, tokenizer, records, batch_size):

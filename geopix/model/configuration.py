@@ -40,7 +40,7 @@ class GeoPixModelConfig:
     decoder_dim: int = 64
     mask_grid_stride: int = 16
     fine_scale: str = "full"  # scales after the first: "full" (transformer) or "light" (readout)
-    mask_position_embedding: str = "linear"  # or "fourier": the decoder's place encoding (geopix.config)
+    mask_position_embedding: str = "linear"  # "fourier", "linear_fourier": the decoder's places (geopix.config)
     match_targets: bool = True  # several runs paired with their targets by Hungarian matching
     mask_bce_weight: float = 2.0
     mask_dice_weight: float = 0.5

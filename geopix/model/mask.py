@@ -188,6 +188,22 @@ class FourierPosition(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], 1)
 
 
+class LinearAndFourierPosition(nn.Module):
+    """The linear place embedding plus a learned 1×1 projection of :class:`FourierPosition`'s
+    features, the projection zero at init: training starts from the linear embedding and adds
+    peaked places only as far as the loss asks for them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Conv2d(2, dim, 1)
+        self.fourier = FourierPosition(dim)
+        self.project = nn.Conv2d(dim, dim, 1, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.linear(coords) + self.project(self.fourier(coords))
+
+
 class ImageNeck(nn.Module):
     """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv k×k → BN → ReLU (k = 3, or
     1 where the grid is finer than the features and a 3×3 there would only smooth the resize)."""
@@ -246,7 +262,12 @@ class ScaleDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         # The place each image feature has in the attention, from its x/y (geopix.config).
-        self.pos = FourierPosition(dim) if position_embedding == "fourier" else nn.Conv2d(2, dim, 1)
+        if position_embedding == "fourier":
+            self.pos = FourierPosition(dim)
+        elif position_embedding == "linear_fourier":
+            self.pos = LinearAndFourierPosition(dim)
+        else:
+            self.pos = nn.Conv2d(2, dim, 1)
         self.prior = zero_prior(dim)
 
     def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,8 +325,10 @@ class MaskPredictor(nn.Module):
         super().__init__()
         if fine_scale not in ("full", "light"):
             raise ValueError(f"fine_scale {fine_scale!r}: expected 'full' or 'light'")
-        if position_embedding not in ("linear", "fourier"):
-            raise ValueError(f"mask_position_embedding {position_embedding!r}: expected 'linear' or 'fourier'")
+        if position_embedding not in ("linear", "fourier", "linear_fourier"):
+            raise ValueError(
+                f"mask_position_embedding {position_embedding!r}: expected 'linear', 'fourier' or 'linear_fourier'"
+            )
         light = fine_scale == "light"
         heads = 8 if dim >= 128 else 4
         mlp_dim = 2048 if dim >= 256 else 4 * dim
