@@ -117,8 +117,7 @@ class ClassReader(nn.Module):
             # Unscaled, the summary grew to about 18× the word's norm and the word's identity faded:
             # count answers named another class than asked (docs/evaluation.md). The word's RMS is
             # the yardstick, not a path for the gradient (it would grow both without end).
-            word_rms = text_embeds.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
-            picked_rms = picked.float().pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+            word_rms, picked_rms = rms(text_embeds.detach()), rms(picked).clamp(min=1e-6)
             picked = picked * (self.word_scale * word_rms / picked_rms).to(picked.dtype)
         return text_embeds + picked * (named >= 0)[..., None].to(picked.dtype)
 
@@ -170,6 +169,11 @@ class ClassReader(nn.Module):
                 else (torch.log1p(total) - torch.log1p(truth)).abs().mean()
             ),
         }
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """The root mean square over the last axis, in float32, kept as a size-1 axis."""
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt()
 
 
 def complete_class_targets(
