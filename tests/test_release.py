@@ -130,6 +130,19 @@ def test_a_release_decoder_model_trains_chats_in_batches_and_reloads(release_mod
         torch.testing.assert_close(a.mask_probs, b.mask_probs)
 
 
+def test_options_of_geopix_decoder_are_refused_for_a_release_decoder(release_model):
+    """The release's decoder has no 8×8 prior and its own places: asking for either is an error, not ignored."""
+    from dataclasses import replace
+
+    from geopix.model.modeling import build_mask_predictor
+
+    config = release_model[0].config
+    for option, value in (("mask_prior_weight", 1.0), ("mask_position_embedding", "fourier")):
+        with pytest.raises(ValueError, match=f"{option}.*release's"):
+            build_mask_predictor(replace(config, **{option: value}), lo_channels=32, hi_channels=32)
+    assert isinstance(build_mask_predictor(config, lo_channels=32, hi_channels=32), ReleaseMaskPredictor)
+
+
 def test_a_release_decoder_model_generates_the_masks_of_its_forward_pass(release_model):
     """With ``seg_hidden_offset = −1`` a seg token's prompt is the hidden state before it: the masks
     of a seg run the model writes while generating (from the states kept during decoding) are the

@@ -204,6 +204,22 @@ class LinearAndFourierPosition(nn.Module):
         return self.linear(coords) + self.project(self.fourier(coords))
 
 
+# The decoder's place embeddings by ``mask_position_embedding`` (geopix.config): each built from the
+# decoder width and called on the x/y grid.
+PLACE_EMBEDDINGS = {
+    "linear": lambda dim: nn.Conv2d(2, dim, 1),
+    "fourier": FourierPosition,
+    "linear_fourier": LinearAndFourierPosition,
+}
+
+
+def place_embedding(kind: str, dim: int) -> nn.Module:
+    """The place embedding named ``kind`` for a decoder of width ``dim``; an unknown name is refused."""
+    if kind not in PLACE_EMBEDDINGS:
+        raise ValueError(f"mask_position_embedding {kind!r}: expected one of {', '.join(map(repr, PLACE_EMBEDDINGS))}")
+    return PLACE_EMBEDDINGS[kind](dim)
+
+
 class ImageNeck(nn.Module):
     """conv3×3 → BN → ReLU → resize to the grid → (concat x/y) → conv k×k → BN → ReLU (k = 3, or
     1 where the grid is finer than the features and a 3×3 there would only smooth the resize)."""
@@ -262,12 +278,7 @@ class ScaleDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         # The place each image feature has in the attention, from its x/y (geopix.config).
-        if position_embedding == "fourier":
-            self.pos = FourierPosition(dim)
-        elif position_embedding == "linear_fourier":
-            self.pos = LinearAndFourierPosition(dim)
-        else:
-            self.pos = nn.Conv2d(2, dim, 1)
+        self.pos = place_embedding(position_embedding, dim)
         self.prior = zero_prior(dim)
 
     def forward(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,10 +336,6 @@ class MaskPredictor(nn.Module):
         super().__init__()
         if fine_scale not in ("full", "light"):
             raise ValueError(f"fine_scale {fine_scale!r}: expected 'full' or 'light'")
-        if position_embedding not in ("linear", "fourier", "linear_fourier"):
-            raise ValueError(
-                f"mask_position_embedding {position_embedding!r}: expected 'linear', 'fourier' or 'linear_fourier'"
-            )
         light = fine_scale == "light"
         heads = 8 if dim >= 128 else 4
         mlp_dim = 2048 if dim >= 256 else 4 * dim

@@ -70,6 +70,9 @@ def build_mask_predictor(config: GeoPixModelConfig, lo_channels: int, hi_channel
     if config.mask_decoder == "release":
         if config.mask_prior_weight > 0:  # the release's decoder has no 8×8 prior to supervise
             raise ValueError("mask_prior_weight > 0 needs GeoPix's mask decoder; this model has the release's")
+        if config.mask_position_embedding != "linear":  # the release's decoder has its own places
+            raise ValueError(f"mask_position_embedding {config.mask_position_embedding!r} needs GeoPix's mask "
+                             "decoder; this model has the release's")
         return ReleaseMaskPredictor(**shared, neck_dim=config.release_neck_dim)
     return MaskPredictor(
         **shared,
