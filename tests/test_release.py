@@ -94,10 +94,10 @@ def release_model():
                           seg_token_ids=cfg.seg_vocabulary.token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id or 0)  # fmt: skip
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=11, num_attention_heads=4,
                               patch_size=14, image_size=56).to_dict()  # fmt: skip
-    # The release's decoder has no 8×8 prior for the preset's prior term to train.
+    # The release's decoder has no 8×8 prior for the preset's prior term to train, and its own places.
     config = replace(config, vision_config=vision, mask_decoder="release", release_neck_dim=32, decoder_dim=64,
                      seg_hidden_offset=-1, seg_token_weighting="linear", chat_template=2,
-                     mask_prior_weight=0.0)  # fmt: skip
+                     mask_prior_weight=0.0, mask_position_embedding="linear")  # fmt: skip
     torch.manual_seed(0)
     return GeoPixModel(config), tokenizer, records
 
