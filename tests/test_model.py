@@ -547,19 +547,20 @@ def _sync_worker(rank: int, world: int, init_file: str, results: str) -> None:
     import torch.distributed as dist
 
     from geopix.model.mask import ClassMemory
+    from geopix.train.loop import sync_buffers
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial memory on both ranks
     memory = ClassMemory(num_classes=2, num_scales=1, slots=2, mem_dim=4, dim=4, heads=1)
     feats = torch.full((1, 4, 2, 2), float(rank + 1))  # each rank sees a different instance
     memory.ema_write(feats, torch.ones(1, 8, 8), torch.tensor([0]), scale=0, momentum=0.5)
-    memory.sync_ema()
+    sync_buffers(memory)  # what the training loop runs after every optimizer step
     torch.save(memory.ema.clone(), f"{results}/{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_memory_ema_synced_across_data_parallel_ranks(tmp_path):
-    """Two gloo ranks write different instances; after sync_ema both hold the mean of their writes."""
+    """Two gloo ranks write different instances; after the loop's buffer sync both hold the mean of their writes."""
     import torch.multiprocessing as mp
 
     mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

@@ -66,8 +66,8 @@ class ClassMemory(nn.Module):
     The slots read are ``M = learned + ema``: ``learned`` is a parameter (the gradient write);
     ``ema`` is a buffer holding the optional EMA write. Keeping the EMA part out of the parameter
     matters under DeepSpeed/mixed precision: the optimizer owns fp32 master copies of parameters and
-    would overwrite an in-place write at its next step; a buffer is left alone and is averaged over
-    data-parallel ranks by :meth:`sync_ema`.
+    would overwrite an in-place write at its next step; a buffer is left alone, and the training
+    loop averages it over data-parallel ranks with the other buffers (``geopix.train.loop.sync_buffers``).
     """
 
     def __init__(self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int):
@@ -137,15 +137,6 @@ class ClassMemory(nn.Module):
             if a > 0:
                 target = vec - self.learned[cls, scale].float()
                 self.ema[cls, scale].mul_(momentum).add_((1 - momentum) * target)
-
-    @torch.no_grad()
-    def sync_ema(self) -> None:
-        """Average the EMA buffer over data-parallel ranks (a collective: call it on every rank)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.ema, op=dist.ReduceOp.SUM)
-            self.ema.div_(dist.get_world_size())
 
 
 def read_memory(

@@ -431,12 +431,6 @@ class GeoPixModel(GenerationMixin, nn.Module):
         )
         return masks, class_logits
 
-    def sync_memory(self) -> None:
-        """Average the memory's EMA part over data-parallel ranks. A collective: the training loop
-        calls it on every rank after each step when ``memory_ema_momentum > 0``."""
-        if self.mask_predictor.memory is not None:
-            self.mask_predictor.memory.sync_ema()
-
     # ---------------------------------------------------------------------------- save / load
     def save(self, directory: str | Path, tokenizer: Any = None) -> Path:
         """A self-contained directory: ``model.safetensors`` (every weight, adapters included),
