@@ -218,6 +218,9 @@ class ModelConfig(_Section):
     # Optional EMA write of masked-pooled instance features into their class's memory slots, on top
     # of the gradient write; 0 turns it off. Needs memory_dim == decoder_dim.
     memory_ema_momentum: float = Field(0.0, ge=0, lt=1)
+    # In training, each target's memory read is left out with this probability (per scale), so the
+    # decoder keeps a path of its own beside the read; 0 reads always (docs/model.md, Class memory).
+    memory_read_dropout: float = Field(0.0, ge=0, lt=1)
     # With a pretrained LLM, train only the rows of the tokens GeoPix adds (peft TrainableTokens)
     # rather than the whole embedding and output matrices (2 × 131 M parameters at 7B).
     new_token_rows_only: bool = True

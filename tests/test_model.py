@@ -543,6 +543,22 @@ def test_memory_ema_write_follows_the_ema_rule():
     assert torch.allclose(memory.slots[1, 0], expected, atol=1e-6)
 
 
+def test_memory_read_dropout_leaves_some_targets_unread_in_training_only(cfg, tokenizer):
+    """memory_read_dropout reaches the memory; in training some targets' features pass unread,
+    at inference every target reads."""
+    model = new_model(cfg, tokenizer, memory_read_dropout=0.5)
+    memory = model.mask_predictor.memory
+    assert memory.read_dropout == 0.5
+    with torch.no_grad():
+        for attn in memory.attn:  # an open memory: a fresh one reads zero
+            attn.out_proj.weight.normal_()
+    feats, probs = torch.randn(64, cfg.decoder_dim, 4, 4), torch.full((64, cfg.num_classes), 1 / cfg.num_classes)
+    torch.manual_seed(0)
+    unread = (memory.train()(feats, probs, 0) == feats).flatten(1).all(1)
+    assert 0 < int(unread.sum()) < 64
+    assert not (memory.eval()(feats, probs, 0) == feats).flatten(1).all(1).any()
+
+
 def _sync_worker(rank: int, world: int, init_file: str, results: str) -> None:
     import torch.distributed as dist
 

@@ -57,6 +57,7 @@ class GeoPixModelConfig:
     memory_dim: int = 64
     num_classes: int = 8
     memory_ema_momentum: float = 0.0
+    memory_read_dropout: float = 0.0  # training only: a target's read left out with this probability
     class_names: list[str] = field(default_factory=list)  # the class head's classes, in order
     # Per class, the token sequences of the words that name it (geopix.model.class_reader.class_word_ids).
     class_word_ids: list[list[list[int]]] = field(default_factory=list)

@@ -70,8 +70,11 @@ class ClassMemory(nn.Module):
     loop averages it over data-parallel ranks with the other buffers (``geopix.train.loop.sync_buffers``).
     """
 
-    def __init__(self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int):
+    def __init__(
+        self, num_classes: int, num_scales: int, slots: int, mem_dim: int, dim: int, heads: int, read_dropout: float = 0.0
+    ):
         super().__init__()
+        self.read_dropout = read_dropout  # training only (geopix.config: memory_read_dropout)
         self.learned = nn.Parameter(torch.empty(num_classes, num_scales, slots, mem_dim))
         self.register_buffer("ema", torch.empty(num_classes, num_scales, slots, mem_dim))
         self.norm = nn.LayerNorm(dim)
@@ -118,7 +121,12 @@ class ClassMemory(nn.Module):
         queries = self.norm(feats.flatten(2).transpose(1, 2))
         read, _ = self.attn[scale](queries, slots, slots, need_weights=False)
         read = read.transpose(1, 2).reshape(t, d, h, w)
-        return feats + torch.tanh(self.gate[scale]).to(feats.dtype) * read
+        gate = torch.tanh(self.gate[scale]).to(feats.dtype)
+        if self.training and self.read_dropout > 0:
+            # Some targets train without the read, so the decoder cannot leave a whole size of
+            # object to the memory (the probe found small objects lost without it).
+            gate = gate * (torch.rand(t, 1, 1, 1, device=feats.device) >= self.read_dropout).to(feats.dtype)
+        return feats + gate * read
 
     @torch.no_grad()
     def ema_write(
@@ -321,6 +329,7 @@ class MaskPredictor(nn.Module):
         num_classes: int,
         memory_len: int,
         memory_dim: int,
+        memory_read_dropout: float = 0.0,
         fine_scale: str = "full",
         position_embedding: str = "linear",
     ):
@@ -342,7 +351,7 @@ class MaskPredictor(nn.Module):
         )
         self.scale_mix = nn.Parameter(torch.full((num_scales,), 1.0 / num_scales))
         self.memory = (
-            ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, heads)
+            ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, heads, memory_read_dropout)
             if memory_len > 0
             else None
         )

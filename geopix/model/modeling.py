@@ -66,7 +66,8 @@ def build_mask_predictor(config: GeoPixModelConfig, lo_channels: int, hi_channel
     """GeoPix's mask predictor, or the release's (``mask_decoder="release"``: imported checkpoints)."""
     shared = {"lo_channels": lo_channels, "hi_channels": hi_channels, "dim": config.decoder_dim,
               "num_scales": config.num_scales, "num_classes": config.num_classes,
-              "memory_len": config.memory_len, "memory_dim": config.memory_dim}  # fmt: skip
+              "memory_len": config.memory_len, "memory_dim": config.memory_dim,
+              "memory_read_dropout": config.memory_read_dropout}  # fmt: skip
     if config.mask_decoder == "release":
         if config.mask_prior_weight > 0:  # the release's decoder has no 8×8 prior to supervise
             raise ValueError("mask_prior_weight > 0 needs GeoPix's mask decoder; this model has the release's")

@@ -85,6 +85,7 @@ class ReleaseMaskPredictor(nn.Module):
         num_classes: int,
         memory_len: int,
         memory_dim: int,
+        memory_read_dropout: float = 0.0,
     ):
         super().__init__()
         self.grids = [RELEASE_GRID * 2**s for s in range(num_scales)]  # the decoders' grids
@@ -112,7 +113,7 @@ class ReleaseMaskPredictor(nn.Module):
                                           nn.Linear(dim, dim // 8))  # fmt: skip
         self.scale_mix = nn.Parameter(torch.full((num_scales,), 1.0 / num_scales))
         self.memory = (
-            ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, 8 if dim >= 128 else 4)
+            ClassMemory(num_classes, num_scales, memory_len, memory_dim, dim, 8 if dim >= 128 else 4, memory_read_dropout)
             if memory_len > 0
             else None
         )
