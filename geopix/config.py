@@ -236,6 +236,11 @@ class ModelConfig(_Section):
     # length, so a random LLM cannot tell where in the image a token lies. CLIP's tokens carry
     # their place already; EfficientNet's do not. Starts at zero (the projector's output as is).
     image_token_positions: bool = False
+    # The mean colour of k × k cells under each image token (0: off), added to it through a linear
+    # map that starts at zero. The stride-32 tokens carry an object's colour poorly: a linear probe
+    # names it for 0.45-0.50 of the test objects even at the object's own token, the mean colour
+    # under its mask for 0.72 (docs/evaluation_history.md, 2026-12-07, twenty-second session).
+    image_colour_cells: int = Field(0, ge=0, le=16)
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

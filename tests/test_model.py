@@ -16,6 +16,7 @@ from geopix.data.batches import iter_batches
 from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters, model_config
+from geopix.model.modeling import token_cell_colours
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.loop import LOSS_KEYS
 from geopix.train.stages import set_stage
@@ -618,6 +619,39 @@ def test_stage_policies_route_gradients(cfg, tokenizer, batch):
     assert {n for n in grads if "lora_B" in n}  # lora_B starts at 0 but receives gradient
     assert any(n.startswith("projector.") for n in grads)
     assert not any(n.startswith("vision.") for n in trainable)
+
+
+def test_token_cell_colours_are_each_tokens_own_cells_row_by_row():
+    pixels = torch.zeros(1, 3, 64, 64)
+    pixels[0, 0, 16:24, 40:48] = 1.0  # red in token (row 1, column 2) of a 4 × 4 grid, its cell (0, 1)
+    cells = token_cell_colours(pixels, 16, 2)  # 16 tokens of 16 px, 2 × 2 cells of 8 px each
+    assert cells.shape == (1, 16, 12)
+    lit = cells[0].nonzero().tolist()
+    assert lit == [[1 * 4 + 2, 0 * 4 + 0 * 2 + 1]]  # channel R, cell row 0, cell column 1
+    with pytest.raises(ValueError, match="15 image tokens"):
+        token_cell_colours(pixels, 15, 2)
+
+
+def test_image_colours_start_as_the_projector_output_and_learn(cfg, tokenizer, batch, tmp_path):
+    plain = new_model(cfg, tokenizer).eval()
+    coloured = new_model(cfg, tokenizer, image_colour_cells=4).eval()
+    assert coloured.image_colours.in_features == 3 * 4 * 4
+    with torch.no_grad():  # zero at the start: the same model as without them
+        assert torch.equal(plain(**batch).logits, coloured(**batch).logits)
+    for stage in (1, 2):
+        set_stage(coloured, stage)
+        grads, _ = _trained_names(coloured.train(), batch)
+        assert "image_colours.weight" in grads
+    with torch.no_grad():
+        coloured.image_colours.weight.normal_(0, 0.5)
+    coloured.eval()
+    loaded = GeoPixModel.load(coloured.save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.image_colour_cells == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, coloured(**batch).logits)
+        assert not torch.equal(plain(**batch).logits, coloured(**batch).logits)
+        recoloured = dict(batch, pixel_values=batch["pixel_values"].flip(1))  # RGB read as BGR
+        assert not torch.equal(coloured(**recoloured).logits, coloured(**batch).logits)
 
 
 def test_image_token_positions_start_as_the_projector_output_and_learn_each_place(cfg, tokenizer, batch, tmp_path):

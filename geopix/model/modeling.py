@@ -8,6 +8,7 @@ and class losses separately.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ class GeoPixModel(GenerationMixin, nn.Module):
             if config.image_token_positions
             else None
         )
+        self.image_colours = None  # [3 k², H], zero at the start; trained with the projector
+        if config.image_colour_cells:
+            self.image_colours = nn.Linear(3 * config.image_colour_cells**2, hidden)
+            nn.init.zeros_(self.image_colours.weight)
+            nn.init.zeros_(self.image_colours.bias)
         self.seg_projection = SegProjection(
             hidden, config.decoder_dim, config.num_scales, config.seg_token_num, config.seg_token_weighting
         )
@@ -235,6 +241,9 @@ class GeoPixModel(GenerationMixin, nn.Module):
         image_embeds = self.projector(tokens)  # [B, N, H]
         if self.image_positions is not None:
             image_embeds = image_embeds + self.image_positions
+        if self.image_colours is not None:
+            cells = token_cell_colours(pixel_values, image_embeds.shape[1], self.config.image_colour_cells)
+            image_embeds = image_embeds + self.image_colours(cells.to(image_embeds.dtype))
         is_image = input_ids == self.image_token_id
         if not bool((is_image.sum(1) == 1).all()):
             raise ValueError(
@@ -502,6 +511,18 @@ class GeoPixModel(GenerationMixin, nn.Module):
 
 
 # ------------------------------------------------------------------------------------- helpers
+def token_cell_colours(pixel_values: torch.Tensor, num_tokens: int, cells: int) -> torch.Tensor:
+    """[B, 3, S, S] → [B, N, 3·k²]: per image token (a square grid, row by row, as the encoders
+    flatten theirs), the mean of each of its k × k cells, channel by channel."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} image tokens are not a square grid")
+    pooled = F.adaptive_avg_pool2d(pixel_values.float(), side * cells)  # [B, 3, side·k, side·k]
+    b = pooled.shape[0]
+    grid = pooled.view(b, 3, side, cells, side, cells).permute(0, 2, 4, 1, 3, 5)
+    return grid.reshape(b, num_tokens, 3 * cells * cells)
+
+
 def image_tokens(embeds: torch.Tensor, image_pos: torch.Tensor, rows: torch.Tensor, n_img: int) -> torch.Tensor:
     """[B, L, H] embeddings → [len(rows), n_img, H]: the first ``n_img`` image tokens of each of ``rows``
     (``image_pos``: where each sample's image tokens start)."""

@@ -52,7 +52,7 @@ def set_stage(model: GeoPixModel, stage: Literal[1, 2], policy: ModelConfig | No
             if "lora_" in name or random_llm:
                 param.requires_grad_(True)
     # Trained when the projector is.
-    for companion in (model.image_positions, model.image_class_head, model.class_reader):
+    for companion in (model.image_positions, model.image_colours, model.image_class_head, model.class_reader):
         if companion is not None:
             companion.requires_grad_(model.projector[0].weight.requires_grad)
     model.vision.requires_grad_(False)
