@@ -156,14 +156,19 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def difference_rows(
-    results: list[dict[str, Any]], others: list[dict[str, Any]], reads: list[tuple[str, str]], columns: list[str]
+    results: list[dict[str, Any]],
+    others: list[dict[str, Any]],
+    reference: str,
+    reads: list[tuple[str, str]],
+    columns: list[str],
 ) -> list[str]:
-    """One row per (label, read): the read's gIoU minus ``others``' ``trained`` (or ``plain``) read, mean ± spread."""
+    """One row per (label, read): the read's gIoU minus ``others``' ``reference`` read (same
+    position, same seed), mean ± spread over the pairs."""
     lines = ["| read | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, read in reads:
         cells = []
         for c in columns:
-            values = [r["gIoU"][read].get(c, 0.0) - next(iter(o["gIoU"].values())).get(c, 0.0)
+            values = [r["gIoU"][read].get(c, 0.0) - o["gIoU"][reference].get(c, 0.0)
                       for r, o in zip(results, others, strict=True)]  # fmt: skip
             mean, half = spread(values)
             cells.append(f"{mean:+.3f} ± {half:.3f}")
@@ -187,14 +192,18 @@ def table(results: list[dict[str, Any]], baselines: list[dict[str, Any]] | None 
     if len(results) > 1:
         columns = list(results[0]["gIoU"]["trained"])
         lines.append("\ndifference to `trained`, mean ± spread over the models")
-        lines += difference_rows(results, results, [(read, read) for read in READS[1:]], columns)
+        lines += difference_rows(results, results, "trained", [(read, read) for read in READS[1:]], columns)
         accuracy = spread([r["class_head_accuracy"] for r in results])
         lines.append(f"\nclass head accuracy {accuracy[0]:.3f} ± {accuracy[1]:.3f}")
     if baselines:
         columns = list(results[0]["gIoU"]["trained"])
         lines.append("\ndifference to the memory-free model of the same seed (`--baseline`), mean ± spread")
         lines += difference_rows(
-            results, baselines, [("with its memory (trained)", "trained"), ("its memory shut (closed)", "closed")], columns
+            results,
+            baselines,
+            PLAIN,
+            [("with its memory (trained)", "trained"), ("its memory shut (closed)", "closed")],
+            columns,
         )
     return "\n".join(lines)
 
