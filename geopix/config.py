@@ -208,6 +208,10 @@ class ModelConfig(_Section):
     # word's own embedding, so the word still says which class it names; 0: the summary as its MLP
     # gives it (about 18× the word's norm, trained so). The tiny preset: 1.0 (configs/tiny.yaml).
     class_reader_word_scale: float = Field(0.0, ge=0)
+    # Each class's summary also carries the class's mean colour: the picture's pixels averaged over
+    # the reader's presence map (geopix/model/class_reader.py, class_colours). The LLM answered
+    # colour questions with the asked class's commonest colours (docs/evaluation.md).
+    class_reader_colours: bool = False
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
     # each answer's mean token loss, so every answer weighs the same whatever its length.

@@ -1223,6 +1223,60 @@ def test_the_class_reader_on_class_words_adds_each_class_summary_to_the_prompt_w
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
 
 
+def test_class_colours_average_the_pixels_where_each_class_map_is_sure():
+    from geopix.model.class_reader import class_colours
+
+    pixels = torch.zeros(1, 3, 16, 16)
+    pixels[0, 0, :8, :8] = 1.0  # red in the top-left quarter
+    pixels[0, 2, 8:, 8:] = 1.0  # blue in the bottom-right quarter
+    presence = torch.full((1, 3, 2, 2), -30.0)  # 3 classes on 2 × 2 cells
+    presence[0, 0, 0, 0] = 30.0  # class 0 sure in the red cell
+    presence[0, 1, 1, 1] = 30.0  # class 1 sure in the blue cell
+    presence[0, 2] = 0.0  # class 2 unsure everywhere: the picture's mean
+    colours = class_colours(presence, pixels)
+    assert colours.shape == (1, 3, 3)
+    assert torch.allclose(colours[0, 0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(colours[0, 1], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(colours[0, 2], torch.tensor([0.25, 0.0, 0.25]))
+
+
+def test_class_reader_colours_reach_the_class_words_and_move_with_the_picture(cfg, tokenizer, records, tmp_path):
+    from geopix.model.class_reader import class_word_ids, named_classes
+
+    names = ["storage_tank", "ship", "building"]
+    word_ids = class_word_ids(names, tokenizer)
+    batch = make_batch(records, tokenizer, 4, cfg.chat_template)
+    model = new_model(cfg, tokenizer, class_reader_image_weight=0.5, class_reader_tokens="on_class_words",
+                      class_reader_word_scale=1.0, class_reader_colours=True).eval()  # fmt: skip
+    model.class_names, model.config.class_word_ids = names, word_ids
+    assert model.class_reader.summary[0].in_features == 5
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    with torch.no_grad():
+        embeds = model.embed_multimodal(batch["pixel_values"], *args)[0]
+        recoloured = model.embed_multimodal(batch["pixel_values"].flip(1), *args)[0]  # RGB read as BGR
+    moved = (recoloured - embeds).abs().sum(-1) > 0
+    assert moved.any()  # the image tokens move with the encoder's input; the class words with their colour
+    n_img = embeds.shape[1] - batch["input_ids"].shape[1] + 1
+    words = named_classes(batch["input_ids"], word_ids) >= 0
+    for b in range(len(records)):
+        at = int((batch["input_ids"][b] == model.image_token_id).nonzero())
+        after = moved[b, at + n_img :]
+        assert torch.equal(after, words[b, at + 1 :] & (batch["labels"][b, at + 1 :] == IGNORE_INDEX))
+    with torch.no_grad():  # the same maps, another picture's colours: another summary
+        maps = model.class_reader(*model.vision(batch["pixel_values"])[:2])
+        assert not torch.allclose(
+            model.class_reader.summaries(*maps, batch["pixel_values"]),
+            model.class_reader.summaries(*maps, batch["pixel_values"].flip(1)),
+        )
+    model.train()
+    model(**batch).losses["text"].backward()
+    assert model.class_reader.summary[0].weight.grad[:, 2:].abs().sum() > 0  # the colour inputs learn
+    loaded = GeoPixModel.load(model.eval().save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.class_reader_colours
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
 def test_the_class_reader_word_scale_adds_each_summary_at_that_many_times_the_word_rms():
     from geopix.model.class_reader import ClassReader
 

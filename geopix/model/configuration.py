@@ -63,6 +63,7 @@ class GeoPixModelConfig:
     class_word_ids: list[list[list[int]]] = field(default_factory=list)
     chat_template: int = 1  # geopix.chat_template's version it was trained with (1: saved before versions)
     image_token_positions: bool = False  # a learned embedding per image-token place (geopix.config)
+    class_reader_colours: bool = False  # each class's summary also carries its mean colour (geopix.config)
     image_colour_cells: int = 0  # k: each image token also reads its k × k cells' mean colour (geopix.config)
     # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
     mask_decoder: str = "geopix"  # or "release" (geopix/model/release_mask.py)

@@ -144,6 +144,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 config.image_size // 8,
                 on_class_words=config.class_reader_tokens == "on_class_words",
                 word_scale=config.class_reader_word_scale,
+                colours=config.class_reader_colours,
             )
             if config.class_reader_weight > 0 or config.class_reader_image_weight > 0
             else None
@@ -255,14 +256,14 @@ class GeoPixModel(GenerationMixin, nn.Module):
         if self.class_reader is not None:
             class_maps = self.class_reader(feat_lo, feat_hi)
             if self.reader_tokens:
-                image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps)], 1)
+                image_embeds = torch.cat([image_embeds, self.class_reader.tokens(*class_maps, pixel_values)], 1)
             else:  # on the prompt's words that name a class; answers are generated without it
                 if prompt_mask is None:
                     prompt_mask = labels == IGNORE_INDEX if labels is not None else torch.ones_like(is_image)
                 text_embeds = self.class_reader.on_class_words(
                     text_embeds,
                     input_ids,
-                    self.class_reader.summaries(*class_maps),
+                    self.class_reader.summaries(*class_maps, pixel_values),
                     self.config.class_word_ids,
                     prompt_mask,
                 )
