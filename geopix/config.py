@@ -209,8 +209,9 @@ class ModelConfig(_Section):
     # gives it (about 18× the word's norm, trained so). The tiny preset: 1.0 (configs/tiny.yaml).
     class_reader_word_scale: float = Field(0.0, ge=0)
     # Each class's summary also carries the class's mean colour: the picture's pixels averaged over
-    # the reader's presence map (geopix/model/class_reader.py, class_colours). The LLM answered
-    # colour questions with the asked class's commonest colours (docs/evaluation.md).
+    # the reader's presence map (geopix/model/class_reader.py, class_colours). The LLM answers
+    # colour questions with the commonest colour words; with this, seeds 0-1, it still did (colour
+    # +0.007 +- 0.051); not in any preset (docs/evaluation_history.md, 2026-12-07).
     class_reader_colours: bool = False
     # The text loss over a batch: "token" is the mean over every answer token, so a 35-word
     # caption weighs about nine times a 4-word VQA answer; "answer" is the mean over answers of
@@ -241,9 +242,10 @@ class ModelConfig(_Section):
     # their place already; EfficientNet's do not. Starts at zero (the projector's output as is).
     image_token_positions: bool = False
     # The mean colour of k × k cells under each image token (0: off), added to it through a linear
-    # map that starts at zero. The stride-32 tokens carry an object's colour poorly: a linear probe
-    # names it for 0.45-0.50 of the test objects even at the object's own token, the mean colour
-    # under its mask for 0.72 (docs/evaluation_history.md, 2026-12-07, twenty-second session).
+    # map that starts at zero. The stride-32 tokens carry an object's colour poorly: probes name it
+    # for 0.44-0.53 of the test objects from the tokens under its mask, for 0.94 from the mean colour
+    # under the mask (bench/colour_probe.py). Seed 0: colour answers 13 of 69 right against 10; not
+    # in any preset (docs/evaluation_history.md, 2026-12-07, twenty-second session).
     image_colour_cells: int = Field(0, ge=0, le=16)
 
     @property

@@ -181,9 +181,10 @@ def class_colours(presence: torch.Tensor, pixel_values: torch.Tensor) -> torch.T
     """[B, classes, 3]: per class, the mean of the picture's (normalised) pixel values over the
     presence map's cells, each cell weighted by how sure the map is that the class is there.
 
-    Why: the LLM answered colour questions with the commonest colours of the asked class, though
-    the stride-32 tokens it reads name an object's colour for about half the objects and the
-    mean colour under its mask for 0.94 (docs/evaluation_history.md, 2026-12-07). The weights are
+    Why: the LLM answers colour questions with the three commonest colour words; probes name an
+    object's colour from the tokens it reads under the object's mask for about half the test
+    objects, from the mean colour under the mask for 0.94 (bench/colour_probe.py). With this read,
+    seeds 0-1, the answers did not move (docs/evaluation_history.md, 2026-12-07). The weights are
     detached: the presence maps are trained by their own losses, not bent to carry colour."""
     weights = presence.detach().float().sigmoid().flatten(2)  # [B, classes, g²]
     cells = F.adaptive_avg_pool2d(pixel_values.float(), presence.shape[-1]).flatten(2)  # [B, 3, g²]
