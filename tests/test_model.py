@@ -621,6 +621,20 @@ def test_stage_policies_route_gradients(cfg, tokenizer, batch):
     assert not any(n.startswith("vision.") for n in trainable)
 
 
+def _zero_start_trained_in_both_stages(cfg, tokenizer, batch, parameter: str, **option) -> tuple[GeoPixModel, GeoPixModel]:
+    """A model without ``option`` and one with it; asserts the option adds nothing at the start
+    (the same logits) and that ``parameter`` gets gradient in stages 1 and 2 (left in stage 2)."""
+    plain = new_model(cfg, tokenizer).eval()
+    model = new_model(cfg, tokenizer, **option).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, model(**batch).logits)
+    for stage in (1, 2):
+        set_stage(model, stage)
+        grads, _ = _trained_names(model.train(), batch)
+        assert parameter in grads
+    return plain, model
+
+
 def test_token_cell_colours_are_each_tokens_own_cells_row_by_row():
     pixels = torch.zeros(1, 3, 64, 64)
     pixels[0, 0, 16:24, 40:48] = 1.0  # red in token (row 1, column 2) of a 4 × 4 grid, its cell (0, 1)
@@ -633,15 +647,8 @@ def test_token_cell_colours_are_each_tokens_own_cells_row_by_row():
 
 
 def test_image_colours_start_as_the_projector_output_and_learn(cfg, tokenizer, batch, tmp_path):
-    plain = new_model(cfg, tokenizer).eval()
-    coloured = new_model(cfg, tokenizer, image_colour_cells=4).eval()
+    plain, coloured = _zero_start_trained_in_both_stages(cfg, tokenizer, batch, "image_colours.weight", image_colour_cells=4)
     assert coloured.image_colours.in_features == 3 * 4 * 4
-    with torch.no_grad():  # zero at the start: the same model as without them
-        assert torch.equal(plain(**batch).logits, coloured(**batch).logits)
-    for stage in (1, 2):
-        set_stage(coloured, stage)
-        grads, _ = _trained_names(coloured.train(), batch)
-        assert "image_colours.weight" in grads
     with torch.no_grad():
         coloured.image_colours.weight.normal_(0, 0.5)
     coloured.eval()
@@ -655,16 +662,9 @@ def test_image_colours_start_as_the_projector_output_and_learn(cfg, tokenizer, b
 
 
 def test_image_token_positions_start_as_the_projector_output_and_learn_each_place(cfg, tokenizer, batch, tmp_path):
-    plain = new_model(cfg, tokenizer).eval()
-    placed = new_model(cfg, tokenizer, image_token_positions=True).eval()
+    plain, placed = _zero_start_trained_in_both_stages(cfg, tokenizer, batch, "image_positions", image_token_positions=True)
     n = plain.vision.num_tokens(cfg.image_size)
     assert placed.image_positions.shape == (n, plain.llm.config.hidden_size)
-    with torch.no_grad():  # zero at the start: the same model as without them
-        assert torch.equal(plain(**batch).logits, placed(**batch).logits)
-    for stage in (1, 2):
-        set_stage(placed, stage)
-        grads, _ = _trained_names(placed.train(), batch)
-        assert "image_positions" in grads
     grad = placed.image_positions.grad
     assert not torch.allclose(grad[0], grad[-1])  # each place gets its own gradient
     with torch.no_grad():
