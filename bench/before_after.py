@@ -55,19 +55,11 @@ def pick_records(before: dict, after: dict) -> list[str]:
 
 def read_truth(shards_uri: str, record_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(image, masks, boxes) of each record, from the test shards."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+    from geopix.data.images import TRUTH_COLUMNS, decode_targets, record_image
+    from geopix.data.shard_set import read_records
 
-    from geopix.data.images import decode_targets, record_image
-    from geopix.data.shard_set import shard_files
-
-    fs, files = shard_files(shards_uri, "test")
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["record_id", "image", "image_uri", "width", "height", "targets"],
-        filter=pc.field("record_id").isin(record_ids),
-    )
     out = {}
-    for row in table.to_pylist():
+    for row in read_records(shards_uri, "test", record_ids=record_ids, columns=TRUTH_COLUMNS):
         masks, boxes, _ = decode_targets(row)
         out[row["record_id"]] = (record_image(row), masks, boxes)
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch import nn
 
 from geopix.config import load_config
 from geopix.data.images import decode_image, decode_targets
-from geopix.data.shard_set import check_shards
+from geopix.data.shard_set import read_records
 from geopix.data.synth.classes import CLASSES
 from geopix.model import GeoPixModel
 from geopix.storage import local_copy
@@ -50,17 +51,10 @@ FEATURES = ("mask_colour", "tokens_under_mask", "projected_under_mask", "token_a
 
 def colour_pairs(model: GeoPixModel, shards_uri: str, split: str, limit: int) -> tuple[dict[str, np.ndarray], list]:
     """Up to ``limit`` (features, (class, colour)) pairs of distinct objects of ``split``."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, files = check_shards(shards_uri, split)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        filter=pc.field("task").isin(["refer", "segment"])
-    )
     image_format, size = model.image_format, model.config.image_size
     features: dict[str, list[np.ndarray]] = defaultdict(list)
     labels, seen = [], set()
-    for record in sorted(table.to_pylist(), key=lambda r: r["record_id"]):
+    for record in read_records(shards_uri, split, tasks=["refer", "segment"]):
         named = [(i, t) for i, t in enumerate(record["targets"]) if COLOUR_IN_PHRASE.search(t["description"] or "")]
         named = [(i, t) for i, t in named if (record["image_id"], t["instance_id"]) not in seen]
         if not named:
@@ -70,16 +64,17 @@ def colour_pairs(model: GeoPixModel, shards_uri: str, split: str, limit: int) ->
         with torch.no_grad():
             _, _, tokens = model.vision(image_format.pixel_values(image[None]))
             projected = model.projector(tokens)
-        side = int(tokens.shape[1] ** 0.5)
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise SystemExit(f"{tokens.shape[1]} image tokens are not a square grid; the probe reads square grids only")
         for i, target in named:
             seen.add((record["image_id"], target["instance_id"]))
-            mask = torch.from_numpy(masks[i]).float()[None, None]
-            share = F.interpolate(mask, size=(size, size), mode="nearest")
-            share = F.adaptive_avg_pool2d(share, side).flatten()  # [N]: the mask's share of each cell
+            at_input = F.interpolate(torch.from_numpy(masks[i]).float()[None, None], size=(size, size), mode="nearest")
+            share = F.adaptive_avg_pool2d(at_input, side).flatten()  # [N]: the mask's share of each cell
             if share.sum() == 0:
                 continue
             weights = (share / share.sum())[:, None]
-            pixels = image.reshape(-1, 3)[F.interpolate(mask, size=(size, size)).flatten() > 0]
+            pixels = image.reshape(-1, 3)[at_input.flatten() > 0]
             features["mask_colour"].append(pixels.mean(0) / 255.0)
             features["tokens_under_mask"].append((tokens[0] * weights).sum(0).numpy())
             features["projected_under_mask"].append((projected[0] * weights).sum(0).numpy())
@@ -116,7 +111,8 @@ def probe(model_uri: str, config: str, train_limit: int, test_limit: int) -> dic
     index = {c: i for i, c in enumerate(COLOUR_WORDS)}
     y_train = np.array([index[c] for _, c in train_labels])
     y_test = np.array([index[c] for _, c in test_labels])
-    held_out = np.array([pair not in set(train_labels) for pair in test_labels])
+    seen = set(train_labels)
+    held_out = np.array([pair not in seen for pair in test_labels])
     majority = Counter(y_train.tolist()).most_common(1)[0][0]
     result: dict[str, Any] = {
         "model_uri": model_uri,

@@ -44,14 +44,9 @@ ANSWERED_AT = 0.5  # the threshold of ChatAnswer.from_logits (geopix/model/gener
 
 
 def split_records(shards_uri: str, split: str, limit: int | None) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
+    from geopix.data.shard_set import read_records
 
-    from geopix.data.shard_set import check_shards
-
-    fs, files = check_shards(shards_uri, split)
-    records = []
-    for path in files:
-        records += [r for r in pq.read_table(path, filesystem=fs).to_pylist() if r.get("task") in TASKS]
+    records = read_records(shards_uri, split, tasks=TASKS)
     return records[:limit] if limit else records
 
 

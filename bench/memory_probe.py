@@ -43,7 +43,7 @@ import torch
 from geopix.config import load_config
 from geopix.data.batches import iter_batches, to_device
 from geopix.data.schema import size_bucket
-from geopix.data.shard_set import check_shards
+from geopix.data.shard_set import read_records
 from geopix.model import GeoPixModel
 from geopix.storage import local_copy
 
@@ -52,12 +52,7 @@ PLAIN = "plain"  # a memory-free model's only read
 
 
 def refer_records(shards_uri: str, split: str, limit: int | None) -> list[dict[str, Any]]:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, files = check_shards(shards_uri, split)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(filter=pc.field("task") == "refer")
-    records = sorted(table.to_pylist(), key=lambda r: r["record_id"])
+    records = read_records(shards_uri, split, tasks=["refer"])
     return records[:limit] if limit else records
 
 

@@ -11,7 +11,7 @@ from geopix import storage
 from geopix.config import DataConfig
 from geopix.data.schema import validate_record
 from geopix.data.shard import assign_split, shard_sources
-from geopix.data.shard_set import ShardError, read_manifest
+from geopix.data.shard_set import ShardError, read_manifest, read_records
 from geopix.data.source import SourceWriter
 from geopix.outputs import OWNER_FILE
 from tests.records import CATALOG, SEG_VOCAB, make_record
@@ -113,6 +113,28 @@ def test_shard_reconciles_and_reports_every_reject(source):
                 assert split_of_image.setdefault(row["image_id"], split) == split
     assert split_of_image["img-00501"] == "test"
     assert split_of_image["img-00500"] == assign_split("img-00500", DATA)
+
+
+def test_read_records_reads_one_split_by_task_and_record_id(source):
+    out = "s3://geopix-data/tests/shard/out"  # the first test's shard set, whatever it now holds
+    shards = read_manifest(out)["splits"]["train"]["shards"]
+    every = [
+        row for shard in shards
+        for row in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{shard['path']}"))).to_pylist()
+    ]
+    by_id = {r["record_id"]: r for r in every}
+    refer = sorted(i for i, r in by_id.items() if r["task"] == "refer")
+    assert refer and len(refer) < len(every), "the split must hold refer records and others"
+
+    assert [r["record_id"] for r in read_records(out, "train")] == sorted(by_id)
+    assert [r["record_id"] for r in read_records(out, "train", tasks=["refer"])] == refer
+    other_task = next(i for i in sorted(by_id) if by_id[i]["task"] != "refer")
+    picked = [refer[-1], other_task, refer[0], "rec-no-such-record"]
+    rows = read_records(out, "train", tasks=["refer"], record_ids=picked, columns=["record_id", "targets"])
+    assert [r["record_id"] for r in rows] == sorted({refer[0], refer[-1]})  # both filters hold
+    assert all(set(r) == {"record_id", "targets"} and r["targets"] == by_id[r["record_id"]]["targets"] for r in rows)
+    with pytest.raises(ShardError, match="no finished shard set"):
+        read_records("s3://geopix-data/tests/shard/no-such-set", "train")
 
 
 def test_overwrite_replaces_a_shard_set_with_byte_identical_shards_for_the_same_input(source):

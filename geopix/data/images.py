@@ -42,6 +42,11 @@ def decode_targets(record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, n
     return masks, boxes, class_ids
 
 
+# The shard columns that record_image and decode_targets read: a reader of a few records' pictures
+# and truth reads these, not every column.
+TRUTH_COLUMNS = ["record_id", "image", "image_uri", "width", "height", "targets"]
+
+
 def record_image(record: Mapping[str, Any]) -> np.ndarray:
     data = record.get("image")
     if not data and record.get("image_uri"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from geopix import storage
@@ -77,6 +78,31 @@ def check_shards(shards_uri: str, split: str) -> tuple[Any, list[str]]:
         if missing:
             raise ShardError(f"shard {_uri_of(shards_uri, path)} lacks the columns {sorted(missing)}")
     return fs, files
+
+
+def read_records(
+    shards_uri: str,
+    split: str,
+    *,
+    tasks: Iterable[str] | None = None,
+    record_ids: Iterable[str] | None = None,
+    columns: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The records of one split of a finished shard set, sorted by ``record_id``: only those of
+    ``tasks`` and of ``record_ids`` where given, with ``columns`` (all when None). For the tools
+    and reports that read a few records into memory; training streams through
+    :func:`shard_dataset`."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, files = check_shards(shards_uri, split)
+    where = None
+    for column, values in (("task", tasks), ("record_id", record_ids)):
+        if values is not None:
+            keep = pc.field(column).isin(sorted(set(values)))
+            where = keep if where is None else where & keep
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns, filter=where)
+    return sorted(table.to_pylist(), key=lambda r: r["record_id"])
 
 
 def _uri_of(shards_uri: str, path: str) -> str:

@@ -169,20 +169,13 @@ def pick_cases(rows: list[dict[str, Any]], count: int):
 
 def _images(shards_uri: str, split: str, record_ids: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(image, ground-truth masks) of the given records, read back from the shards."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from geopix.data.images import decode_targets, record_image
-    from geopix.data.shard_set import shard_files
+    from geopix.data.images import TRUTH_COLUMNS, decode_targets, record_image
+    from geopix.data.shard_set import read_records
 
     if not record_ids:
         return {}
-    fs, files = shard_files(shards_uri, split)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["record_id", "image", "image_uri", "width", "height", "targets"],
-        filter=pc.field("record_id").isin(sorted(record_ids)),
-    )
-    return {row["record_id"]: (record_image(row), decode_targets(row)[0]) for row in table.to_pylist()}
+    rows = read_records(shards_uri, split, record_ids=record_ids, columns=TRUTH_COLUMNS)
+    return {row["record_id"]: (record_image(row), decode_targets(row)[0]) for row in rows}
 
 
 def cases_png(cases, images: dict[str, tuple[np.ndarray, np.ndarray]], names: Mapping[str, str], path: Path, title: str) -> None:
