@@ -27,6 +27,14 @@ and the box is as good as the mask. A random LLM writing coordinates from image 
 nothing of them (Acc@0.5 0.07, the whole-image box, in every run). Where the mask is empty, the
 model's own numbers stay; a box with no run before it (the earlier form, "{<x1><y1><x2><y2>}"
 alone) is the model's own.
+
+**Colours.** A colour question may be answered with the object drawn before its colour::
+
+    It is [SEG0]…[SEG5] red.
+
+so that the model finds the object first; a model with a mask colour reader
+(``model.mask_colour_reader``) reads the mean colour under that mask where it writes the word
+after the run. VQA's exact match removes seg runs, so "It is red." and this form score alike.
 """
 
 from __future__ import annotations
@@ -76,6 +84,12 @@ def parse_box_text(text: str) -> list[tuple[int, int, int, int]]:
 def grounding_answer(run: str, box_text: str) -> str:
     """The answer that draws one object (``run``) and states its box (``{<x1><y1><x2><y2>}``)."""
     return f"Sure, it is {run} at {box_text}."
+
+
+def colour_answer(colour: str, run: str | None = None) -> str:
+    """The answer to a colour question: "It is red.", or with ``run`` the object drawn before its
+    colour, "It is [SEG…] red." (what VQA's exact match compares is the same: seg runs removed)."""
+    return f"It is {run} {colour}." if run else f"It is {colour}."
 
 
 def mask_box_text(mask: np.ndarray) -> str | None:

@@ -124,6 +124,11 @@ class DataConfig(_Section):
     source_uri: str = "s3://geopix-data/sources/synthetic"
     shards_uri: str = "s3://geopix-data/shards/synthetic"
     augment: bool = True
+    # The synthetic colour questions are answered with the asked object drawn before its colour
+    # ("It is [SEG…] red.", the object as the record's one target) instead of "It is red.", so that
+    # the model finds the object first and a mask colour reader (model.mask_colour_reader) can
+    # name the colour under its mask.
+    vqa_colour_drawn: bool = False
 
 
 class ModelConfig(_Section):
@@ -247,6 +252,12 @@ class ModelConfig(_Section):
     # under the mask (bench/colour_probe.py). Seed 0: colour answers 13 of 69 right against 10; not
     # in any preset (docs/evaluation_history.md, 2026-12-07, twenty-second session).
     image_colour_cells: int = Field(0, ge=0, le=16)
+    # The word after each seg run also reads the mean colour of the run's own mask: the picture's
+    # pixels under the mask (its detached probabilities as weights) go through a small MLP that
+    # starts at zero and is added to the run's last hidden state before the output layer. With
+    # data.vqa_colour_drawn, a colour question is answered "It is [SEG…] red.": the model draws
+    # the object, then names the colour under what it drew (docs/model.md, Mask colours).
+    mask_colour_reader: bool = False
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

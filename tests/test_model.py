@@ -16,11 +16,12 @@ from geopix.data.batches import iter_batches
 from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters, model_config
-from geopix.model.modeling import token_cell_colours
+from geopix.model.generation import prompt_mask
+from geopix.model.modeling import mask_colours, token_cell_colours
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.loop import LOSS_KEYS
 from geopix.train.stages import set_stage
-from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
+from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN, seg_run_starts
 from tests.records import SEG_VOCAB, make_record
 
 SIZE = 64
@@ -659,6 +660,95 @@ def test_image_colours_start_as_the_projector_output_and_learn(cfg, tokenizer, b
         assert not torch.equal(plain(**batch).logits, coloured(**batch).logits)
         recoloured = dict(batch, pixel_values=batch["pixel_values"].flip(1))  # RGB read as BGR
         assert not torch.equal(coloured(**recoloured).logits, coloured(**batch).logits)
+
+
+def test_mask_colours_average_the_pixels_each_mask_draws():
+    pixels = torch.zeros(3, 3, 8, 8)
+    pixels[:, 0, :4] = 1.0  # the top half red, the bottom half black
+    logits = torch.full((3, 4, 4), -6.0)  # masks at half the pixels' size: resized to them
+    logits[0, :2] = 6.0  # draws the top half
+    logits[1, 2:] = 6.0  # draws the bottom half
+    colours = mask_colours(logits, pixels)  # mask 2 draws nothing: its probabilities over the picture
+    assert torch.allclose(colours[0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-3)
+    assert torch.allclose(colours[1], torch.zeros(3), atol=1e-3)
+    assert torch.allclose(colours[2], torch.tensor([0.5, 0.0, 0.0]), atol=1e-3)
+
+
+def _run_ends(batch: dict, model: GeoPixModel) -> set[tuple[int, int]]:
+    """(sample, position in the expanded sequence) of the last token of every seg run of ``batch``."""
+    n_img = model.vision.num_tokens(model.config.image_size)
+    last = batch["seg_positions"] + n_img - 1 + len(model.seg_token_ids) - 1  # every run follows the image
+    return set(zip(batch["target_sample"].tolist(), last.tolist(), strict=True))
+
+
+def test_mask_colour_reader_starts_at_zero_and_moves_only_the_word_after_a_run(cfg, tokenizer, batch, tmp_path):
+    _, model = _zero_start_trained_in_both_stages(cfg, tokenizer, batch, "mask_colour_reader.2.weight", mask_colour_reader=True)
+    reader = model.mask_colour_reader
+    with torch.no_grad():
+        reader[2].weight.normal_(0, 0.5)
+    model.eval()
+    loaded = GeoPixModel.load(model.save(tmp_path / "m", tokenizer)).eval()
+    assert loaded.config.mask_colour_reader
+    with torch.no_grad():
+        model.mask_colour_reader = None  # the same weights without the read
+        before = model(**batch)
+        model.mask_colour_reader = reader
+        after = model(**batch)
+        assert torch.equal(loaded(**batch).logits, after.logits)
+        assert torch.equal(before.mask_logits, after.mask_logits)  # masks come from the unread states
+        moved = {tuple(p) for p in (before.logits - after.logits).abs().amax(-1).gt(1e-6).nonzero().tolist()}
+        assert moved == _run_ends(batch, model)
+        recoloured = dict(batch, pixel_values=batch["pixel_values"].flip(1))  # RGB read as BGR
+        assert not torch.equal(model(**recoloured).logits, after.logits)
+
+
+def test_decoding_reads_a_runs_mask_colour_where_training_does(fitted, cfg, records, tokenizer, batch):
+    """The fitted model with a mask colour reader of random weights: the states greedy decoding
+    hands the output layer equal those of a teacher-forced pass over the same tokens, the word
+    after each run included (read from the run's own mask, as training reads it)."""
+    model = new_model(cfg, tokenizer, mask_colour_reader=True)
+    missing, unexpected = model.load_state_dict(fitted[0].state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("mask_colour_reader.") for k in missing)
+    with torch.no_grad():
+        model.mask_colour_reader[2].weight.normal_(0, 2.0)
+    model.eval()
+    fed, states = [], []
+    hooks = [
+        model.llm.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0])),
+        model.llm.lm_head.register_forward_hook(lambda m, args, out: states.append(args[0])),
+    ]
+    n_img, run = model.vision.num_tokens(model.config.image_size), len(model.seg_token_ids)
+    read_after_runs = 0
+    for i, text in enumerate(user_texts(records)):
+        pixels = batch["pixel_values"][i : i + 1]
+        fed.clear()
+        states.clear()
+        answer = model.chat(pixels, [text], tokenizer, max_new_tokens=40)[0]
+        decoded = torch.stack([s.reshape(-1) for s in states])  # [1 + generated tokens fed, H]
+        prompt = model.prompt_ids(text, tokenizer)
+        generated = [int(t) for t in torch.cat(fed[1:]).flatten()]  # fed[0]: the prompt's words
+        starts = seg_run_starts(generated, model.seg_token_ids)
+        assert len(starts) == len(answer.masks) > 0
+        ids = torch.tensor([prompt + generated])
+        states.clear()
+        with torch.no_grad():
+            model(
+                pixels, ids, torch.ones_like(ids), prompt_mask=prompt_mask(ids, len(prompt)),
+                seg_positions=torch.tensor([len(prompt) + p for p in starts]),
+                target_sample=torch.zeros(len(starts), dtype=torch.long),
+            )  # fmt: skip
+        forced = states[0][0, len(prompt) - 1 + n_img - 1 :]  # from the prompt's last token on
+        assert torch.allclose(decoded, forced, atol=1e-4)
+        with torch.no_grad():
+            embeds = model.embed_multimodal(pixels, ids, torch.ones_like(ids), None, prompt_mask=prompt_mask(ids, len(prompt)))[0]
+            unread = model.llm.model(inputs_embeds=embeds).last_hidden_state
+        for p in starts:  # the reader moved the state after each run (so the comparison above read it)
+            end = len(prompt) + p + run - 1 + n_img - 1
+            assert not torch.allclose(states[0][0, end], unread[0, end], atol=1e-3)
+            read_after_runs += 1
+    for hook in hooks:
+        hook.remove()
+    assert read_after_runs >= len(records)
 
 
 def test_image_token_positions_start_as_the_projector_output_and_learn_each_place(cfg, tokenizer, batch, tmp_path):

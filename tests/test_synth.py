@@ -252,3 +252,36 @@ def test_contact_sheet_draws_records(source, tmp_path):
     out = contact_sheet.contact_sheet(records, tmp_path / "sheet.png", n=8, seed=1)
     with Image.open(out) as image:
         assert image.size[0] > 1000 and image.size[1] > 500
+
+
+def test_drawn_colour_answers_draw_the_asked_object_and_change_nothing_else(tmp_path):
+    from geopix.answer_form import colour_answer
+    from geopix.evaluate.job import normalise_answer
+
+    def generate(name: str, drawn: bool) -> None:
+        synth.generate_chips(
+            str(tmp_path / name), seed=SEED, chip_size=CHIP, train_images=12, val_images=0, test_images=8,
+            test_seed_offset=OFFSET, seg_vocab=SEG_VOCAB, vqa_colour_drawn=drawn, progress=False,
+        )  # fmt: skip
+
+    generate("plain", False)
+    generate("drawn", True)
+    plain = {r["record_id"]: r for r in iter_records(str(tmp_path / "plain"))}
+    drawn = {r["record_id"]: r for r in iter_records(str(tmp_path / "drawn"))}
+    assert plain.keys() == drawn.keys()
+    catalog = read_catalog(str(tmp_path / "drawn"))
+    colour_ids = {i for i, r in plain.items() if r["task"] == "vqa" and r["template_id"].startswith("vqa.colour")}
+    assert len(colour_ids) >= 3, "too few colour questions to check"
+    for record_id, record in drawn.items():
+        if record_id not in colour_ids:
+            assert record == plain[record_id], record_id
+            continue
+        assert schema.validate_record(record, catalog, SEG_VOCAB) == []
+        (target,) = record["targets"]
+        split, seed, index = record["image_id"].split("-")[1:]
+        chip = synth.make_chip(split, int(seed), int(index), CHIP)
+        colour = next(o for o in chip.instances if o.uid == target["instance_id"]).variant.colour
+        answer, before = record["conversation"][1]["text"], plain[record_id]["conversation"][1]["text"]
+        assert answer == colour_answer(colour, SEG_VOCAB.run) and before == colour_answer(colour)
+        assert normalise_answer(answer) == normalise_answer(before)  # VQA's exact match is unchanged
+        assert target["description"] in record["conversation"][0]["text"] and record["phrase_type"] in schema.PHRASE_TYPES

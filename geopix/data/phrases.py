@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geopix.answer_form import box_to_text, count_answer, grounding_answer
+from geopix.answer_form import box_to_text, colour_answer, count_answer, grounding_answer
 from geopix.vocabulary import SegVocabulary
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +565,11 @@ def _ground(facts: ImageFacts, rng, held_out, expr: Expression, run: str) -> Exc
     )
 
 
-def _vqa(facts: ImageFacts, rng, held_out, expressions: list[Expression], class_names: list[str]) -> Exchange:
+def _vqa(
+    facts: ImageFacts, rng, held_out, expressions: list[Expression], class_names: list[str], drawn_run: str | None
+) -> Exchange:
+    """One VQA record: a count, presence or colour question; a colour answer draws the object
+    first (``drawn_run``: the seg run to draw it with) or names the colour alone (None)."""
     groups = facts.by_class()
     # A colour question needs a phrase that does not already say the colour.
     describable = [e for e in expressions if e.kind != "colour"]
@@ -574,13 +578,15 @@ def _vqa(facts: ImageFacts, rng, held_out, expressions: list[Expression], class_
     if kind == "colour":
         expr = describable[int(rng.integers(len(describable)))]
         template = _pick(rng, VQA_COLOUR, held_out)
+        colour = facts.instances[expr.target].colour
+        drawn = drawn_run is not None
         return Exchange(
             "vqa",
             template.text.format(phrase=expr.text),
-            f"It is {facts.instances[expr.target].colour}.",
-            (),
-            (),
-            None,
+            colour_answer(colour, drawn_run),
+            (expr.target,) if drawn else (),
+            (expr.text,) if drawn else (),
+            expr.phrase_type if drawn else None,  # the phrase places the drawn object (augmentation reads it)
             f"{template.id}+{expr.template.id}",
         )
     # Ask about an absent class now and then, so "no" and zero are answers too.
@@ -656,9 +662,11 @@ def image_exchanges(
     held_out: bool,
     class_names: list[str],
     seg_vocab: SegVocabulary,
+    vqa_colour_drawn: bool = False,
 ) -> list[Exchange]:
     """The records of one image: up to 2 segment, 2 refer, 1 ground, 1 vqa and 1 caption; each
-    target of a segment or refer answer is one ``seg_vocab`` run."""
+    target of a segment or refer answer is one ``seg_vocab`` run. ``vqa_colour_drawn``: a colour
+    question's answer draws the asked object (one run, the record's target) before its colour."""
     run = seg_vocab.run
     expressions = referring_expressions(facts, rng, held_out)
     # The description of an instance in a segment record: its first phrase that is not its class.
@@ -689,7 +697,7 @@ def image_exchanges(
                 _refer(rng, held_out, expr, run) if k < 2 else _ground(facts, rng, held_out, expr, run)
             )
 
-    exchanges.append(_vqa(facts, rng, held_out, expressions, class_names))
+    exchanges.append(_vqa(facts, rng, held_out, expressions, class_names, run if vqa_colour_drawn else None))
     template = _pick(rng, CAPTION, held_out)
     exchanges.append(Exchange("caption", template.text, caption_text(facts), (), (), None, template.id))
     return exchanges

@@ -292,6 +292,8 @@ def _validate_conversation(
     problems += [f"conversation: {p}" for p in run_problems]
     if task in SEG_TASKS and runs != n_targets:
         problems.append(f"conversation: {runs} seg runs in the answers for {n_targets} targets")
+    if task == "vqa" and runs and runs != n_targets:  # a run draws the asked object (geopix.answer_form)
+        problems.append(f"conversation: {runs} seg runs in a vqa answer for {n_targets} targets")
     if task == "ground":
         boxes = parse_box_text(answers)
         if not boxes:

@@ -117,13 +117,41 @@ class GenerationMixin:
             next_position = next_position + 1
             for i in (~finished).nonzero()[:, 0].tolist():
                 hidden[i].append(out.last_hidden_state[i, -1])
-            logits = self.llm.lm_head(out.last_hidden_state[:, -1]).float()
+            states = out.last_hidden_state[:, -1:]
+            if self.mask_colour_reader is not None:
+                states = self._with_run_colours(states, tokens, hidden, finished, pixel_values, feat_lo, feat_hi)
+            logits = self.llm.lm_head(states[:, 0]).float()
         run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
         answers = [
             self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer, run_text) for i in range(len(prompts))
         ]
         self.train(was_training)
         return answers
+
+    def _with_run_colours(
+        self,
+        states: torch.Tensor,
+        tokens: list[list[int]],
+        hidden: list[list[torch.Tensor]],
+        finished: torch.Tensor,
+        pixel_values: torch.Tensor,
+        feat_lo: torch.Tensor,
+        feat_hi: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, 1, H] states of the tokens just fed, where a token ends a seg run with the mask colour
+        reader's reading of that run's mask added (``with_mask_colours``, as training reads it)."""
+        run = self.seg_token_ids
+        rows = [i for i in (~finished).nonzero()[:, 0].tolist() if tokens[i][-len(run) :] == run]
+        if not rows:
+            return states
+        first = 1 + self.config.seg_hidden_offset  # hidden[i][first + p]: generated token p's seg prompt (_answer)
+        seg_hidden = torch.stack(
+            [torch.stack(hidden[i][first + len(tokens[i]) - len(run) : first + len(tokens[i])]) for i in rows]
+        )
+        sample = torch.tensor(rows, device=states.device)
+        masks, _ = self.masks_from_seg_hidden(seg_hidden, sample, feat_lo, feat_hi)
+        last = torch.zeros_like(sample)
+        return self.with_mask_colours(states, last, sample, masks, pixel_values)
 
     def _answer(
         self,

@@ -34,6 +34,7 @@ from geopix.vocabulary import IGNORE_INDEX, IMAGE_TOKEN
 LOSS_WEIGHTS = {"text": 1.0, "class": 1.0}  # the mask terms' weights are in ModelConfig
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR, PROCESSOR_DIR = "tokenizer", "processor"
+MASK_COLOUR_WIDTH = 64  # the mask colour reader's hidden width: 3 colour values in, the LLM's width out
 
 
 @dataclass
@@ -149,6 +150,16 @@ class GeoPixModel(GenerationMixin, nn.Module):
             if config.class_reader_weight > 0 or config.class_reader_image_weight > 0
             else None
         )
+        # The word after each seg run reads the mean colour under the run's mask (mask_colours);
+        # the last layer starts at zero, so the option starts as the model without it (built
+        # last, so the other parts draw the same initial weights with the option as without).
+        self.mask_colour_reader = None
+        if config.mask_colour_reader:
+            self.mask_colour_reader = nn.Sequential(
+                nn.Linear(3, MASK_COLOUR_WIDTH), nn.GELU(), nn.Linear(MASK_COLOUR_WIDTH, hidden)
+            )
+            nn.init.zeros_(self.mask_colour_reader[2].weight)
+            nn.init.zeros_(self.mask_colour_reader[2].bias)
         if projector_weights:
             load_projector_weights(self.projector, str(projector_weights))
 
@@ -307,9 +318,24 @@ class GeoPixModel(GenerationMixin, nn.Module):
         n_img = embeds.shape[1] - input_ids.shape[1] + 1  # image tokens in place of each <image>
         n_grid = n_img - self.reader_tokens  # the reader's come last
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = self.llm.lm_head(hidden)
+        out = GeoPixOutput(loss=None, attention_mask=mask)
+        seg = seg_positions is not None and target_sample is not None and len(seg_positions) > 0
+        if seg:
+            positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)
+            out.seg_positions = positions
+            ema = None
+            if self.training and self.config.memory_ema_momentum > 0 and target_masks is not None:
+                ema = (target_masks, class_ids, self.config.memory_ema_momentum)
+            seg_hidden = self.seg_hidden(hidden, positions, target_sample)
+            out.mask_logits, out.class_logits = self.masks_from_seg_hidden(
+                seg_hidden, target_sample, feat_lo, feat_hi, ema
+            )
+        states = hidden
+        if seg and self.mask_colour_reader is not None:
+            last = positions + len(self.seg_token_ids) - 1  # the state the word after the run comes from
+            states = self.with_mask_colours(hidden, last, target_sample, out.mask_logits, pixel_values)
+        logits = out.logits = self.llm.lm_head(states)
         losses: dict[str, torch.Tensor] = {}
-        out = GeoPixOutput(loss=None, logits=logits, attention_mask=mask)
         if labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any()):  # all-masked CE is NaN
             token_ce = F.cross_entropy(
                 logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
@@ -321,16 +347,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             else:
                 losses["text"] = token_ce.sum() / answer_tokens.sum()
             out.sample_text_loss = sample_text_loss.detach()
-        if seg_positions is not None and target_sample is not None and len(seg_positions):
-            positions = seg_positions + (seg_positions > image_pos[target_sample]).long() * (n_img - 1)
-            out.seg_positions = positions
-            ema = None
-            if self.training and self.config.memory_ema_momentum > 0 and target_masks is not None:
-                ema = (target_masks, class_ids, self.config.memory_ema_momentum)
-            seg_hidden = self.seg_hidden(hidden, positions, target_sample)
-            out.mask_logits, out.class_logits = self.masks_from_seg_hidden(
-                seg_hidden, target_sample, feat_lo, feat_hi, ema
-            )
+        if seg:
             if target_masks is not None and self.config.match_targets:
                 order = match_targets(out.mask_logits, target_masks, target_sample, self.loss_weights)
                 target_masks = target_masks[order]
@@ -411,6 +428,21 @@ class GeoPixModel(GenerationMixin, nn.Module):
         present = torch.zeros(len(known), self.config.num_classes, device=embeds.device)
         present[count_sample, count_ids] = 1.0
         return F.binary_cross_entropy_with_logits(logits.float(), present[rows])
+
+    def with_mask_colours(
+        self,
+        hidden: torch.Tensor,
+        last: torch.Tensor,
+        sample: torch.Tensor,
+        mask_logits: torch.Tensor,
+        pixel_values: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, L, H] final-norm hidden states with each seg run's last state (at ``last`` [T] of
+        ``sample`` [T]) plus the mask colour reader's reading of the mean colour under that run's
+        mask: the state the word after the run is predicted from (the masks themselves come from
+        the unchanged states)."""
+        colours = mask_colours(mask_logits, pixel_values[sample])
+        return hidden.index_put((sample, last), self.mask_colour_reader(colours.to(hidden.dtype)), accumulate=True)
 
     def seg_hidden(self, hidden: torch.Tensor, positions: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
         """[B, L, H] hidden states → [T, run, H], each seg run's states (``positions``: its start)."""
@@ -522,6 +554,19 @@ def token_cell_colours(pixel_values: torch.Tensor, num_tokens: int, cells: int) 
     b = pooled.shape[0]
     grid = pooled.view(b, 3, side, cells, side, cells).permute(0, 2, 4, 1, 3, 5)
     return grid.reshape(b, num_tokens, 3 * cells * cells)
+
+
+def mask_colours(mask_logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[T, S, S] mask logits and [T, 3, S', S'] pixel values → [T, 3]: each mask's mean colour, over
+    the pixels it draws (probability > 0.5, as answers draw them; detached), weighted by its
+    probability; a mask that draws nothing averages its probabilities over the whole picture."""
+    probs = mask_logits.detach().float().sigmoid()[:, None]
+    if probs.shape[-2:] != pixel_values.shape[-2:]:
+        probs = F.interpolate(probs, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+    drawn = probs * (probs > 0.5)
+    empty = drawn.flatten(1).sum(1) == 0
+    weights = torch.where(empty[:, None, None, None], probs, drawn)
+    return (weights * pixel_values.float()).sum((-2, -1)) / weights.sum((-2, -1)).clamp_min(1e-6)
 
 
 def image_tokens(embeds: torch.Tensor, image_pos: torch.Tensor, rows: torch.Tensor, n_img: int) -> torch.Tensor:

@@ -32,8 +32,9 @@ def set_stage(model: GeoPixModel, stage: Literal[1, 2], policy: ModelConfig | No
     if rows_only and not model.trainable_token_ids:
         add_trainable_tokens(model, model.new_token_ids)
     model.requires_grad_(False)
-    for module in (model.seg_projection, model.mask_predictor, model.class_head):
-        module.requires_grad_(True)
+    for module in (model.seg_projection, model.mask_predictor, model.class_head, model.mask_colour_reader):
+        if module is not None:
+            module.requires_grad_(True)
     for name, param in model.llm.named_parameters():
         if "trainable_tokens_delta" in name:
             param.requires_grad_(True)

@@ -162,13 +162,14 @@ def _image_facts(chip: Chip, instances: list[InstanceData]) -> phrases.ImageFact
     )
 
 
-def chip_records(chip: Chip, seg_vocab: SegVocabulary) -> list[dict[str, Any]]:
+def chip_records(chip: Chip, seg_vocab: SegVocabulary, *, vqa_colour_drawn: bool = False) -> list[dict[str, Any]]:
     """The instruction records of one chip (see phrases.image_exchanges for the task mix)."""
     instances = chip_instances(chip)
     facts = _image_facts(chip, instances)
     rng = np.random.default_rng([int(chip.world.salt), 3])
     exchanges = phrases.image_exchanges(
-        facts, rng, held_out=chip.split == "test", class_names=[c.name for c in CLASSES], seg_vocab=seg_vocab
+        facts, rng, held_out=chip.split == "test", class_names=[c.name for c in CLASSES], seg_vocab=seg_vocab,
+        vqa_colour_drawn=vqa_colour_drawn,
     )
     png = chip.png()
     held = Counter(inst.obj.class_id for inst in instances)  # the generator paints every instance it knows
@@ -276,10 +277,12 @@ def generate_chips(
     test_images: int,
     test_seed_offset: int,
     seg_vocab: SegVocabulary,
+    vqa_colour_drawn: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write a synthetic record source (SourceWriter layout) to ``out_uri``, its answers written
-    with ``seg_vocab``'s runs; return its statistics."""
+    with ``seg_vocab``'s runs (colour questions answered with the object drawn first where
+    ``vqa_colour_drawn``: :func:`geopix.data.phrases.image_exchanges`); return its statistics."""
     stats = ChipStats()
     total = train_images + val_images + test_images
     started = time.perf_counter()
@@ -289,7 +292,7 @@ def generate_chips(
     )  # fmt: skip
     with SourceWriter(out_uri, SYNTH_CLASSES) as writer:
         for chip in tqdm(chips, total=total, disable=not progress, desc="synthetic chips", unit="chip"):
-            records = chip_records(chip, seg_vocab)
+            records = chip_records(chip, seg_vocab, vqa_colour_drawn=vqa_colour_drawn)
             for record in records:
                 writer.write(record)
             stats.add(chip, records)

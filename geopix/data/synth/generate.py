@@ -33,7 +33,7 @@ def generate_source(
     stats = generate_chips(
         out_uri, seed=data.seed, chip_size=data.chip_size, train_images=data.train_images,
         val_images=data.val_images, test_images=data.test_images, test_seed_offset=data.test_seed_offset,
-        seg_vocab=seg_vocab, progress=progress,
+        seg_vocab=seg_vocab, vqa_colour_drawn=data.vqa_colour_drawn, progress=progress,
     )  # fmt: skip
     scenes = []
     for index in range(data.scene_count if scenes_uri else 0):
