@@ -256,7 +256,7 @@ class ModelConfig(_Section):
     # pixels under the mask (its detached probabilities as weights) go through a small MLP that
     # starts at zero and is added to the run's last hidden state before the output layer. With
     # data.vqa_colour_drawn, a colour question is answered "It is [SEG…] red.": the model draws
-    # the object, then names the colour under what it drew (docs/model.md, Mask colours).
+    # the object, then names the colour under what it drew (docs/model.md, data flow step 4, LLM).
     mask_colour_reader: bool = False
 
     @property

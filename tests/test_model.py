@@ -732,13 +732,15 @@ def test_decoding_reads_a_runs_mask_colour_where_training_does(fitted, cfg, reco
         ids = torch.tensor([prompt + generated])
         states.clear()
         with torch.no_grad():
-            model(
+            teacher = model(
                 pixels, ids, torch.ones_like(ids), prompt_mask=prompt_mask(ids, len(prompt)),
                 seg_positions=torch.tensor([len(prompt) + p for p in starts]),
                 target_sample=torch.zeros(len(starts), dtype=torch.long),
             )  # fmt: skip
         forced = states[0][0, len(prompt) - 1 + n_img - 1 :]  # from the prompt's last token on
         assert torch.allclose(decoded, forced, atol=1e-4)
+        # The answer's masks are those decoded for the reader during generation, the same masks.
+        assert torch.allclose(answer.mask_probs, teacher.mask_logits.sigmoid(), atol=1e-4)
         with torch.no_grad():
             embeds = model.embed_multimodal(pixels, ids, torch.ones_like(ids), None, prompt_mask=prompt_mask(ids, len(prompt)))[0]
             unread = model.llm.model(inputs_embeds=embeds).last_hidden_state

@@ -96,6 +96,8 @@ class GenerationMixin:
         # Each row's hidden states from its last prompt token on: entry j + 1 is generated token j's,
         # entry j the one that predicted it (a release model's seg prompts, seg_hidden_offset = −1).
         hidden: list[list[torch.Tensor]] = [[out.last_hidden_state[i, -1]] for i in range(len(prompts))]
+        # Masks of the runs the colour reader already decoded, by row and run start, for the answers.
+        run_masks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in prompts]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             token = sample_next(logits, do_sample, temperature, top_p, generator)
@@ -119,11 +121,14 @@ class GenerationMixin:
                 hidden[i].append(out.last_hidden_state[i, -1])
             states = out.last_hidden_state[:, -1:]
             if self.mask_colour_reader is not None:
-                states = self._with_run_colours(states, tokens, hidden, finished, pixel_values, feat_lo, feat_hi)
+                states = self._with_run_colours(
+                    states, tokens, hidden, finished, pixel_values, feat_lo, feat_hi, run_masks
+                )
             logits = self.llm.lm_head(states[:, 0]).float()
         run_text = tokenizer.decode(self.seg_token_ids, skip_special_tokens=False)
         answers = [
-            self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer, run_text) for i in range(len(prompts))
+            self._answer(i, tokens[i], hidden[i], feat_lo, feat_hi, tokenizer, run_text, run_masks[i])
+            for i in range(len(prompts))
         ]
         self.train(was_training)
         return answers
@@ -137,21 +142,30 @@ class GenerationMixin:
         pixel_values: torch.Tensor,
         feat_lo: torch.Tensor,
         feat_hi: torch.Tensor,
+        run_masks: list[dict[int, tuple[torch.Tensor, torch.Tensor]]],
     ) -> torch.Tensor:
         """[B, 1, H] states of the tokens just fed, where a token ends a seg run with the mask colour
-        reader's reading of that run's mask added (``with_mask_colours``, as training reads it)."""
-        run = self.seg_token_ids
-        rows = [i for i in (~finished).nonzero()[:, 0].tolist() if tokens[i][-len(run) :] == run]
+        reader's reading of that run's mask added (``with_mask_colours``, as training reads it). The
+        runs' (mask logits, class logits) go into ``run_masks`` so the answers need not decode them again."""
+        run = len(self.seg_token_ids)
+        rows = [i for i in (~finished).nonzero()[:, 0].tolist() if tokens[i][-run:] == self.seg_token_ids]
         if not rows:
             return states
-        first = 1 + self.config.seg_hidden_offset  # hidden[i][first + p]: generated token p's seg prompt (_answer)
-        seg_hidden = torch.stack(
-            [torch.stack(hidden[i][first + len(tokens[i]) - len(run) : first + len(tokens[i])]) for i in rows]
-        )
+        starts = [len(tokens[i]) - run for i in rows]
+        seg_hidden = torch.stack([self._run_hidden(hidden[i], p) for i, p in zip(rows, starts)])
         sample = torch.tensor(rows, device=states.device)
-        masks, _ = self.masks_from_seg_hidden(seg_hidden, sample, feat_lo, feat_hi)
+        masks, class_logits = self.masks_from_seg_hidden(seg_hidden, sample, feat_lo, feat_hi)
+        for k, (i, p) in enumerate(zip(rows, starts)):
+            run_masks[i][p] = (masks[k], class_logits[k])
         last = torch.zeros_like(sample)
         return self.with_mask_colours(states, last, sample, masks, pixel_values)
+
+    def _run_hidden(self, hidden: list[torch.Tensor], start: int) -> torch.Tensor:
+        """[run, H] states a seg run's mask is decoded from, the run's first token being generated
+        token ``start`` (``hidden[j + 1]`` is generated token j's state, ``hidden[j]`` the one that
+        predicted it: a release model's seg prompts, ``seg_hidden_offset`` = −1)."""
+        first = 1 + self.config.seg_hidden_offset + start
+        return torch.stack(hidden[first : first + len(self.seg_token_ids)])
 
     def _answer(
         self,
@@ -162,18 +176,22 @@ class GenerationMixin:
         feat_hi: torch.Tensor,
         tokenizer: Any,
         run_text: str,
+        run_masks: dict[int, tuple[torch.Tensor, torch.Tensor]],
     ) -> ChatAnswer:
         """Text and one mask per complete seg run of one generated answer (``run_text``: a run as
-        the tokenizer decodes it)."""
+        the tokenizer decodes it; ``run_masks``: runs already decoded, by start)."""
         text = decoded_answer(tokens, tokenizer)
         starts = seg_run_starts(tokens, self.seg_token_ids)
-        run = len(self.seg_token_ids)
         if not starts:
             return self._answer_without_masks(text)
-        first = 1 + self.config.seg_hidden_offset
-        seg_hidden = torch.stack([torch.stack(hidden[first + p : first + p + run]) for p in starts])
-        target_sample = torch.full((len(starts),), sample, dtype=torch.long, device=seg_hidden.device)
-        masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
+        missing = [p for p in starts if p not in run_masks]
+        if missing:
+            seg_hidden = torch.stack([self._run_hidden(hidden, p) for p in missing])
+            target_sample = torch.full((len(missing),), sample, dtype=torch.long, device=seg_hidden.device)
+            masks, class_logits = self.masks_from_seg_hidden(seg_hidden, target_sample, feat_lo, feat_hi)
+            run_masks = {**run_masks, **dict(zip(missing, zip(masks, class_logits)))}
+        masks = torch.stack([run_masks[p][0] for p in starts])
+        class_logits = torch.stack([run_masks[p][1] for p in starts])
         return _boxed(ChatAnswer.from_logits(text, masks, class_logits), run_text)
 
     def _answer_without_masks(self, text: str) -> ChatAnswer:
