@@ -92,6 +92,20 @@ def colour_answer(colour: str, run: str | None = None) -> str:
     return f"It is {run} {colour}." if run else f"It is {colour}."
 
 
+# The colour words a colour answer names and a phrase may say ("the red storage tank").
+COLOUR_WORDS = (
+    "black", "blue", "brown", "gray", "green", "grey", "orange", "pink", "purple", "red", "turquoise", "white", "yellow",
+)
+COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
+
+
+def named_colour(phrase: str | None) -> str | None:
+    """The one colour word ``phrase`` says ("red" in "the red-roofed building"), or None where it
+    says none or several."""
+    words = set(COLOUR_WORD.findall(phrase or ""))
+    return words.pop() if len(words) == 1 else None
+
+
 def mask_box_text(mask: np.ndarray) -> str | None:
     """The ``{<x1><y1><x2><y2>}`` box (0–100 of the mask's size) around the largest connected part
     of ``mask`` (8-connected), or None for an empty mask. One object is one part: a stray blob of

@@ -258,6 +258,11 @@ class ModelConfig(_Section):
     # data.vqa_colour_drawn, a colour question is answered "It is [SEG…] red.": the model draws
     # the object, then names the colour under what it drew (docs/model.md, data flow step 4, LLM).
     mask_colour_reader: bool = False
+    # Weight of a loss that teaches the reader colours on every target whose phrase names one
+    # ("the red storage tank"), not only on the colour answers: the output layer on the reader's
+    # reading alone, of the mean colour under the target's true mask, against the colour word.
+    # Needs mask_colour_reader.
+    mask_colour_word_weight: float = Field(0.0, ge=0)
 
     @property
     def seg_vocabulary(self) -> SegVocabulary:

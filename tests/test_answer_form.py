@@ -6,16 +6,19 @@ import numpy as np
 import pytest
 
 from geopix.answer_form import (
+    COLOUR_WORDS,
     box_to_text,
     boxes_from_masks,
     count_answer,
     grounding_answer,
     mask_box_text,
+    named_colour,
     parse_box_text,
     stated_count,
 )
 from geopix.data.schema import decode_mask
 from geopix.data.synth import chip_records, make_chip
+from geopix.data.synth.classes import CLASSES
 from geopix.evaluate.job import counting, vqa_kind
 from geopix.vocabulary import SegVocabulary
 
@@ -107,3 +110,13 @@ def test_every_synthetic_ground_answer_draws_its_target_and_boxes_it():
         assert parse_box_text(answer) == parse_box_text(box_to_text(target["box"], 256, 256))
         # The box GeoPix writes from a mask is the generator's box of the same object.
         assert mask_box_text(decode_mask(target["mask"]).astype(bool)) == box_to_text(target["box"], 256, 256)
+
+
+def test_a_phrase_names_one_colour_or_none():
+    assert {v.colour for c in CLASSES for v in c.variants} <= set(COLOUR_WORDS)  # every synthetic colour
+    assert named_colour("the red-roofed building") == "red"
+    assert named_colour("the ship with the white hull") == "white"
+    assert named_colour("the white ship beside the white tank") == "white"
+    assert named_colour("the red car next to the blue car") is None  # which is the target's?
+    assert named_colour("the bored reader") is None  # words, not letters
+    assert named_colour("the storage tank") is None and named_colour(None) is None

@@ -424,6 +424,19 @@ def test_batches_have_the_documented_shapes_and_count_bad_rows(tokenizer):
     assert kept["transforms"] == ["identity", "identity"]
 
 
+def test_each_target_carries_the_token_of_the_colour_its_phrase_names(tokenizer):
+    (red_id,) = tokenizer.encode(" red", add_special_tokens=False)  # the captions made " red" one token
+    phrases = ["the red small vehicle on the upper left", "the small vehicle", "the red and grey small vehicle"]
+    records = [make_record(f"c{i}", "upper left") for i in range(3)] + [make_record("g", task="ground")]
+    for record, phrase in zip(records, phrases):
+        record["targets"][0]["description"] = phrase
+    batch = next(iter_batches(records, tokenizer, image_size=32, batch_size=4, max_length=128, augment=False,
+                              seed=0, seg_vocab=SEG_VOCAB, chat_template=1))  # fmt: skip
+    # One per mask target (the ground record's target is no mask), in the targets' order.
+    assert batch["colour_ids"].tolist() == [red_id, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["colour_ids"].shape == batch["seg_positions"].shape
+
+
 # ---------------------------------------------------------------------------------- shards
 def write_shards(shards_uri: str, split: str, records: list[dict], per_shard: int) -> None:
     for index in range(0, len(records), per_shard):

@@ -17,7 +17,7 @@ from geopix.data.schema import encode_mask
 from geopix.data.tokenizer import corpus_texts, train_tokenizer
 from geopix.model import GeoPixModel, build_model, count_parameters, model_config
 from geopix.model.generation import prompt_mask
-from geopix.model.modeling import mask_colours, token_cell_colours
+from geopix.model.modeling import mask_colours, mean_colour, token_cell_colours
 from geopix.model.vision import EfficientNetLite0Encoder, VisionEncoder, lite0_weights_path
 from geopix.train.loop import LOSS_KEYS
 from geopix.train.stages import set_stage
@@ -751,6 +751,40 @@ def test_decoding_reads_a_runs_mask_colour_where_training_does(fitted, cfg, reco
     for hook in hooks:
         hook.remove()
     assert read_after_runs >= len(records)
+
+
+def test_the_mask_colour_word_loss_teaches_the_reader_the_colour_each_phrase_names(cfg, tokenizer, batch):
+    with pytest.raises(ValueError, match="set mask_colour_reader"):
+        new_model(cfg, tokenizer, mask_colour_word_weight=1.0)
+    model = new_model(cfg, tokenizer, mask_colour_reader=True, mask_colour_word_weight=0.5).train()
+    t = len(batch["seg_positions"])
+    words = torch.tensor([tokenizer.encode(w, add_special_tokens=False)[0] for w in ("the", "Sure")])
+    named = dict(batch, colour_ids=torch.full((t,), IGNORE_INDEX).index_fill(0, torch.tensor([0]), words[0]))
+    out = model(**named)
+    assert "mask_colour_word" in out.losses and torch.isfinite(out.losses["mask_colour_word"])
+    assert torch.allclose(out.loss, sum(model.loss_weights[k] * v for k, v in out.losses.items()))
+    assert model.loss_weights["mask_colour_word"] == 0.5
+    assert "mask_colour_word" not in model(**batch).losses  # no colour ids, no term
+    model.zero_grad()
+    out.losses["mask_colour_word"].backward()  # the term alone trains the reader (its last layer, at zero)
+    assert model.mask_colour_reader[2].weight.grad.abs().sum() > 0
+
+    # Two objects of different colours, each named by its own word: the reader alone learns them.
+    pixels = torch.zeros(2, 3, 16, 16)
+    pixels[:, 0, :8] = 2.0  # the top half red, the bottom half blue
+    pixels[:, 2, 8:] = 2.0
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :8], masks[1, 8:] = 1.0, 1.0
+    sample = torch.tensor([0, 1])
+    reader = model.mask_colour_reader
+    optimiser = torch.optim.Adam(reader.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimiser.zero_grad()
+        model.mask_colour_word_loss(masks, sample, words, pixels).backward()
+        optimiser.step()
+    with torch.no_grad():
+        reading = reader(mean_colour(masks, pixels))
+        assert model.llm.lm_head(reading).argmax(-1).tolist() == words.tolist()
 
 
 def test_image_token_positions_start_as_the_projector_output_and_learn_each_place(cfg, tokenizer, batch, tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geopix.answer_form import named_colour
 from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.data import schema
 from geopix.data.augment import IDENTITY, Augmented, augment
@@ -104,6 +105,7 @@ class Sample:
     boxes: np.ndarray  # [N, 4] float32, pixels of the S×S image
     class_ids: np.ndarray  # [N] int64
     seg_positions: np.ndarray  # [N] int64, index of each run's first seg token in input_ids
+    colour_ids: np.ndarray  # [N] int64, token of the colour word its phrase says (IGNORE_INDEX: none)
     original_masks: np.ndarray | None = None  # [N, H, W] uint8 at the decoded size
     class_counts: np.ndarray | None = None  # [K, 2] int64 (class id, instances): every class held; None: unknown
 
@@ -157,6 +159,7 @@ def prepare_sample(
         raise BadRecord("seg runs", f"a {record.get('task')} answer without seg runs")
     if not positions:  # text-only supervision: targets (e.g. of a ground record) are not masks
         masks, boxes, class_ids = masks[:0], boxes[:0], class_ids[:0]
+    phrases = [t.get("description") for t in record.get("targets") or []] if positions else []
 
     scale = np.asarray([image_size / original_size[1], image_size / original_size[0]] * 2, np.float32)
     sample = Sample(
@@ -172,10 +175,19 @@ def prepare_sample(
         boxes=boxes * scale,
         class_ids=class_ids,
         seg_positions=np.asarray(positions, dtype=np.int64),
+        colour_ids=np.asarray([colour_token(tokenizer, p) for p in phrases], dtype=np.int64).reshape(-1),
         original_masks=np.ascontiguousarray(masks) if keep_original_masks else None,
         class_counts=_class_counts(record),
     )
     return sample, augmented
+
+
+def colour_token(tokenizer: Any, phrase: str | None) -> int:
+    """The token of the colour word ``phrase`` says, as an answer writes it after a seg run
+    (" red"), or IGNORE_INDEX where the phrase says no single colour or the word is not one token."""
+    colour = named_colour(phrase)
+    ids = tokenizer.encode(f" {colour}", add_special_tokens=False) if colour else []
+    return ids[0] if len(ids) == 1 else IGNORE_INDEX
 
 
 def _class_counts(record: Mapping[str, Any]) -> np.ndarray | None:
@@ -225,6 +237,7 @@ def collate(
         "target_boxes": torch.from_numpy(np.concatenate([s.boxes for s in samples]).reshape(-1, 4)),
         "class_ids": torch.from_numpy(np.concatenate([s.class_ids for s in samples])).long(),
         "seg_positions": torch.from_numpy(np.concatenate([s.seg_positions for s in samples])).long(),
+        "colour_ids": torch.from_numpy(np.concatenate([s.colour_ids for s in samples])).long(),
         "target_sample": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
         "target_counts": torch.tensor(counts, dtype=torch.long),
         "targets_complete": torch.tensor([s.phrase_type == schema.COMPLETE_PHRASE_TYPE for s in samples]),
@@ -264,6 +277,7 @@ MODEL_INPUTS = (
     "target_sample",
     "target_masks",
     "class_ids",
+    "colour_ids",
     "targets_complete",
     "class_count_sample",
     "class_count_ids",

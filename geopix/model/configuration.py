@@ -66,6 +66,7 @@ class GeoPixModelConfig:
     class_reader_colours: bool = False  # each class's summary also carries its mean colour (geopix.config)
     image_colour_cells: int = 0  # k: each image token also reads its k × k cells' mean colour (geopix.config)
     mask_colour_reader: bool = False  # the word after a seg run reads its mask's mean colour (geopix.config)
+    mask_colour_word_weight: float = 0.0  # the reader alone names the colour a target's phrase says (geopix.config)
     # The authors' release decodes differently (imported checkpoints, docs/release_checkpoint.md):
     mask_decoder: str = "geopix"  # or "release" (geopix/model/release_mask.py)
     release_neck_dim: int = 512  # the release necks' middle width

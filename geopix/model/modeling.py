@@ -160,6 +160,8 @@ class GeoPixModel(GenerationMixin, nn.Module):
             )
             nn.init.zeros_(self.mask_colour_reader[2].weight)
             nn.init.zeros_(self.mask_colour_reader[2].bias)
+        elif config.mask_colour_word_weight > 0:
+            raise ValueError("mask_colour_word_weight > 0 trains the mask colour reader: set mask_colour_reader")
         if projector_weights:
             load_projector_weights(self.projector, str(projector_weights))
 
@@ -205,6 +207,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
             "reader_count": self.config.class_reader_weight,
             "reader_image_presence": self.config.class_reader_image_weight,
             "reader_image_count": self.config.class_reader_image_weight,
+            "mask_colour_word": self.config.mask_colour_word_weight,
         }
 
     @property
@@ -303,6 +306,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
         target_sample: torch.Tensor | None = None,
         target_masks: torch.Tensor | None = None,
         class_ids: torch.Tensor | None = None,
+        colour_ids: torch.Tensor | None = None,
         vision_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         targets_complete: torch.Tensor | None = None,
         class_count_sample: torch.Tensor | None = None,
@@ -352,6 +356,7 @@ class GeoPixModel(GenerationMixin, nn.Module):
                 order = match_targets(out.mask_logits, target_masks, target_sample, self.loss_weights)
                 target_masks = target_masks[order]
                 class_ids = class_ids[order] if class_ids is not None else None
+                colour_ids = colour_ids[order] if colour_ids is not None else None
             if target_masks is not None:
                 losses.update(mask_losses(out.mask_logits, target_masks))
                 if self.config.mask_prior_weight > 0:
@@ -359,6 +364,12 @@ class GeoPixModel(GenerationMixin, nn.Module):
                     losses["mask_prior"] = prior_loss(priors, target_masks)
             if class_ids is not None:
                 losses["class"] = F.cross_entropy(out.class_logits.float(), class_ids)
+            if self.config.mask_colour_word_weight > 0 and target_masks is not None and colour_ids is not None:
+                named = colour_ids != IGNORE_INDEX
+                if bool(named.any()):
+                    losses["mask_colour_word"] = self.mask_colour_word_loss(
+                        target_masks[named], target_sample[named], colour_ids[named], pixel_values
+                    )
         maps_on = self.image_class_head is not None or class_maps is not None
         if maps_on and targets_complete is not None and class_ids is not None:
             complete = targets_complete[target_sample]
@@ -443,6 +454,18 @@ class GeoPixModel(GenerationMixin, nn.Module):
         the unchanged states)."""
         colours = mask_colours(mask_logits, pixel_values[sample])
         return hidden.index_put((sample, last), self.mask_colour_reader(colours.to(hidden.dtype)), accumulate=True)
+
+    def mask_colour_word_loss(
+        self, masks: torch.Tensor, sample: torch.Tensor, colour_ids: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of the output layer on the mask colour reader's reading alone (no LLM
+        state) of the mean colour under each target's true ``masks`` [T, S, S], against the colour
+        word its phrase says (``colour_ids`` [T]): the reader learns every colour the phrases name,
+        not only those the colour questions of the training split happen to ask. The output layer
+        is read, not trained, here: the reader learns its words, the words do not move to it."""
+        weight = self.llm.lm_head.weight
+        reading = self.mask_colour_reader(mean_colour(masks, pixel_values[sample]).to(weight.dtype))
+        return F.cross_entropy(F.linear(reading, weight.detach()).float(), colour_ids)
 
     def seg_hidden(self, hidden: torch.Tensor, positions: torch.Tensor, target_sample: torch.Tensor) -> torch.Tensor:
         """[B, L, H] hidden states → [T, run, H], each seg run's states (``positions``: its start)."""
@@ -560,7 +583,12 @@ def mask_colours(mask_logits: torch.Tensor, pixel_values: torch.Tensor) -> torch
     """[T, S, S] mask logits and [T, 3, S', S'] pixel values → [T, 3]: each mask's mean colour, over
     the pixels it draws (probability > 0.5, as answers draw them; detached), weighted by its
     probability; a mask that draws nothing averages its probabilities over the whole picture."""
-    probs = mask_logits.detach().float().sigmoid()[:, None]
+    return mean_colour(mask_logits.detach().float().sigmoid(), pixel_values)
+
+
+def mean_colour(probs: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[T, S, S] mask probabilities (a true mask: 0 or 1) → [T, 3] mean colours, as :func:`mask_colours`."""
+    probs = probs.float()[:, None]
     if probs.shape[-2:] != pixel_values.shape[-2:]:
         probs = F.interpolate(probs, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
     drawn = probs * (probs > 0.5)

@@ -32,7 +32,7 @@ from geopix.train.rank_reader import Position, RankReader
 log = logging.getLogger("geopix.train")
 LOSS_KEYS = (
     "text", "mask_bce", "mask_dice", "mask_prior", "class", "image_class_map", "image_presence",
-    "reader_presence", "reader_count", "reader_image_presence", "reader_image_count",
+    "reader_presence", "reader_count", "reader_image_presence", "reader_image_count", "mask_colour_word",
 )  # fmt: skip
 # The text loss per record task (mean over a task's samples of their mean answer-token CE): logged
 # as loss/text_<task>, one curve per task. Every rank reduces every key, so the set is fixed.
