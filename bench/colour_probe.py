@@ -2,9 +2,10 @@
 
 The test split's colour questions ("What colour is the building in the lower left …?") need the
 asked object's colour, and the models answer them with the commonest colour words. This asks
-where the colour is lost. Every target whose phrase names its colour ("the red-roofed building",
-"the ship whose deck is grey") gives one (features, colour word) pair; classifiers trained on the
-train split's pairs name the colour of the test split's objects from:
+where the colour is lost. Every target whose phrase names one synthetic colour
+(``answer_form.named_colour``: "the red-roofed building", "the ship whose deck is grey") gives one
+(features, colour word) pair; classifiers trained on the train split's pairs name the colour of
+the test split's objects from:
 
 - ``mask_colour``: the mean colour of the picture under the object's mask (3 values: what the
   pixels say, a ceiling for the rest);
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geopix.answer_form import named_colour
 from geopix.config import load_config
 from geopix.data.images import decode_image, decode_targets
 from geopix.data.shard_set import read_records
@@ -44,8 +45,7 @@ from geopix.data.synth.classes import CLASSES
 from geopix.model import GeoPixModel
 from geopix.storage import local_copy
 
-COLOUR_WORDS = sorted({v.colour for c in CLASSES for v in c.variants})
-COLOUR_IN_PHRASE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
+COLOURS = sorted({v.colour for c in CLASSES for v in c.variants})  # the labels: the synthetic colours
 FEATURES = ("mask_colour", "tokens_under_mask", "projected_under_mask", "token_at_object")
 
 
@@ -55,8 +55,8 @@ def colour_pairs(model: GeoPixModel, shards_uri: str, split: str, limit: int) ->
     features: dict[str, list[np.ndarray]] = defaultdict(list)
     labels, seen = [], set()
     for record in read_records(shards_uri, split, tasks=["refer", "segment"]):
-        named = [(i, t) for i, t in enumerate(record["targets"]) if COLOUR_IN_PHRASE.search(t["description"] or "")]
-        named = [(i, t) for i, t in named if (record["image_id"], t["instance_id"]) not in seen]
+        named = [(i, t, named_colour(t["description"])) for i, t in enumerate(record["targets"])]
+        named = [(i, t, c) for i, t, c in named if c in COLOURS and (record["image_id"], t["instance_id"]) not in seen]
         if not named:
             continue
         image = image_format.resize(decode_image(record["image"]), size)
@@ -67,7 +67,7 @@ def colour_pairs(model: GeoPixModel, shards_uri: str, split: str, limit: int) ->
         side = math.isqrt(tokens.shape[1])
         if side * side != tokens.shape[1]:
             raise SystemExit(f"{tokens.shape[1]} image tokens are not a square grid; the probe reads square grids only")
-        for i, target in named:
+        for i, target, colour in named:
             seen.add((record["image_id"], target["instance_id"]))
             at_input = F.interpolate(torch.from_numpy(masks[i]).float()[None, None], size=(size, size), mode="nearest")
             share = F.adaptive_avg_pool2d(at_input, side).flatten()  # [N]: the mask's share of each cell
@@ -79,7 +79,7 @@ def colour_pairs(model: GeoPixModel, shards_uri: str, split: str, limit: int) ->
             features["tokens_under_mask"].append((tokens[0] * weights).sum(0).numpy())
             features["projected_under_mask"].append((projected[0] * weights).sum(0).numpy())
             features["token_at_object"].append(tokens[0, int(share.argmax())].numpy())
-            labels.append((target["class_name"], COLOUR_IN_PHRASE.search(target["description"]).group(1)))
+            labels.append((target["class_name"], colour))
         if len(labels) >= limit:
             break
     return {k: np.stack(v).astype(np.float32) for k, v in features.items()}, labels
@@ -108,7 +108,7 @@ def probe(model_uri: str, config: str, train_limit: int, test_limit: int) -> dic
     shards = load_config(config).data.shards_uri
     x_train, train_labels = colour_pairs(model, shards, "train", train_limit)
     x_test, test_labels = colour_pairs(model, shards, "test", test_limit)
-    index = {c: i for i, c in enumerate(COLOUR_WORDS)}
+    index = {c: i for i, c in enumerate(COLOURS)}
     y_train = np.array([index[c] for _, c in train_labels])
     y_test = np.array([index[c] for _, c in test_labels])
     seen = set(train_labels)
@@ -123,7 +123,7 @@ def probe(model_uri: str, config: str, train_limit: int, test_limit: int) -> dic
     }
     for name in FEATURES:
         for reader, hidden in (("linear", 0), ("mlp", 128)):
-            right = fit_and_score(x_train[name], y_train, x_test[name], hidden, len(COLOUR_WORDS)) == y_test
+            right = fit_and_score(x_train[name], y_train, x_test[name], hidden, len(COLOURS)) == y_test
             result[f"{name}/{reader}"] = {"all": float(right.mean()), "held_out": float(right[held_out].mean())}
             print(f"{name:22s} {reader:6s} test {right.mean():.3f}  held-out appearances {right[held_out].mean():.3f}", flush=True)
     return result

@@ -15,11 +15,17 @@ import torch
 from PIL import Image
 
 from geopix import storage
-from geopix.answer_form import box_to_text, parse_box_text
+from geopix.answer_form import COLOUR_WORDS, box_to_text, parse_box_text
 from geopix.chat_template import SYSTEM_SENTENCE, task_tag
 from geopix.data import schema
 from geopix.data.augment import TRANSFORMS, Transform, augment, rewrite_blocker
-from geopix.data.batches import encode_conversation, find_seg_runs, iter_batches
+from geopix.data.batches import (
+    colour_token_ids,
+    encode_conversation,
+    find_seg_runs,
+    iter_batches,
+    phrase_colour_ids,
+)
 from geopix.data.images import decode_image, decode_targets
 from geopix.data.schema import BadRecord
 from geopix.data.shard_set import ShardError, shard_dataset
@@ -435,6 +441,15 @@ def test_each_target_carries_the_token_of_the_colour_its_phrase_names(tokenizer)
     # One per mask target (the ground record's target is no mask), in the targets' order.
     assert batch["colour_ids"].tolist() == [red_id, IGNORE_INDEX, IGNORE_INDEX]
     assert batch["colour_ids"].shape == batch["seg_positions"].shape
+
+
+def test_colour_words_of_several_tokens_carry_no_colour_id(tokenizer):
+    table = colour_token_ids(tokenizer)
+    several = [c for c in COLOUR_WORDS if len(tokenizer.encode(f" {c}", add_special_tokens=False)) > 1]
+    assert table["red"] == tokenizer.encode(" red", add_special_tokens=False)[0]
+    assert several and not set(several) & set(table)  # the tiny tokenizer splits the words its captions lack
+    phrases = [f"the {several[0]} small vehicle", "the red small vehicle", None]
+    assert phrase_colour_ids(phrases, table).tolist() == [IGNORE_INDEX, table["red"], IGNORE_INDEX]
 
 
 # ---------------------------------------------------------------------------------- shards

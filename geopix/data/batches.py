@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geopix.answer_form import named_colour
+from geopix.answer_form import COLOUR_WORDS, named_colour
 from geopix.chat_template import assistant_turn_text, prompt_text
 from geopix.data import schema
 from geopix.data.augment import IDENTITY, Augmented, augment
@@ -128,12 +128,14 @@ def prepare_sample(
     keep_original_masks: bool = False,
     chat_template: int = 1,
     image_format: ImageFormat = GEOPIX_IMAGE_FORMAT,
+    colour_ids: Mapping[str, int] | None = None,
 ) -> tuple[Sample, Augmented | None]:
     """Decode, augment (when ``rng`` is given), resize and tokenise one record.
 
     Raises :class:`BadRecord` for rows that cannot be used. Mask targets are the record's
     targets when its answers hold one seg run per target (segment/refer); records whose answers
     hold no seg run (ground, caption, vqa) are supervised by text only and bring no masks.
+    ``colour_ids`` is :func:`colour_token_ids` of ``tokenizer`` (built here when not given).
     """
     image = record_image(record)
     masks, boxes, class_ids = decode_targets(record)
@@ -175,19 +177,24 @@ def prepare_sample(
         boxes=boxes * scale,
         class_ids=class_ids,
         seg_positions=np.asarray(positions, dtype=np.int64),
-        colour_ids=np.asarray([colour_token(tokenizer, p) for p in phrases], dtype=np.int64).reshape(-1),
+        colour_ids=phrase_colour_ids(phrases, colour_token_ids(tokenizer) if colour_ids is None else colour_ids),
         original_masks=np.ascontiguousarray(masks) if keep_original_masks else None,
         class_counts=_class_counts(record),
     )
     return sample, augmented
 
 
-def colour_token(tokenizer: Any, phrase: str | None) -> int:
-    """The token of the colour word ``phrase`` says, as an answer writes it after a seg run
-    (" red"), or IGNORE_INDEX where the phrase says no single colour or the word is not one token."""
-    colour = named_colour(phrase)
-    ids = tokenizer.encode(f" {colour}", add_special_tokens=False) if colour else []
-    return ids[0] if len(ids) == 1 else IGNORE_INDEX
+def colour_token_ids(tokenizer: Any) -> dict[str, int]:
+    """Each colour word's token as an answer writes it after a seg run (" red"), for the words
+    that are one token: the reader adds to one state, so it can name only those."""
+    ids = {c: tokenizer.encode(f" {c}", add_special_tokens=False) for c in COLOUR_WORDS}
+    return {c: i[0] for c, i in ids.items() if len(i) == 1}
+
+
+def phrase_colour_ids(phrases: Sequence[str | None], colour_ids: Mapping[str, int]) -> np.ndarray:
+    """[T] the token of the colour word each phrase says, or IGNORE_INDEX where it says no single
+    colour or the word is not one token."""
+    return np.asarray([colour_ids.get(named_colour(p) or "", IGNORE_INDEX) for p in phrases], dtype=np.int64).reshape(-1)
 
 
 def _class_counts(record: Mapping[str, Any]) -> np.ndarray | None:
@@ -363,6 +370,7 @@ class BatchIterator:
         # Rows are fetched from Ray in bigger blocks than training batches: fewer round trips.
         self.read_batch_size = read_batch_size or max(batch_size, 64)
         self.seg_ids = seg_vocab.token_ids(tokenizer)
+        self.colour_ids = colour_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id  # LLaMA has no pad
         self.stats = LoaderStats()
@@ -420,6 +428,7 @@ class BatchIterator:
                 keep_original_masks=self.keep_original_masks,
                 chat_template=self.chat_template,
                 image_format=self.image_format,
+                colour_ids=self.colour_ids,
             )
         except BadRecord as exc:
             self._drop(record_id, exc.reason, str(exc))
